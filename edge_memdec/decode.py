@@ -1,0 +1,140 @@
+"""The one decode loop: chat, the server and the Python API all generate through `Generation`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_memdec.detok import TextStream
+from edge_memdec.errors import UserError
+from edge_memdec.kernels import make_scratch, sample_token
+from edge_memdec.pair import ModelPair
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen from the mixed distribution (llama.cpp's names and defaults)."""
+
+    max_tokens: int = 256  # most tokens generated; the answer also ends on EOS/EOT, a stop string or a full context
+    temperature: float = 0.8  # <= 0 means greedy
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    seed: int | None = None  # None = a fresh random seed
+    stop: Sequence[str] = field(default_factory=tuple)  # text that ends the answer (not included in it)
+    lam: float | None = None  # memory decoder weight for this request; None = the pair's lambda
+
+    def check(self) -> None:
+        if self.max_tokens < 1:
+            raise UserError(f"max tokens must be at least 1, got {self.max_tokens}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be 0 (off) or more, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise UserError(f"min-p must be in [0, 1], got {self.min_p}")
+        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
+            raise UserError(f"lambda must be between 0 and 1, got {self.lam}")
+
+
+class Generation:
+    """One answer: iterate it for text pieces as they become valid UTF-8; stats are filled in as it runs.
+
+    `finish_reason` ends as "stop" (EOS/EOT or a stop string), "length" (max_tokens), "context" (the context
+    is full) or "cancelled" (the `cancel` event was set, e.g. by Ctrl-C).
+    """
+
+    def __init__(
+        self,
+        pair: ModelPair,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        if not prompt_tokens:
+            raise UserError("the prompt is empty; give some text to continue")
+        params.check()
+        if len(prompt_tokens) >= pair.n_ctx:
+            raise UserError(
+                f"the prompt has {len(prompt_tokens)} tokens but the context holds {pair.n_ctx}; shorten it or pass "
+                "a larger -c/--ctx-size"
+            )
+        self.pair = pair
+        self.prompt_tokens = list(prompt_tokens)
+        self.params = params
+        self.cancel = cancel or threading.Event()
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.n_cached = 0  # prompt tokens found already in the KV cache
+        self.prompt_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        pair, params = self.pair, self.params
+        lam = pair.lam if params.lam is None else params.lam
+        mem = pair.memdec
+        rng = np.random.default_rng(params.seed)
+        scratch = make_scratch(pair.n_shared)
+        stream = TextStream(params.stop)
+        with pair.lock:
+            t0 = time.perf_counter()
+            self.n_cached = pair.reuse_prefix(self.prompt_tokens)
+            pair.eval(self.prompt_tokens[self.n_cached :])
+            t1 = time.perf_counter()
+            self.prompt_seconds = t1 - t0
+            try:
+                while True:
+                    if self.cancel.is_set():
+                        self.finish_reason = "cancelled"
+                        break
+                    token = sample_token(
+                        pair.base.last_logits(),
+                        mem.last_logits() if mem is not None else None,
+                        lam,
+                        params.temperature,
+                        params.top_k,
+                        params.top_p,
+                        params.min_p,
+                        rng.random(),
+                        scratch,
+                    )
+                    if pair.base.is_eog(token):
+                        self.finish_reason = "stop"
+                        break
+                    self.tokens.append(token)
+                    piece = stream.push(pair.base.piece(token))
+                    if piece:
+                        yield piece
+                    if stream.stopped:
+                        self.finish_reason = "stop"
+                        break
+                    if len(self.tokens) >= params.max_tokens:
+                        self.finish_reason = "length"
+                        break
+                    if pair.base.n_past >= pair.n_ctx:
+                        self.finish_reason = "context"
+                        break
+                    pair.eval([token])
+                tail = stream.flush()
+                if tail:
+                    yield tail
+            finally:
+                self.text = stream.text
+                self.decode_seconds = time.perf_counter() - t1
+                if self.finish_reason is None:
+                    self.finish_reason = "cancelled"
+
+    def run(self) -> str:
+        """Generate to the end; return the whole answer."""
+        for _ in self:
+            pass
+        return self.text

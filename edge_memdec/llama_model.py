@@ -1,0 +1,234 @@
+"""One GGUF model and its llama.cpp context, driven directly through llama.cpp's C API.
+
+We own the `llama_batch` and read logits as zero-copy numpy views over llama.cpp's output buffer, so a decode
+step allocates nothing vocab-sized in Python. Every GGUF is validated by our own parser before llama.cpp
+opens it (a hostile or truncated file must give a one-sentence error, not a crash).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from edge_memdec.errors import UserError
+from edge_memdec.gguf_file import GGUFInfo, read_gguf
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _quiet_llama_logs(verbose: bool) -> None:
+    """llama.cpp logs through llama-cpp-python's logger: errors only unless verbose."""
+    import llama_cpp._logger as llama_logger
+
+    llama_logger.set_verbose(verbose)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def default_threads() -> int:
+    """Threads per context: all physical-ish cores, as llama.cpp's CLI tools default to."""
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ModelOptions:
+    """How to open a GGUF in llama.cpp."""
+
+    n_ctx: int = 2048  # context length in tokens (KV cache size); 0 = the model's training context
+    n_batch: int = 512  # most tokens given to one llama_decode call
+    n_threads: int | None = None  # CPU threads for one-token decode steps; None = default_threads()
+    n_threads_batch: int | None = None  # CPU threads for prompt batches; None = n_threads
+    n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); ignored by a CPU-only build
+    f32_kv: bool = False  # f32 KV cache (exact, for fidelity tests) instead of llama.cpp's default f16
+    flash_attn: bool | None = None  # None = llama.cpp decides (auto)
+    verbose: bool = False  # let llama.cpp print its load log
+
+
+class LlamaModel:
+    """A GGUF model with one llama.cpp context (one sequence, id 0) and a batch we fill ourselves.
+
+    `n_past` counts the tokens held in the KV cache; `tokens` lists them, so a caller can reuse a common prefix.
+    """
+
+    def __init__(self, path: str | Path, options: ModelOptions | None = None, info: GGUFInfo | None = None):
+        options = options or ModelOptions()
+        self.path = Path(path)
+        self.info = info if info is not None else read_gguf(self.path)
+        self.options = options
+        _quiet_llama_logs(options.verbose)
+        _init_backend()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise UserError(f"llama.cpp could not load {self.path}; check that it is a complete GGUF model file")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self._model)
+
+        n_ctx = options.n_ctx or self.n_ctx_train
+        if n_ctx > self.n_ctx_train:
+            raise UserError(
+                f"context size {n_ctx} is larger than {self.path.name}'s training context {self.n_ctx_train}; "
+                f"pass -c {self.n_ctx_train} or less"
+            )
+        n_threads = options.n_threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = min(options.n_batch, n_ctx)
+        cparams.n_ubatch = min(options.n_batch, n_ctx)
+        cparams.n_seq_max = 1
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = options.n_threads_batch or n_threads
+        cparams.no_perf = True
+        cparams.embeddings = False
+        if options.flash_attn is not None:
+            cparams.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if options.flash_attn
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        if options.f32_kv:
+            cparams.type_k = llama_cpp.GGML_TYPE_F32
+            cparams.type_v = llama_cpp.GGML_TYPE_F32
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise UserError(f"llama.cpp could not create a context for {self.path}; try a smaller -c/--ctx-size")
+        self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch: int = cparams.n_batch
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.bos: int = llama_cpp.llama_vocab_bos(self._vocab)
+        self.eos: int = llama_cpp.llama_vocab_eos(self._vocab)
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.tokens: list[int] = []
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    # ---- vocabulary ----
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of `text`; `add_bos=None` follows the model's own add-BOS setting."""
+        data = text.encode("utf-8")
+        add = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes one token stands for (control tokens render as b"" unless `special`)."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, special)
+        return self._piece_buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT and the other end tokens llama.cpp knows for this vocabulary."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def metadata(self, key: str, default: object = None) -> object:
+        return self.info.get(key, default)
+
+    # ---- evaluation ----
+
+    def rewind(self, n_keep: int) -> None:
+        """Drop every cached token from position `n_keep` on (0 clears the cache)."""
+        if n_keep >= self.n_past:
+            return
+        if n_keep <= 0:
+            llama_cpp.llama_memory_clear(self._memory, True)
+        elif not llama_cpp.llama_memory_seq_rm(self._memory, 0, n_keep, -1):
+            llama_cpp.llama_memory_clear(self._memory, True)
+            n_keep = 0
+        del self.tokens[n_keep:]
+
+    def eval(self, tokens: Sequence[int], logits: Sequence[bool] | None = None) -> int:
+        """Append `tokens` to the cache (positions n_past...), asking logits only for the flagged rows.
+
+        `logits` defaults to the last token only. Returns the number of rows with logits, readable with
+        `logits_rows()` (all of them, in order) or `last_logits()`. Tokens beyond n_batch go in several calls;
+        only the final call's rows are readable afterwards, so flag rows in the last n_batch tokens only.
+        """
+        n = len(tokens)
+        if n == 0:
+            return 0
+        if self.n_past + n > self.n_ctx:
+            raise UserError(
+                f"the context is full ({self.n_past + n} tokens > {self.n_ctx}); start a new session or pass a "
+                "larger -c/--ctx-size"
+            )
+        flags = logits if logits is not None else [False] * (n - 1) + [True]
+        n_out = 0
+        for start in range(0, n, self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            b = self._batch
+            n_out = 0
+            for j, tok in enumerate(chunk):
+                b.token[j] = tok
+                b.pos[j] = self.n_past + j
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = 0
+                want = bool(flags[start + j])
+                b.logits[j] = want
+                n_out += want
+            b.n_tokens = len(chunk)
+            status = llama_cpp.llama_decode(self._ctx, b)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status} on {self.path.name}")
+            self.tokens.extend(chunk)
+        return n_out
+
+    def last_logits(self) -> np.ndarray:
+        """Logits of the last evaluated row that asked for them: float32 view [n_vocab], valid until next eval."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits_rows(self, n_rows: int) -> np.ndarray:
+        """All rows that asked for logits in the last eval call: float32 view [n_rows, n_vocab]."""
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
+
+    def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
+        llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads_batch or n_threads)
+
+    def close(self) -> None:
+        """Free the context, batch and model (also done at garbage collection)."""
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""A base model and its memory decoder, opened side by side with their KV caches kept in step."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from edge_memdec.compat import check_pair
+from edge_memdec.errors import UserError
+from edge_memdec.gguf_file import read_gguf
+from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
+
+
+def check_lambda(lam: float) -> float:
+    """lambda is the memory decoder's weight in the mixture, a probability."""
+    if not 0.0 <= lam <= 1.0:
+        raise UserError(f"lambda must be between 0 and 1, got {lam}")
+    return float(lam)
+
+
+def recommended_lambda(memdec_path: Path, default: float = 0.3) -> float:
+    """The memory decoder's own `memdec.lambda`, or `default` when its GGUF carries none."""
+    value = read_gguf(memdec_path).memdec.get("lambda")
+    return default if value is None else float(value)
+
+
+class ModelPair:
+    """Base model + optional memory decoder, evaluated on the same tokens.
+
+    Single-token decode steps run both models at once in two threads (ctypes releases the GIL, so the two
+    llama.cpp graphs overlap); prompt batches run one model after the other with every thread each. `lock`
+    serialises users of the pair: a llama.cpp context is not safe to drive from two threads at once.
+    """
+
+    def __init__(
+        self,
+        base_path: str | Path,
+        memdec_path: str | Path | None = None,
+        lam: float | None = None,
+        options: ModelOptions | None = None,
+        memdec_gpu_layers: int | None = None,
+        overlap: bool = True,
+    ) -> None:
+        options = options or ModelOptions()
+        base_info = read_gguf(base_path)
+        memdec_info = read_gguf(memdec_path) if memdec_path is not None else None
+        if memdec_info is not None:
+            check_pair(base_info, memdec_info)
+        threads = options.n_threads or default_threads()
+        self.overlap = overlap and memdec_info is not None and threads > 1
+        step_threads = max(1, threads // 2) if self.overlap else threads
+        base_opts = replace(options, n_threads=step_threads, n_threads_batch=options.n_threads_batch or threads)
+        self.base = LlamaModel(base_path, base_opts, info=base_info)
+        self.memdec: LlamaModel | None = None
+        if memdec_info is not None:
+            gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
+            mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers)
+            self.memdec = LlamaModel(memdec_path, mem_opts, info=memdec_info)
+        if lam is None:
+            lam = float(memdec_info.memdec.get("lambda", 0.3)) if memdec_info is not None else 0.0
+        self.lam = check_lambda(lam) if self.memdec is not None else 0.0
+        self.n_shared = min(self.base.n_vocab, self.memdec.n_vocab) if self.memdec else self.base.n_vocab
+        self.lock = threading.RLock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if self.overlap else None
+
+    @property
+    def models(self) -> list[LlamaModel]:
+        return [self.base] if self.memdec is None else [self.base, self.memdec]
+
+    @property
+    def n_ctx(self) -> int:
+        return self.base.n_ctx
+
+    def eval(self, tokens: Sequence[int], logits: Sequence[bool] | None = None) -> int:
+        """Append `tokens` to both caches; returns the number of logit rows each model now holds."""
+        if self.memdec is None:
+            return self.base.eval(tokens, logits)
+        if self._worker is not None and len(tokens) == 1:
+            pending = self._worker.submit(self.memdec.eval, tokens, logits)
+            try:
+                n = self.base.eval(tokens, logits)
+            finally:
+                pending.result()
+            return n
+        n = self.base.eval(tokens, logits)
+        self.memdec.eval(tokens, logits)
+        return n
+
+    def rewind(self, n_keep: int) -> None:
+        for model in self.models:
+            model.rewind(n_keep)
+
+    def reuse_prefix(self, tokens: Sequence[int]) -> int:
+        """Keep the cached tokens shared with `tokens` (all but its last), drop the rest; returns how many kept."""
+        cached = self.base.tokens
+        limit = min(len(cached), len(tokens) - 1)
+        n = 0
+        while n < limit and cached[n] == tokens[n]:
+            n += 1
+        if self.memdec is not None and self.memdec.tokens[:n] != cached[:n]:
+            n = 0
+        self.rewind(n)
+        return n
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+        for model in self.models:
+            model.close()

@@ -1,0 +1,229 @@
+"""Perplexity of base, memory decoder and their mixtures, all from one pass over the text.
+
+Two protocols:
+- "paper": sliding windows of n_ctx tokens moved by `stride`; each window scores only the tokens no earlier
+  window scored (the first window scores all of its tokens but the very first one). This is the protocol of the
+  Memory Decoder paper and of Hugging Face's perplexity guide.
+- "llama": exactly llama.cpp's `llama-perplexity`: non-overlapping chunks of n_ctx tokens, BOS written over
+  each chunk's first token when the model adds one, the second half of each chunk scored.
+
+Each model evaluates each window once; only the scored rows' logits are requested from llama.cpp, and the
+per-row negative log-likelihoods of every lambda come from one kernel call (kernels.score_rows).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_memdec.errors import UserError
+from edge_memdec.kernels import score_rows
+from edge_memdec.pair import ModelPair, check_lambda
+
+PROTOCOLS = ("paper", "llama")
+DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass
+class Window:
+    """One llama.cpp evaluation: `tokens` from position 0, logits wanted at `rows`, which predict `targets`."""
+
+    tokens: list[int]
+    rows: np.ndarray  # int, indices into tokens, ascending
+    targets: np.ndarray  # int32, the token each row predicts
+
+
+def paper_windows(tokens: Sequence[int], n_ctx: int, stride: int) -> Iterator[Window]:
+    """Sliding windows: n_ctx tokens each, moved by `stride`; each scores the tokens not scored before."""
+    n = len(tokens)
+    scored_up_to = 1  # token 0 has no context and is never scored
+    begin = 0
+    while True:
+        end = min(begin + n_ctx, n)
+        first_target = max(scored_up_to, begin + 1)
+        targets = np.arange(first_target, end)
+        yield Window(list(tokens[begin:end]), targets - 1 - begin, np.asarray(tokens, np.int32)[targets])
+        scored_up_to = end
+        if end == n:
+            return
+        begin += stride
+
+
+def llama_windows(tokens: Sequence[int], n_ctx: int, bos: int | None) -> Iterator[Window]:
+    """llama-perplexity's chunks: n_ctx tokens, BOS over the first when the model adds one, second half scored."""
+    first = n_ctx // 2
+    arr = np.asarray(tokens, np.int32)
+    for start in range(0, (len(tokens) // n_ctx) * n_ctx, n_ctx):
+        chunk = list(tokens[start : start + n_ctx])
+        if bos is not None:
+            chunk[0] = bos
+        rows = np.arange(first, n_ctx - 1)
+        yield Window(chunk, rows, arr[start + rows + 1])
+
+
+def n_windows(protocol: str, n_tokens: int, n_ctx: int, stride: int) -> int:
+    if protocol == "llama":
+        return n_tokens // n_ctx
+    return 1 + max(0, math.ceil((n_tokens - n_ctx) / stride))
+
+
+class Accumulator:
+    """Running sums of per-token negative log-likelihoods (nats) for one model or mixture."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.nll = 0.0
+        self.nll2 = 0.0
+
+    def add(self, nll: np.ndarray) -> None:
+        self.count += len(nll)
+        self.nll += float(nll.sum())
+        self.nll2 += float(np.square(nll).sum())
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.count)
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the PPL, computed as llama-perplexity does (delta method on the mean NLL)."""
+        if self.count < 2:
+            return float("nan")
+        mean = self.nll / self.count
+        var = self.nll2 / self.count - mean * mean
+        return math.sqrt(max(var, 0.0) / (self.count - 1)) * self.ppl
+
+    def report(self) -> dict[str, float]:
+        return {"ppl": self.ppl, "stderr": self.stderr}
+
+
+def check_text(text: str, n_tokens: int, protocol: str, n_ctx: int) -> None:
+    need = 2 * n_ctx if protocol == "llama" else n_ctx + 1
+    if not text.strip():
+        raise UserError("the text is empty; give a file with text to score")
+    if n_tokens < need:
+        raise UserError(
+            f"the text has {n_tokens} tokens but the {protocol} protocol with -c {n_ctx} needs at least {need}; "
+            "give a longer text or a smaller -c"
+        )
+
+
+def perplexity(
+    pair: ModelPair,
+    text: str,
+    protocol: str = "paper",
+    n_ctx: int = 1024,
+    stride: int = 512,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    max_windows: int | None = None,
+    progress: bool = True,
+    on_window: Callable[[int, Accumulator], None] | None = None,
+) -> dict:
+    """Score `text`; returns the JSON report (see the README): base, memdec, mixed per lambda, best lambda.
+
+    `on_window(i, acc)` is called after window i with the accumulator of the headline model (the mixture at
+    the pair's lambda, or the base alone), which is how `--protocol llama` prints its running `[i]x.xxxx,`.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if n_ctx < 2 or n_ctx > pair.n_ctx:
+        raise UserError(f"-c must be between 2 and the loaded context size {pair.n_ctx}, got {n_ctx}")
+    if protocol == "paper" and not 1 <= stride <= n_ctx:
+        raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
+    lambdas = [check_lambda(x) for x in lambdas]
+    t0 = time.perf_counter()
+    base = pair.base
+    tokens = base.tokenize(text, add_bos=None, special=False)
+    check_text(text, len(tokens), protocol, n_ctx)
+    if protocol == "llama":
+        windows = llama_windows(tokens, n_ctx, base.bos if base.add_bos else None)
+    else:
+        windows = paper_windows(tokens, n_ctx, stride)
+    total = n_windows(protocol, len(tokens), n_ctx, stride)
+    if max_windows is not None:
+        if max_windows < 1:
+            raise UserError(f"--chunks must be at least 1, got {max_windows}")
+        total = min(total, max_windows)
+
+    has_memdec = pair.memdec is not None
+    # the pair's own lambda rides along as the last column: it drives the running [i] lines
+    lam_arr = np.asarray([*lambdas, pair.lam] if has_memdec else [], np.float64)
+    acc_base, acc_mem = Accumulator(), Accumulator()
+    acc_mix = [Accumulator() for _ in lam_arr]
+    headline = acc_mix[-1] if has_memdec else acc_base
+    bar = _progress(total, progress)
+    with pair.lock:
+        for i, window in enumerate(windows):
+            if i >= total:
+                break
+            flags = np.zeros(len(window.tokens), bool)
+            flags[window.rows] = True
+            pair.rewind(0)
+            n_rows = pair.eval(window.tokens, flags.tolist())
+            base_rows = base.logits_rows(n_rows)
+            mem_rows = pair.memdec.logits_rows(n_rows) if has_memdec else None
+            nll_base, nll_mem, nll_mix = score_rows(base_rows, mem_rows, window.targets, lam_arr)
+            acc_base.add(nll_base)
+            if has_memdec:
+                acc_mem.add(nll_mem)
+                for j, acc in enumerate(acc_mix):
+                    acc.add(nll_mix[:, j])
+            if on_window is not None:
+                on_window(i, headline)
+            bar.update(1)
+        pair.rewind(0)
+    bar.close()
+
+    report: dict = {
+        "protocol": protocol,
+        "n_ctx": n_ctx,
+        "stride": stride if protocol == "paper" else n_ctx,
+        "tokens_scored": acc_base.count,
+        "base": acc_base.report(),
+        "memdec": acc_mem.report() if has_memdec else None,
+        "lambda": pair.lam if has_memdec else None,
+        "selected": {"lambda": pair.lam, **headline.report()} if has_memdec else None,
+        "mixed": [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix)] if has_memdec else [],
+        "best_lambda": None,
+        "seconds": 0.0,
+    }
+    if report["mixed"]:
+        report["best_lambda"] = min(report["mixed"], key=lambda row: row["ppl"])["lambda"]
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="window", desc="perplexity", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def format_report(report: dict) -> str:
+    """The report as a table, then llama-perplexity's `Final estimate` line for the base alone or, with a memory
+    decoder, for the mixture at the selected lambda (the model the running `[i]` lines follow)."""
+    lines = [f"{'model':<28}{'PPL':>10}{'+/-':>10}"]
+    base = report["base"]
+    lines.append(f"{'base':<28}{base['ppl']:>10.4f}{base['stderr']:>10.5f}")
+    headline = base
+    if report["memdec"] is not None:
+        mem = report["memdec"]
+        lines.append(f"{'memory decoder':<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
+        for row in report["mixed"]:
+            mark = "  <- best" if row["lambda"] == report["best_lambda"] else ""
+            lines.append(f"{'mixed, lambda ' + format(row['lambda'], 'g'):<28}{row['ppl']:>10.4f}{row['stderr']:>10.5f}{mark}")
+        best = min(report["mixed"], key=lambda row: row["ppl"])
+        lines.append(f"best lambda {report['best_lambda']:g}: {best['ppl'] / base['ppl']:.3f} x the base PPL")
+        headline = report["selected"]
+        lines.append(f"selected lambda {headline['lambda']:g}: {headline['ppl'] / base['ppl']:.3f} x the base PPL")
+    lines.append(
+        f"{report['tokens_scored']} tokens scored, {report['protocol']} protocol, n_ctx {report['n_ctx']}, "
+        f"stride {report['stride']}, {report['seconds']:.1f} s"
+    )
+    lines.append(f"Final estimate: PPL = {headline['ppl']:.4f} +/- {headline['stderr']:.5f}")
+    return "\n".join(lines)

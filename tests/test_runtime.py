@@ -1,0 +1,129 @@
+"""The edge runtime through its Python API: the real SmolLM2 base paired with a tiny random memory decoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+from edge_memdec import MemoryDecoderLM, UserError
+
+PROMPT = "The licensee shall"
+
+
+def log_softmax64(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    shifted = row - row.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def reference_mixture(base: Llama, mem: Llama, tokens: list[int], lam: float) -> np.ndarray:
+    """Mixed log-probs for the next token, from fresh full evaluations of both models (no shared state)."""
+    rows = []
+    for model in (base, mem):
+        model.reset()
+        model.eval(tokens)
+        rows.append(np.array(model.scores[len(tokens) - 1]))
+    n = min(len(rows[0]), len(rows[1]))
+    lb, lm = log_softmax64(rows[0][:n]), log_softmax64(rows[1][:n])
+    return np.logaddexp(np.log1p(-lam) + lb, np.log(lam) + lm)
+
+
+@pytest.fixture(scope="module")
+def lm(smollm2_gguf, tiny_memdec_gguf):
+    model = MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, lam=0.5, n_ctx=512, n_threads=2)
+    yield model
+    model.close()
+
+
+def test_lambda_comes_from_the_memory_decoder_gguf(smollm2_gguf, tiny_memdec_gguf):
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=128) as model:
+        assert model.lam == pytest.approx(0.3)
+
+
+def test_greedy_mixed_generation_is_argmax_of_an_independent_mixture(lm, smollm2_gguf, tiny_memdec_gguf):
+    tokens = lm.tokenize(PROMPT)
+    generation = lm.start(tokens, max_tokens=6, temperature=0.0)
+    generation.run()
+    assert len(generation.tokens) == 6
+    base = Llama(str(smollm2_gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    mem = Llama(str(tiny_memdec_gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    context = list(tokens)
+    for token in generation.tokens:
+        assert token == int(np.argmax(reference_mixture(base, mem, context, 0.5)))
+        context.append(token)
+
+
+def test_lambda_one_follows_the_memory_decoder_and_zero_the_base(lm):
+    tokens = lm.tokenize(PROMPT)
+    only_base = lm.start(tokens, max_tokens=5, temperature=0.0, lam=0.0)
+    only_base.run()
+    with MemoryDecoderLM(lm.pair.base.path, None, n_ctx=512) as base_alone:
+        plain = base_alone.start(tokens, max_tokens=5, temperature=0.0)
+        plain.run()
+    assert only_base.tokens == plain.tokens
+    only_mem = lm.start(tokens, max_tokens=5, temperature=0.0, lam=1.0)
+    only_mem.run()
+    assert only_mem.tokens != plain.tokens
+
+
+def test_seeded_sampled_chat_is_reproducible(lm):
+    messages = [{"role": "user", "content": "Name one software licence."}]
+    first = lm.chat(messages, max_tokens=12, temperature=0.9, seed=7)
+    again = lm.chat(messages, max_tokens=12, temperature=0.9, seed=7)
+    assert first == again
+    others = {lm.chat(messages, max_tokens=12, temperature=0.9, seed=s) for s in range(3)}
+    assert len(others) > 1
+
+
+def test_stream_pieces_join_to_generate_and_stop_strings_end_it(lm):
+    pieces = list(lm.stream(PROMPT, max_tokens=10, temperature=0.0))
+    assert "".join(pieces) == lm.generate(PROMPT, max_tokens=10, temperature=0.0)
+    text = "".join(pieces)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        cut = lm.generate(PROMPT, max_tokens=10, temperature=0.0, stop=[stop])
+        assert cut == text[: text.index(stop)]
+
+
+def test_prefix_of_the_previous_call_is_reused_and_gives_the_same_answer(lm):
+    tokens = lm.tokenize(PROMPT + " not")
+    cold = lm.start(tokens, max_tokens=4, temperature=0.0)
+    cold.run()
+    warm = lm.start(tokens, max_tokens=4, temperature=0.0)
+    warm.run()
+    assert warm.n_cached == len(tokens) - 1
+    assert warm.tokens == cold.tokens
+
+
+def test_full_context_ends_the_answer_with_reason_context(smollm2_gguf, tiny_memdec_gguf):
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=32) as small:
+        generation = small.start(small.tokenize(PROMPT), max_tokens=100, temperature=0.0)
+        generation.run()
+        assert generation.finish_reason in ("context", "stop")
+        assert small.pair.base.n_past <= 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lam": 1.5}, "lambda must be between 0 and 1"),
+        ({"top_p": 0.0}, "top-p"),
+        ({"max_tokens": 0}, "max tokens"),
+        ({"bogus": 1}, "unknown sampling option"),
+    ],
+)
+def test_bad_sampling_options_are_user_errors(lm, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        lm.generate(PROMPT, **kwargs)
+
+
+def test_empty_prompt_is_a_user_error(lm):
+    with pytest.raises(UserError, match="prompt is empty"):
+        lm.generate("")
+
+
+def test_incompatible_memory_decoder_names_the_failed_check(smollm2_gguf, tiny_llama_gguf):
+    with pytest.raises(UserError) as err:
+        MemoryDecoderLM(smollm2_gguf, tiny_llama_gguf, n_ctx=64)
+    assert "token" in str(err.value) or "vocab" in str(err.value)
