@@ -1,0 +1,150 @@
+"""`convert_checkpoint`: a Hugging Face llama / qwen2 checkpoint -> one GGUF that stock llama.cpp runs.
+
+Tensors are streamed: the header is written from shapes alone, then each tensor is read, permuted, encoded
+and written in turn, so memory holds one tensor at a time. The file appears under its final name only when
+complete.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf.quants import quant_shape_to_byte_shape
+from tqdm import tqdm
+
+from edge_memdec.errors import UserError
+from edge_memdec.gguf_file import read_gguf
+
+from .arch import (
+    Hparams,
+    TensorPlan,
+    llama3_rope_factors,
+    permute_rotary,
+    plan_tensors,
+    read_hparams,
+)
+from .checkpoint import Checkpoint
+from .metadata import VOCAB_FINGERPRINT, memdec_fields, vocab_fingerprint
+from .quantize import OutType, encode, encoded_bytes, llama_quantize, out_type, tensor_type
+from .tokenizer import TokenizerKeys, tokenizer_from_folder, tokenizer_from_gguf
+
+
+def convert_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    outtype: str = "f16",
+    tokenizer_from: Path | None = None,
+    memdec: dict[str, object] | None = None,
+) -> Path:
+    """Write `checkpoint` (a LlamaForCausalLM or Qwen2ForCausalLM folder) as a GGUF at `out` and return `out`.
+
+    outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k.
+    tokenizer_from: a base GGUF whose `tokenizer.*` keys are copied verbatim (a memory decoder then pairs with
+    that base by construction); without it the tokenizer comes from the checkpoint's tokenizer.json.
+    memdec: memory-decoder facts stored as `memdec.*` keys ("lambda", "domain", "base_model", "train": {...});
+    `memdec.vocab_fingerprint` is always written.
+    """
+    kind = out_type(outtype)
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"the output {out} is a folder; give a file name ending in .gguf")
+    if not out.parent.is_dir():
+        raise UserError(f"the output folder {out.parent} does not exist; create it first")
+    extra = memdec_fields(memdec)
+    ckpt = Checkpoint(Path(checkpoint))
+    hp = read_hparams(ckpt.config, ckpt.folder)
+    plans = plan_tensors(hp, ckpt.names, {name: ckpt.shape(name) for name in ckpt.names}, ckpt.folder)
+    if tokenizer_from is not None:
+        tokenizer, source = tokenizer_from_gguf(read_gguf(tokenizer_from)), Path(tokenizer_from)
+    else:
+        tokenizer, source = tokenizer_from_folder(ckpt.folder, ckpt.config), ckpt.folder / "tokenizer.json"
+    tokenizer.pad_to(hp.n_vocab, source)
+    extra[VOCAB_FINGERPRINT] = (vocab_fingerprint(tokenizer.tokens), GGUFValueType.STRING)
+    name = str(ckpt.config.get("_name_or_path") or ckpt.folder.resolve().name)
+
+    with _atomic(out) as target:
+        if kind.llama_ftype is None:
+            _write(target, ckpt, hp, plans, tokenizer, extra, kind, name)
+        else:
+            f32_path = target.with_name(target.name + ".f32")
+            try:
+                _write(f32_path, ckpt, hp, plans, tokenizer, extra, kind, name)
+                llama_quantize(f32_path, target, kind.llama_ftype)
+            finally:
+                f32_path.unlink(missing_ok=True)
+    return out
+
+
+@contextmanager
+def _atomic(final: Path) -> Iterator[Path]:
+    """A temporary path beside `final`, renamed onto it on success and removed on any error or Ctrl-C."""
+    temp = final.with_name(f".{final.name}.{os.getpid()}.part")
+    try:
+        yield temp
+        os.replace(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _write(
+    path: Path,
+    ckpt: Checkpoint,
+    hp: Hparams,
+    plans: list[TensorPlan],
+    tokenizer: TokenizerKeys,
+    extra: dict,
+    kind: OutType,
+    name: str,
+) -> None:
+    writer = GGUFWriter(path, hp.arch)
+    writer.add_name(name)
+    writer.add_file_type(int(kind.file_type if kind.llama_ftype is None else 0))
+    if kind.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+    hp.write(writer)
+    for key, (value, vtype, sub) in tokenizer.fields.items():
+        writer.add_key_value(key, value, vtype, sub)
+    for key, (value, vtype) in extra.items():
+        writer.add_key_value(key, value, vtype)
+
+    types = []
+    for plan in plans:
+        qtype = tensor_type(plan.shape, kind.tensor_type)
+        types.append(qtype)
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            dtype = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(
+                plan.gguf_name, plan.shape, np.dtype(dtype), encoded_bytes(plan.shape, qtype)
+            )
+        else:
+            byte_shape = quant_shape_to_byte_shape(plan.shape, qtype)
+            writer.add_tensor_info(
+                plan.gguf_name,
+                byte_shape,
+                np.dtype(np.uint8),
+                encoded_bytes(plan.shape, qtype),
+                raw_dtype=qtype,
+            )
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for plan, qtype in tqdm(
+            list(zip(plans, types, strict=True)), desc=f"writing {path.name}", unit="tensor", leave=False
+        ):
+            writer.write_tensor_data(encode(_values(ckpt, hp, plan), qtype))
+    finally:
+        writer.close()
+
+
+def _values(ckpt: Checkpoint, hp: Hparams, plan: TensorPlan) -> np.ndarray:
+    """The float32 values of one GGUF tensor, in PyTorch shape order."""
+    if not plan.hf_name:
+        return llama3_rope_factors(hp)
+    values = ckpt.tensor(plan.hf_name)
+    return permute_rotary(values, plan.permute_heads) if plan.permute_heads else values

