@@ -1,0 +1,23 @@
+"""numba kernels of the memory-decoder runtime: mix two logit rows, sample a token, score many rows.
+
+All are compiled with cache=True: the machine code lands in __pycache__ next to these files (numba falls back
+to a user cache directory when that is not writable), so only the first process on a machine pays the JIT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .api import make_scratch, mix_logprobs, sample_token, score_rows
+
+__all__ = ["make_scratch", "mix_logprobs", "sample_token", "score_rows", "warmup"]
+
+
+def warmup() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the runtime passes."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(130).astype(np.float32)
+    mem = rng.standard_normal(128).astype(np.float32)
+    mix_logprobs(base, mem, 0.5)
+    sample_token(base, mem, 0.5, 0.8, 40, 0.95, 0.05, 0.5, make_scratch(128))
+    score_rows(base[None, :], mem[None, :], np.zeros(1, np.int64), np.array([0.0, 0.5, 1.0]))

@@ -1,0 +1,120 @@
+"""Python entry points of the kernels: argument checks (ValueError: these are internal), then one jitted call.
+
+Logit rows are float32 (numpy views over llama.cpp's buffers are used as they are, never written); the two rows
+may differ in length and only the n = min(len(base), len(mem)) shared ids are mixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .mixture import mix_into
+from .sample import sample_core
+from .score import score_core
+
+
+def _row(logits: np.ndarray, name: str) -> np.ndarray:
+    row = np.ascontiguousarray(logits, dtype=np.float32)
+    if row.ndim != 1 or row.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D row of logits, got shape {row.shape}")
+    return row
+
+
+def _lambda(lam: float) -> float:
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lam}")
+    return lam
+
+
+def make_scratch(n_vocab: int) -> np.ndarray:
+    """A float32 work buffer for sample_token over rows of up to n_vocab shared ids (allocate once, reuse)."""
+    return np.empty(max(int(n_vocab), 1), np.float32)
+
+
+def mix_logprobs(
+    base_logits: np.ndarray, mem_logits: np.ndarray | None, lam: float, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Mixed log-probs log(lam * softmax(mem) + (1 - lam) * softmax(base)), float32 [n], natural log.
+
+    mem_logits None means the base alone (its log-softmax). `out`, if given, is a float32 array of at least n
+    entries; the result is its first n.
+    """
+    base = _row(base_logits, "base_logits")
+    mem, lam = (base, 0.0) if mem_logits is None else (_row(mem_logits, "mem_logits"), _lambda(lam))
+    n = min(base.shape[0], mem.shape[0])
+    if out is None:
+        out = np.empty(n, np.float32)
+    elif out.dtype != np.float32 or out.ndim != 1 or out.shape[0] < n or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array of at least {n} entries")
+    mix_into(base, mem, n, lam, out)
+    return out[:n]
+
+
+def sample_token(
+    base_logits: np.ndarray,
+    mem_logits: np.ndarray | None,
+    lam: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    u: float,
+    scratch: np.ndarray,
+) -> int:
+    """Token id drawn from the lam-mixture after top-k, top-p, min-p and temperature (see kernels/sample.py).
+
+    u: a uniform number in [0, 1) (the caller's seeded generator makes runs reproducible); temperature <= 0 is
+    greedy. scratch: from make_scratch(n) or any contiguous float32 array of at least n entries.
+    mem_logits None means the base alone.
+    """
+    base = _row(base_logits, "base_logits")
+    mem, lam = (base, 0.0) if mem_logits is None else (_row(mem_logits, "mem_logits"), _lambda(lam))
+    n = min(base.shape[0], mem.shape[0])
+    if (
+        scratch.dtype != np.float32
+        or scratch.ndim != 1
+        or scratch.shape[0] < n
+        or not scratch.flags.c_contiguous
+    ):
+        raise ValueError(f"scratch must be a contiguous float32 array of at least {n} entries (make_scratch)")
+    u = float(u)
+    if not 0.0 <= u < 1.0:
+        raise ValueError(f"u must be in [0, 1), got {u}")
+    return int(
+        sample_core(base, mem, lam, float(temperature), int(top_k), float(top_p), float(min_p), u, scratch)
+    )
+
+
+def score_rows(
+    base_logits: np.ndarray, mem_logits: np.ndarray | None, targets: np.ndarray, lambdas: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Negative log-likelihoods (natural log, float64) of targets[r] under row r of each model and mixture.
+
+    base_logits [rows, vb] and mem_logits [rows, vm] float32 (mem None: base only), targets [rows] ints below
+    n = min(vb, vm), lambdas [L] in [0, 1]. Returns (nll_base [rows], nll_mem [rows], nll_mix [rows, L]);
+    softmaxes run over the n shared ids. Without a memory decoder nll_mem is NaN and nll_mix repeats nll_base.
+    """
+    base = np.ascontiguousarray(base_logits, dtype=np.float32)
+    if base.ndim != 2:
+        raise ValueError(f"base_logits must be 2-D [rows, vocab], got shape {base.shape}")
+    rows = base.shape[0]
+    has_mem = mem_logits is not None
+    mem = np.ascontiguousarray(mem_logits, dtype=np.float32) if has_mem else base
+    if mem.ndim != 2 or mem.shape[0] != rows:
+        raise ValueError(f"mem_logits must be 2-D with {rows} rows like base_logits, got shape {mem.shape}")
+    n = min(base.shape[1], mem.shape[1])
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    if targets.shape != (rows,):
+        raise ValueError(f"targets must have shape ({rows},), got {targets.shape}")
+    if rows and (targets.min() < 0 or targets.max() >= n):
+        raise ValueError(f"targets must be token ids in [0, {n}), got {targets.min()}..{targets.max()}")
+    lambdas = np.ascontiguousarray(lambdas, dtype=np.float64).reshape(-1)
+    if np.any(~((lambdas >= 0.0) & (lambdas <= 1.0))):
+        raise ValueError(f"lambdas must be in [0, 1], got {lambdas.tolist()}")
+    nll_base = np.empty(rows)
+    nll_mem = np.empty(rows)
+    nll_mix = np.empty((rows, lambdas.shape[0]))
+    if rows and n:
+        score_core(base, mem, has_mem, targets, lambdas, nll_base, nll_mem, nll_mix)
+    return nll_base, nll_mem, nll_mix

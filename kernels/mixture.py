@@ -1,0 +1,53 @@
+"""The mixture p = lam * softmax(mem) + (1 - lam) * softmax(base) over the shared ids, in log space.
+
+A token's mixed log-prob is logaddexp(x, y) with x = (base - max_base) + cb and y = (mem - max_mem) + cm, where
+cb = log(1 - lam) - log Z_base and cm = log(lam) - log Z_mem (Z: the softmax normaliser of the max-shifted row).
+Subtracting the row maximum first keeps x and y exact near the head even for logits in the thousands.
+lam == 0 and lam == 1 never touch the unused row, so no log(0) appears and the result is exactly one model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .fastmath import ELEMENTWISE
+from .rows import mix_key, row_max, sum_exp_f32
+
+
+@njit(cache=True, fastmath=ELEMENTWISE)
+def mixture_constants(base, mem, n, lam, mb, mm, normalise):
+    """(cb, cm) as float64 for rows whose maxima are mb and mm; an unused row (lam 0 or 1) gets -inf.
+
+    With normalise False and a single model, cb (or cm) is 0: keys are then max-shifted logits, which order the
+    tokens like log-probs without a pass of exps.
+    """
+    cb = -np.inf
+    cm = -np.inf
+    if lam < 1.0:
+        cb = np.log1p(-lam)
+        if normalise or lam > 0.0:
+            cb -= np.log(sum_exp_f32(base, n, mb))
+    if lam > 0.0:
+        cm = np.log(lam)
+        if normalise or lam < 1.0:
+            cm -= np.log(sum_exp_f32(mem, n, mm))
+    return cb, cm
+
+
+@njit(cache=True, fastmath=ELEMENTWISE)
+def mix_into(base, mem, n, lam, out):
+    """out[:n] = log(lam * softmax(mem[:n]) + (1 - lam) * softmax(base[:n])) as float32."""
+    mb = row_max(base, n) if lam < 1.0 else np.float32(0.0)
+    mm = row_max(mem, n) if lam > 0.0 else np.float32(0.0)
+    cb, cm = mixture_constants(base, mem, n, lam, mb, mm, True)
+    cb32, cm32 = np.float32(cb), np.float32(cm)
+    if lam == 0.0:
+        for i in range(n):
+            out[i] = (base[i] - mb) + cb32
+    elif lam == 1.0:
+        for i in range(n):
+            out[i] = (mem[i] - mm) + cm32
+    else:
+        for i in range(n):
+            out[i] = mix_key((base[i] - mb) + cb32, (mem[i] - mm) + cm32)

@@ -1,0 +1,243 @@
+"""The numba kernels against float64 numpy references written from the formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from edge_memdec.kernels import make_scratch, mix_logprobs, sample_token, score_rows
+from edge_memdec.kernels.fastmath import exp_f32, exp_f64, log1p_f32
+
+LAMBDAS = (0.0, 0.3, 1.0)
+
+
+def logits(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
+    """A float32 logit row: normal noise times scale plus a few peaked tokens, like a language model's."""
+    row = rng.standard_normal(n) * scale
+    row[rng.integers(0, n, 5)] += 3.0 * scale
+    return row.astype(np.float32)
+
+
+def ref_mixture(base: np.ndarray, mem: np.ndarray, lam: float) -> np.ndarray:
+    """log(lam softmax(mem) + (1 - lam) softmax(base)) over the shared ids, float64."""
+    n = min(len(base), len(mem))
+    lb = base[:n].astype(np.float64)
+    lm = mem[:n].astype(np.float64)
+    lb = lb - np.logaddexp.reduce(lb)
+    lm = lm - np.logaddexp.reduce(lm)
+    if lam == 0.0:
+        return lb
+    if lam == 1.0:
+        return lm
+    return np.logaddexp(np.log1p(-lam) + lb, np.log(lam) + lm)
+
+
+def ref_distribution(
+    logp: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
+) -> np.ndarray:
+    """Probabilities after top-k, top-p (renormalised over the kept), min-p, then temperature; float64 [n]."""
+    n = len(logp)
+    keep = np.lexsort((np.arange(n), -logp))
+    if 0 < top_k < n:
+        keep = keep[:top_k]
+    if top_p < 1.0:
+        p = np.exp(logp[keep] - logp[keep[0]])
+        cum = np.cumsum(p / p.sum())
+        reached = np.flatnonzero(cum >= top_p)
+        keep = keep[: reached[0] + 1 if len(reached) else len(keep)]
+    if min_p > 0.0:
+        keep = keep[logp[keep] >= logp[keep[0]] + np.log(min_p)]
+    w = np.exp((logp[keep] - logp[keep[0]]) / temperature)
+    probs = np.zeros(n)
+    probs[keep] = w / w.sum()
+    return probs
+
+
+def ref_draw(probs: np.ndarray, u: float) -> int:
+    """Inverse CDF at u over the kept ids in increasing order."""
+    ids = np.flatnonzero(probs > 0)
+    cum = np.cumsum(probs[ids])
+    return int(ids[min(np.searchsorted(cum, u * cum[-1], side="right"), len(ids) - 1)])
+
+
+def test_fast_exp_and_log1p_accuracy():
+    x32 = np.linspace(-87.0, 0.0, 4001).astype(np.float32)
+    got = np.array([exp_f32(v) for v in x32], np.float64)
+    assert np.max(np.abs(got / np.exp(x32.astype(np.float64)) - 1.0)) < 4e-7
+    e32 = np.linspace(0.0, 1.0, 4001).astype(np.float32)[1:]
+    got = np.array([log1p_f32(v) for v in e32], np.float64)
+    assert np.max(np.abs(got / np.log1p(e32.astype(np.float64)) - 1.0)) < 4e-7
+    x64 = np.linspace(-708.0, 0.0, 4001)
+    got = np.array([exp_f64(v) for v in x64])
+    assert np.max(np.abs(got / np.exp(x64) - 1.0)) < 3e-16
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1000.0])
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_mix_logprobs_matches_reference(lam, scale):
+    rng = np.random.default_rng(int(scale) + int(10 * lam))
+    base, mem = logits(rng, 3000, scale), logits(rng, 3077, scale)
+    before = base.copy(), mem.copy()
+    got = mix_logprobs(base, mem, lam)
+    want = ref_mixture(base, mem, lam)
+    assert got.dtype == np.float32 and got.shape == (3000,)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(base, before[0])
+    np.testing.assert_array_equal(mem, before[1])
+
+
+def test_mix_logprobs_lambda_ends_are_exact_models_and_out_is_used():
+    rng = np.random.default_rng(3)
+    base, mem = logits(rng, 2000, 3.0), logits(rng, 1900, 3.0)
+    mem[7] = -np.inf
+    out = np.full(2500, 99.0, np.float32)
+    got = mix_logprobs(base, mem, 1.0, out=out)
+    assert np.shares_memory(got, out) and got.shape == (1900,)
+    assert got[7] == -np.inf
+    np.testing.assert_allclose(got[:7], ref_mixture(base, mem, 1.0)[:7], atol=1e-5)
+    alone = mix_logprobs(base, None, 0.7)
+    np.testing.assert_allclose(alone, ref_mixture(base, base, 0.0), atol=1e-5)
+    mixed = mix_logprobs(base, mem, 0.5)
+    assert np.isfinite(mixed).all()
+
+
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_greedy_is_argmax_of_the_mixture(lam):
+    rng = np.random.default_rng(11)
+    scratch = make_scratch(5000)
+    for trial in range(20):
+        scale = (0.5, 3.0, 100.0)[trial % 3]
+        base, mem = logits(rng, 5000, scale), logits(rng, 4990, scale)
+        want = int(np.argmax(ref_mixture(base, mem, lam)))
+        assert sample_token(base, mem, lam, 0.0, 40, 0.95, 0.05, 0.5, scratch) == want
+        assert sample_token(base, mem, lam, 0.8, 1, 1.0, 0.0, 0.99, scratch) == want
+
+
+SETTINGS = [
+    (0.8, 40, 0.95, 0.05),  # llama.cpp's defaults
+    (1.0, 0, 1.0, 0.0),  # plain sampling over the whole vocabulary
+    (0.6, 0, 1.0, 0.1),  # min-p only
+    (1.5, 0, 0.9, 0.0),  # top-p without top-k
+    (0.5, 7, 1.0, 0.0),
+    (1.0, 5000, 0.5, 0.02),  # top-k at least the vocabulary: off
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_draw_equals_reference_inverse_cdf(lam, setting):
+    temperature, top_k, top_p, min_p = setting
+    rng = np.random.default_rng(17)
+    scratch = make_scratch(3000)
+    for scale in (0.3, 2.0, 50.0):
+        base, mem = logits(rng, 3000, scale), logits(rng, 3050, scale)
+        probs = ref_distribution(ref_mixture(base, mem, lam), temperature, top_k, top_p, min_p)
+        for u in rng.random(40):
+            got = sample_token(base, mem, lam, temperature, top_k, top_p, min_p, u, scratch)
+            assert got == ref_draw(probs, u), (scale, u)
+
+
+def test_top_p_head_grows_on_a_flat_distribution():
+    rng = np.random.default_rng(5)
+    base, mem = logits(rng, 20000, 0.05), logits(rng, 20000, 0.05)
+    probs = ref_distribution(ref_mixture(base, mem, 0.4), 1.0, 0, 0.9, 0.0)
+    assert (probs > 0).sum() > 10000
+    scratch = make_scratch(20000)
+    for u in rng.random(10):
+        assert sample_token(base, mem, 0.4, 1.0, 0, 0.9, 0.0, u, scratch) == ref_draw(probs, u)
+
+
+def test_ties_go_to_the_lowest_id():
+    row = np.zeros(300, np.float32)
+    scratch = make_scratch(300)
+    assert sample_token(row, row, 0.5, 0.0, 0, 1.0, 0.0, 0.0, scratch) == 0
+    draws = {sample_token(row, row, 0.5, 1.0, 3, 1.0, 0.0, u, scratch) for u in (0.1, 0.5, 0.9)}
+    assert draws == {0, 1, 2}
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.45])
+def test_draw_frequencies_match_reference_probabilities(lam):
+    rng = np.random.default_rng(23)
+    base, mem = logits(rng, 1000, 1.5), logits(rng, 1000, 1.5)
+    probs = ref_distribution(ref_mixture(base, mem, lam), 0.9, 30, 0.9, 0.0)
+    scratch = make_scratch(1000)
+    draws = 20000
+    counts = np.bincount(
+        [sample_token(base, mem, lam, 0.9, 30, 0.9, 0.0, u, scratch) for u in rng.random(draws)],
+        minlength=1000,
+    )
+    kept = probs > 0
+    assert counts[~kept].sum() == 0
+    expected = probs[kept] * draws
+    chi2 = float(np.sum((counts[kept] - expected) ** 2 / expected))
+    dof = kept.sum() - 1
+    assert chi2 < dof + 6.0 * np.sqrt(2.0 * dof)
+
+
+def test_sample_token_base_only_and_bad_arguments():
+    rng = np.random.default_rng(2)
+    base = logits(rng, 500, 2.0)
+    scratch = make_scratch(500)
+    probs = ref_distribution(ref_mixture(base, base, 0.0), 0.7, 0, 1.0, 0.0)
+    assert sample_token(base, None, 0.9, 0.7, 0, 1.0, 0.0, 0.3, scratch) == ref_draw(probs, 0.3)
+    with pytest.raises(ValueError, match="lambda"):
+        sample_token(base, base, 1.5, 0.7, 0, 1.0, 0.0, 0.3, scratch)
+    with pytest.raises(ValueError, match="scratch"):
+        sample_token(base, base, 0.5, 0.7, 0, 1.0, 0.0, 0.3, make_scratch(100))
+    with pytest.raises(ValueError, match="u must"):
+        sample_token(base, base, 0.5, 0.7, 0, 1.0, 0.0, 1.0, scratch)
+
+
+@pytest.mark.parametrize("n_vocab", [49152, 151936])
+def test_full_size_vocabularies(n_vocab):
+    rng = np.random.default_rng(n_vocab)
+    base, mem = logits(rng, n_vocab, 2.5), logits(rng, n_vocab + 128, 2.5)
+    want = ref_mixture(base, mem, 0.3)
+    np.testing.assert_allclose(mix_logprobs(base, mem, 0.3), want, rtol=1e-6, atol=1e-5)
+    probs = ref_distribution(want, 0.8, 40, 0.95, 0.05)
+    scratch = make_scratch(n_vocab)
+    for u in rng.random(20):
+        assert sample_token(base, mem, 0.3, 0.8, 40, 0.95, 0.05, u, scratch) == ref_draw(probs, u)
+
+
+def ref_nll(rows: np.ndarray, n: int, targets: np.ndarray) -> np.ndarray:
+    x = rows[:, :n].astype(np.float64)
+    top = x.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
+    return lse - x[np.arange(len(x)), targets]
+
+
+def test_score_rows_matches_reference():
+    rng = np.random.default_rng(29)
+    base = np.stack([logits(rng, 4000, s) for s in (0.5, 3.0, 30.0, 300.0, 2.0, 1.0)])
+    mem = np.stack([logits(rng, 4100, s) for s in (1.0, 2.0, 20.0, 500.0, 0.1, 5.0)])
+    targets = rng.integers(0, 4000, len(base))
+    lambdas = np.array([0.0, 0.1, 0.3, 0.55, 0.9, 1.0])
+    nll_base, nll_mem, nll_mix = score_rows(base, mem, targets, lambdas)
+    want_base, want_mem = ref_nll(base, 4000, targets), ref_nll(mem, 4000, targets)
+    np.testing.assert_allclose(nll_base, want_base, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(nll_mem, want_mem, rtol=1e-9, atol=1e-12)
+    for j, lam in enumerate(lambdas):
+        mixture = ref_mixture_rows(want_base, want_mem, lam)
+        np.testing.assert_allclose(nll_mix[:, j], mixture, rtol=1e-9, atol=1e-12)
+    assert (nll_mix[:, 0] == nll_base).all() and (nll_mix[:, -1] == nll_mem).all()
+
+
+def ref_mixture_rows(nll_base: np.ndarray, nll_mem: np.ndarray, lam: float) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return -np.logaddexp(np.log(lam) - nll_mem, np.log1p(-lam) - nll_base)
+
+
+def test_score_rows_base_only_and_bad_arguments():
+    rng = np.random.default_rng(31)
+    base = np.stack([logits(rng, 700, 2.0) for _ in range(4)])
+    targets = np.array([0, 5, 699, 300])
+    nll_base, nll_mem, nll_mix = score_rows(base, None, targets, np.array([0.2, 0.8]))
+    np.testing.assert_allclose(nll_base, ref_nll(base, 700, targets), rtol=1e-9)
+    assert np.isnan(nll_mem).all() and (nll_mix == nll_base[:, None]).all()
+    assert score_rows(base, None, targets, np.array([]))[2].shape == (4, 0)
+    with pytest.raises(ValueError, match="targets"):
+        score_rows(base, base[:, :600], targets, np.array([0.5]))
+    with pytest.raises(ValueError, match="lambdas"):
+        score_rows(base, base, targets, np.array([1.2]))
+    with pytest.raises(ValueError, match="rows"):
+        score_rows(base, base[:3], targets, np.array([0.5]))
