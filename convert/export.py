@@ -135,7 +135,10 @@ def _write(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for plan, qtype in tqdm(
-            list(zip(plans, types, strict=True)), desc=f"writing {path.name}", unit="tensor", leave=False
+            list(zip(plans, types, strict=True)),
+            desc=f"converting to {kind.file_type.name.removeprefix('MOSTLY_').removeprefix('ALL_')}",
+            unit="tensor",
+            leave=False,
         ):
             writer.write_tensor_data(encode(_values(ckpt, hp, plan), qtype))
     finally:

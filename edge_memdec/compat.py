@@ -1,0 +1,57 @@
+"""Can this memory decoder run beside this base model? The checks llama.cpp makes for a draft model.
+
+The two models' next-token distributions are mixed id by id, so they must mean the same text by the same id:
+same tokenizer type, same BOS and EOS, vocabularies of nearly the same size (padded embeddings differ by a few
+rows) and identical token texts on every shared id.
+"""
+
+from __future__ import annotations
+
+from edge_memdec.errors import UserError
+from edge_memdec.gguf_file import GGUFInfo
+
+MAX_VOCAB_DIFFERENCE = 128  # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
+FIRST_CHECKED_ID = 5  # llama.cpp's SPEC_VOCAB_CHECK_START_TOKEN_ID: the first ids are often special tokens
+
+
+def pair_problems(base: GGUFInfo, memdec: GGUFInfo) -> list[str]:
+    """Every reason the two models cannot be mixed, one sentence each; an empty list means compatible."""
+    problems = []
+    base_model, memdec_model = base.get("tokenizer.ggml.model"), memdec.get("tokenizer.ggml.model")
+    if base_model != memdec_model:
+        problems.append(f"the tokenizer types differ (base {base_model}, memory decoder {memdec_model})")
+    for special in ("bos", "eos"):
+        key = f"tokenizer.ggml.{special}_token_id"
+        if base.get(key) != memdec.get(key):
+            problems.append(
+                f"the {special.upper()} token ids differ (base {base.get(key)}, memory decoder {memdec.get(key)})"
+            )
+    if abs(base.n_vocab - memdec.n_vocab) > MAX_VOCAB_DIFFERENCE:
+        problems.append(
+            f"the vocabulary sizes differ by more than {MAX_VOCAB_DIFFERENCE} tokens "
+            f"(base {base.n_vocab}, memory decoder {memdec.n_vocab})"
+        )
+    for token_id in range(FIRST_CHECKED_ID, min(base.n_vocab, memdec.n_vocab)):
+        base_text, memdec_text = base.tokens[token_id], memdec.tokens[token_id]
+        if base_text != memdec_text:
+            problems.append(
+                f"the text of token {token_id} differs (base {_shown(base_text)}, memory decoder {_shown(memdec_text)})"
+            )
+            break
+    return problems
+
+
+def check_pair(base: GGUFInfo, memdec: GGUFInfo) -> None:
+    """Raise UserError with the first problem when the memory decoder cannot run beside the base model."""
+    problems = pair_problems(base, memdec)
+    if problems:
+        raise UserError(
+            f"the memory decoder {memdec.path.name} does not fit the base model {base.path.name}: {problems[0]}; "
+            "use a memory decoder made with the base model's tokenizer"
+        )
+
+
+def _shown(text: str) -> str:
+    """A token text for a message: quoted, escaped, and cut short."""
+    shown = ascii(text)
+    return shown if len(shown) <= 40 else shown[:37] + "..."

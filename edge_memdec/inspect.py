@@ -1,0 +1,94 @@
+"""`edge-memdec inspect`: what a GGUF holds (arch, size, quantization, tokenizer, memdec metadata), and
+whether a memory decoder pairs with a base model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from edge_memdec.compat import pair_problems
+from edge_memdec.gguf_file import GGUFInfo, read_gguf
+
+LABEL_WIDTH = 12
+
+
+def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
+    """A short human-readable report on one GGUF file; with `base`, also whether the two models pair."""
+    info = read_gguf(path)
+    lines = [
+        ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version})"),
+        ("name", str(info.get("general.name", "-"))),
+        ("arch", _arch(info)),
+        ("parameters", f"{_count(info.n_params)} ({info.n_params:,})"),
+        ("file type", f"{info.file_type} (tensors: {_tensor_types(info)})"),
+        ("tokenizer", _tokenizer(info)),
+        ("chat", "has a chat template" if info.get("tokenizer.chat_template") else "no chat template"),
+        ("memdec", _memdec(info)),
+    ]
+    if base is not None:
+        base_info = read_gguf(base)
+        problems = pair_problems(base_info, info)
+        verdict = (
+            f"compatible with {base_info.path.name}"
+            if not problems
+            else f"NOT compatible with {base_info.path.name}"
+        )
+        lines.append(("pair", verdict))
+        lines += [("", f"- {problem}") for problem in problems]
+    return "\n".join(f"{label:<{LABEL_WIDTH}} {text}".rstrip() for label, text in lines)
+
+
+def _arch(info: GGUFInfo) -> str:
+    arch = info.arch
+    n_head, n_head_kv = info.get(f"{arch}.attention.head_count"), info.get(f"{arch}.attention.head_count_kv")
+    return (
+        f"{arch}, {info.get(f'{arch}.block_count')} layers, hidden {info.get(f'{arch}.embedding_length')}, "
+        f"{n_head} heads ({n_head_kv or n_head} kv), trained context {info.n_ctx_train}"
+    )
+
+
+def _tensor_types(info: GGUFInfo) -> str:
+    counts = Counter(t.dtype for t in info.tensors)
+    return ", ".join(f"{count} {dtype}" for dtype, count in counts.most_common())
+
+
+def _tokenizer(info: GGUFInfo) -> str:
+    parts = [
+        f"{info.get('tokenizer.ggml.model')} (pre {info.get('tokenizer.ggml.pre', 'default')})",
+        f"{info.n_vocab:,} tokens",
+    ]
+    for special in ("bos", "eos"):
+        token_id = info.get(f"tokenizer.ggml.{special}_token_id")
+        if isinstance(token_id, int) and 0 <= token_id < info.n_vocab:
+            parts.append(f"{special} {token_id} {ascii(info.tokens[token_id])}")
+        else:
+            parts.append(f"{special} {token_id if token_id is not None else 'none'}")
+    return ", ".join(parts)
+
+
+def _memdec(info: GGUFInfo) -> str:
+    facts = info.memdec
+    if not facts:
+        return "none (an ordinary model, not a memory decoder)"
+    shown = []
+    for key, value in facts.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif key == "vocab_fingerprint":
+            value = str(value)[:16]
+        shown.append(f"{key} {value}")
+    return ", ".join(shown)
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for scale, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return f"{n} bytes"
