@@ -82,13 +82,30 @@ def convert_checkpoint(
 
 @contextmanager
 def _atomic(final: Path) -> Iterator[Path]:
-    """A temporary path beside `final`, renamed onto it on success and removed on any error or Ctrl-C."""
+    """A temporary path beside `final`, renamed onto it on success and removed on any error or Ctrl-C.
+
+    Parts left by killed earlier runs (their process is gone) are removed first.
+    """
+    for stale in final.parent.glob(f".{final.name}.*.part*"):
+        pid = stale.name.removeprefix(f".{final.name}.").split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
     temp = final.with_name(f".{final.name}.{os.getpid()}.part")
     try:
         yield temp
         os.replace(temp, final)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write(

@@ -213,6 +213,26 @@ def test_llama3_rope_scaling_matches_pytorch(tmp_path, tokenizer_corpus, llama_t
     assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= 1e-4
 
 
+def test_tied_qwen2_matches_pytorch(tiny_qwen2_ckpt, tmp_path, legal_text):
+    """Qwen2.5-0.5B, the paper's memory decoder, ties its output to the embedding: no output.weight is written."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_qwen2_ckpt / "tokenizer.json"))
+    folder = save_checkpoint(
+        tmp_path / "tied",
+        "qwen2",
+        tokenizer,
+        tokenizer.get_vocab_size(),
+        {},
+        seed=5,
+        tie_word_embeddings=True,
+    )
+    out = convert_checkpoint(folder, tmp_path / "tied.gguf", "f32")
+    assert "output.weight" not in {t.name for t in read_gguf(out).tensors}
+    tokens = tokenizer.encode(legal_text).ids[:N_TOKENS]
+    assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= 1e-4
+
+
 def _copy_checkpoint(source, target):
     shutil.copytree(source, target)
     return target

@@ -1,0 +1,78 @@
+"""`edge-memdec convert` as a user runs it: a real subprocess, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge_memdec.gguf_file import read_gguf
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_memdec.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_convert_a_memory_decoder_with_its_metadata(tiny_memdec_ckpt, smollm2_gguf, tmp_path):
+    out = tmp_path / "legal-memdec-q8_0.gguf"
+    proc = run_cli(
+        "convert", tiny_memdec_ckpt, "-o", out, "--outtype", "q8_0", "--tokenizer-from", smollm2_gguf,
+        "--lambda", "0.45", "--domain", "legal", "--base-model", "SmolLM2-135M-Instruct",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {out}"
+    info = read_gguf(out)
+    assert info.file_type == "Q8_0"
+    assert info.memdec["lambda"] == pytest.approx(0.45)
+    assert (info.memdec["domain"], info.memdec["base_model"]) == ("legal", "SmolLM2-135M-Instruct")
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{missing}"], "does not exist"),
+        (["{ckpt}", "--outtype", "q3"], "unknown outtype 'q3'"),
+        (["{ckpt}", "--lambda", "2"], "lambda is 2.0"),
+        (["{ckpt}", "--tokenizer-from", "{ckpt}/config.json"], "not a GGUF file"),
+    ],
+)
+def test_convert_errors_are_one_line_and_write_nothing(args, message, tiny_llama_ckpt, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    filled = [a.format(missing=tmp_path / "no-such-model", ckpt=tiny_llama_ckpt) for a in args]
+    proc = run_cli("convert", *filled, "-o", out_dir / "model.gguf")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_killed_conversion_never_leaves_a_partial_file(tiny_memdec_ckpt, tmp_path):
+    """SIGKILL while the GGUF is being written: nothing under the final name, and a rerun cleans up and succeeds."""
+    out = tmp_path / "memdec.gguf"
+    command = [sys.executable, "-m", "edge_memdec.cli", "convert", str(tiny_memdec_ckpt), "-o", str(out)]
+    for delay in (0.0, 0.02, 0.05):
+        child = subprocess.Popen([*command, "--outtype", "f32"], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".memdec.gguf.*.part")) and child.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(delay)
+        child.kill()
+        child.wait()
+        if out.exists():  # the child finished first: then the file must be whole
+            assert read_gguf(out).n_params == 3_219_776
+            out.unlink()
+    assert list(tmp_path.glob(".memdec.gguf.*.part"))
+    proc = run_cli("convert", tiny_memdec_ckpt, "-o", out, "--outtype", "f32")
+    assert proc.returncode == 0, proc.stderr
+    assert read_gguf(out).n_params == 3_219_776
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
