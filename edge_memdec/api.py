@@ -37,7 +37,9 @@ class MemoryDecoderLM:
             options = ModelOptions(**llama_kwargs)
         except TypeError as err:
             raise UserError(f"unknown model option: {err}") from None
-        self.pair = ModelPair(base, memdec, lam, options, memdec_gpu_layers=memdec_gpu_layers, overlap=overlap)
+        self.pair = ModelPair(
+            base, memdec, lam, options, memdec_gpu_layers=memdec_gpu_layers, overlap=overlap
+        )
         self._chat_format: ChatFormat | None = None
         self._lock = threading.Lock()
 
@@ -90,12 +92,14 @@ class MemoryDecoderLM:
         text: str,
         protocol: str = "paper",
         n_ctx: int = 1024,
-        stride: int = 512,
+        stride: int | None = None,
         lambdas: Sequence[float] = DEFAULT_LAMBDAS,
         max_windows: int | None = None,
         progress: bool = False,
     ) -> dict:
-        """Base, memory decoder and mixed perplexity of `text` in one pass (the `--json` report's data)."""
+        """Base, memory decoder and mixed perplexity of `text` in one pass (the `--json` report's data).
+
+        Windows of `n_ctx` tokens moved by `stride` (default n_ctx // 2) for the paper protocol."""
         return perplexity(self.pair, text, protocol, n_ctx, stride, lambdas, max_windows, progress)
 
     def close(self) -> None:

@@ -27,15 +27,15 @@ class ChatSession:
         raw: bool = False,
         sampling: dict[str, Any] | None = None,
         verbose: bool = False,
-        out: TextIO = sys.stdout,
-        err: TextIO = sys.stderr,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
     ) -> None:
         self.lm = lm
         self.raw = raw
         self.sampling = sampling or {}
         self.verbose = verbose
-        self.out = out
-        self.err = err
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict[str, str]] = []
         self.cancel = threading.Event()

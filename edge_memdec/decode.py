@@ -19,7 +19,9 @@ from edge_memdec.pair import ModelPair
 class SamplingParams:
     """How the next token is chosen from the mixed distribution (llama.cpp's names and defaults)."""
 
-    max_tokens: int = 256  # most tokens generated; the answer also ends on EOS/EOT, a stop string or a full context
+    max_tokens: int = (
+        256  # most tokens generated; the answer also ends on EOS/EOT, a stop string or a full context
+    )
     temperature: float = 0.8  # <= 0 means greedy
     top_k: int = 40  # 0 = off
     top_p: float = 0.95  # 1.0 = off

@@ -54,7 +54,7 @@ class ModelOptions:
     n_threads_batch: int | None = None  # CPU threads for prompt batches; None = n_threads
     n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); ignored by a CPU-only build
     f32_kv: bool = False  # f32 KV cache (exact, for fidelity tests) instead of llama.cpp's default f16
-    flash_attn: bool | None = None  # None = llama.cpp decides (auto)
+    flash_attn: bool | None = False  # off: on CPU it moved logits by up to 1.6 here; None = llama.cpp decides
     verbose: bool = False  # let llama.cpp print its load log
 
 
@@ -76,7 +76,9 @@ class LlamaModel:
         mparams.n_gpu_layers = options.n_gpu_layers
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
-            raise UserError(f"llama.cpp could not load {self.path}; check that it is a complete GGUF model file")
+            raise UserError(
+                f"llama.cpp could not load {self.path}; check that it is a complete GGUF model file"
+            )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self._model)
@@ -110,7 +112,9 @@ class LlamaModel:
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             self._model = None
-            raise UserError(f"llama.cpp could not create a context for {self.path}; try a smaller -c/--ctx-size")
+            raise UserError(
+                f"llama.cpp could not create a context for {self.path}; try a smaller -c/--ctx-size"
+            )
         self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch: int = cparams.n_batch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -142,7 +146,9 @@ class LlamaModel:
 
     def piece(self, token: int, special: bool = False) -> bytes:
         """The bytes one token stands for (control tokens render as b"" unless `special`)."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
+        n = llama_cpp.llama_token_to_piece(
+            self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special
+        )
         if n < 0:
             self._piece_buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, special)

@@ -52,7 +52,9 @@ class ModelPair:
         threads = options.n_threads or default_threads()
         self.overlap = overlap and memdec_info is not None and threads > 1
         step_threads = max(1, threads // 2) if self.overlap else threads
-        base_opts = replace(options, n_threads=step_threads, n_threads_batch=options.n_threads_batch or threads)
+        base_opts = replace(
+            options, n_threads=step_threads, n_threads_batch=options.n_threads_batch or threads
+        )
         self.base = LlamaModel(base_path, base_opts, info=base_info)
         self.memdec: LlamaModel | None = None
         if memdec_info is not None:

@@ -13,14 +13,18 @@ per-row negative log-likelihoods of every lambda come from one kernel call (kern
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from edge_memdec.atomic import write_text_atomic
 from edge_memdec.errors import UserError
 from edge_memdec.kernels import score_rows
 from edge_memdec.pair import ModelPair, check_lambda
@@ -101,6 +105,62 @@ class Accumulator:
     def report(self) -> dict[str, float]:
         return {"ppl": self.ppl, "stderr": self.stderr}
 
+    def state(self) -> list[float]:
+        return [self.count, self.nll, self.nll2]
+
+    def restore(self, state: list[float]) -> None:
+        self.count, self.nll, self.nll2 = int(state[0]), float(state[1]), float(state[2])
+
+
+class ProgressState:
+    """Running sums saved after every window, so an interrupted run continues where it stopped.
+
+    The file is tied to one job (text, protocol, window sizes, lambdas, both model files); a file of another
+    job is an error rather than silently mixed in. It is removed when the run completes.
+    """
+
+    def __init__(self, path: Path, job: dict) -> None:
+        self.path = path
+        self.job = job
+        self.next_window = 0
+        self.sums: list[list[float]] = []
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                same_job = saved["job"] == job
+            except (OSError, ValueError, KeyError, TypeError):
+                raise UserError(
+                    f"{path} is not a perplexity progress file; remove it or pick another --state"
+                ) from None
+            if not same_job:
+                raise UserError(
+                    f"{path} holds the progress of another perplexity run; remove it or pick another --state"
+                )
+            self.next_window, self.sums = saved["next_window"], saved["sums"]
+
+    def save(self, next_window: int, accumulators: Sequence[Accumulator]) -> None:
+        payload = {"job": self.job, "next_window": next_window, "sums": [a.state() for a in accumulators]}
+        write_text_atomic(self.path, json.dumps(payload))
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def job_key(
+    pair: ModelPair, text: str, protocol: str, n_ctx: int, stride: int, lambdas: Sequence[float]
+) -> dict:
+    """What identifies a perplexity run for resuming: the inputs that change its numbers."""
+    files = [{"name": m.path.name, "bytes": m.path.stat().st_size} for m in pair.models]
+    return {
+        "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "protocol": protocol,
+        "n_ctx": n_ctx,
+        "stride": stride,
+        "lambdas": list(lambdas),
+        "lambda": pair.lam,
+        "models": files,
+    }
+
 
 def check_text(text: str, n_tokens: int, protocol: str, n_ctx: int) -> None:
     need = 2 * n_ctx if protocol == "llama" else n_ctx + 1
@@ -118,21 +178,24 @@ def perplexity(
     text: str,
     protocol: str = "paper",
     n_ctx: int = 1024,
-    stride: int = 512,
+    stride: int | None = None,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     max_windows: int | None = None,
     progress: bool = True,
     on_window: Callable[[int, Accumulator], None] | None = None,
+    state_path: str | Path | None = None,
 ) -> dict:
     """Score `text`; returns the JSON report (see the README): base, memdec, mixed per lambda, best lambda.
 
     `on_window(i, acc)` is called after window i with the accumulator of the headline model (the mixture at
     the pair's lambda, or the base alone), which is how `--protocol llama` prints its running `[i]x.xxxx,`.
+    With `state_path`, progress is saved there after every window and a rerun continues from it.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if n_ctx < 2 or n_ctx > pair.n_ctx:
         raise UserError(f"-c must be between 2 and the loaded context size {pair.n_ctx}, got {n_ctx}")
+    stride = n_ctx // 2 if stride is None else stride
     if protocol == "paper" and not 1 <= stride <= n_ctx:
         raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
     lambdas = [check_lambda(x) for x in lambdas]
@@ -156,11 +219,20 @@ def perplexity(
     acc_base, acc_mem = Accumulator(), Accumulator()
     acc_mix = [Accumulator() for _ in lam_arr]
     headline = acc_mix[-1] if has_memdec else acc_base
+    accumulators = [acc_base, acc_mem, *acc_mix]
+    state = None
+    if state_path is not None:
+        state = ProgressState(Path(state_path), job_key(pair, text, protocol, n_ctx, stride, lambdas))
+        for acc, saved in zip(accumulators, state.sums, strict=True):
+            acc.restore(saved)
     bar = _progress(total, progress)
+    bar.update(state.next_window if state else 0)
     with pair.lock:
         for i, window in enumerate(windows):
             if i >= total:
                 break
+            if state is not None and i < state.next_window:
+                continue
             flags = np.zeros(len(window.tokens), bool)
             flags[window.rows] = True
             pair.rewind(0)
@@ -175,9 +247,13 @@ def perplexity(
                     acc.add(nll_mix[:, j])
             if on_window is not None:
                 on_window(i, headline)
+            if state is not None:
+                state.save(i + 1, accumulators)
             bar.update(1)
         pair.rewind(0)
     bar.close()
+    if state is not None:
+        state.done()
 
     report: dict = {
         "protocol": protocol,
@@ -188,7 +264,9 @@ def perplexity(
         "memdec": acc_mem.report() if has_memdec else None,
         "lambda": pair.lam if has_memdec else None,
         "selected": {"lambda": pair.lam, **headline.report()} if has_memdec else None,
-        "mixed": [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix)] if has_memdec else [],
+        "mixed": [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix[:-1], strict=True)]
+        if has_memdec
+        else [],
         "best_lambda": None,
         "seconds": 0.0,
     }
@@ -201,7 +279,9 @@ def perplexity(
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="window", desc="perplexity", disable=not enabled, file=sys.stderr, leave=False)
+    return tqdm(
+        total=total, unit="window", desc="perplexity", disable=not enabled, file=sys.stderr, leave=False
+    )
 
 
 def format_report(report: dict) -> str:
@@ -216,11 +296,15 @@ def format_report(report: dict) -> str:
         lines.append(f"{'memory decoder':<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
         for row in report["mixed"]:
             mark = "  <- best" if row["lambda"] == report["best_lambda"] else ""
-            lines.append(f"{'mixed, lambda ' + format(row['lambda'], 'g'):<28}{row['ppl']:>10.4f}{row['stderr']:>10.5f}{mark}")
+            lines.append(
+                f"{'mixed, lambda ' + format(row['lambda'], 'g'):<28}{row['ppl']:>10.4f}{row['stderr']:>10.5f}{mark}"
+            )
         best = min(report["mixed"], key=lambda row: row["ppl"])
         lines.append(f"best lambda {report['best_lambda']:g}: {best['ppl'] / base['ppl']:.3f} x the base PPL")
         headline = report["selected"]
-        lines.append(f"selected lambda {headline['lambda']:g}: {headline['ppl'] / base['ppl']:.3f} x the base PPL")
+        lines.append(
+            f"selected lambda {headline['lambda']:g}: {headline['ppl'] / base['ppl']:.3f} x the base PPL"
+        )
     lines.append(
         f"{report['tokens_scored']} tokens scored, {report['protocol']} protocol, n_ctx {report['n_ctx']}, "
         f"stride {report['stride']}, {report['seconds']:.1f} s"

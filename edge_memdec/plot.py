@@ -27,8 +27,13 @@ def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -
     if report.get("knn_lm"):
         ax.axhline(report["knn_lm"]["ppl"], color="tab:green", linestyle="-.", label="kNN-LM")
     best = min(report["mixed"], key=lambda row: row["ppl"])
-    ax.annotate(f"best {best['ppl']:.2f} at {best['lambda']:g}", (best["lambda"], best["ppl"]),
-                textcoords="offset points", xytext=(0, 10), ha="center")
+    ax.annotate(
+        f"best {best['ppl']:.2f} at {best['lambda']:g}",
+        (best["lambda"], best["ppl"]),
+        textcoords="offset points",
+        xytext=(0, 10),
+        ha="center",
+    )
     ax.set_xlabel("lambda (memory decoder weight)")
     ax.set_ylabel(f"perplexity ({report['protocol']} protocol, n_ctx {report['n_ctx']})")
     ax.set_title(title or f"{report['tokens_scored']} tokens scored")

@@ -20,4 +20,6 @@ def read_text_file(path: str | Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8") from None
+        raise UserError(
+            f"{path} is not UTF-8 text (bad byte at offset {err.start}); convert it to UTF-8"
+        ) from None

@@ -98,10 +98,13 @@ def test_prefix_of_the_previous_call_is_reused_and_gives_the_same_answer(lm):
 
 def test_full_context_ends_the_answer_with_reason_context(smollm2_gguf, tiny_memdec_gguf):
     with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=32) as small:
-        generation = small.start(small.tokenize(PROMPT), max_tokens=100, temperature=0.0)
+        n_ctx = small.pair.n_ctx  # llama.cpp may round the context up
+        assert 32 <= n_ctx <= 512
+        generation = small.start(small.tokenize(PROMPT), max_tokens=4 * n_ctx, temperature=0.0, lam=1.0)
         generation.run()
         assert generation.finish_reason in ("context", "stop")
-        assert small.pair.base.n_past <= 32
+        assert small.pair.base.n_past <= n_ctx
+        assert small.pair.memdec.n_past == small.pair.base.n_past
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,159 @@
+"""Perplexity: one pass for base, memory decoder and a lambda sweep; both protocols; the CLI's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from llama_cpp import Llama
+from typer.testing import CliRunner
+
+from cli import app
+from edge_memdec import MemoryDecoderLM
+
+N_CTX = 128
+
+
+@pytest.fixture(scope="module")
+def pair_lm(smollm2_gguf, tiny_memdec_gguf):
+    lm = MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2)
+    yield lm
+    lm.close()
+
+
+def log_softmax64(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    shifted = rows - rows.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def test_lambda_zero_is_the_base_and_one_is_the_memory_decoder(pair_lm, legal_text):
+    report = pair_lm.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5, 1.0], max_windows=4)
+    mixed = {row["lambda"]: row["ppl"] for row in report["mixed"]}
+    assert mixed[0.0] == pytest.approx(report["base"]["ppl"], rel=1e-9)
+    assert mixed[1.0] == pytest.approx(report["memdec"]["ppl"], rel=1e-9)
+    assert report["tokens_scored"] == (N_CTX - 1) + 3 * 64
+    assert report["best_lambda"] in mixed
+    assert min(mixed.values()) <= min(report["base"]["ppl"], report["memdec"]["ppl"]) + 1e-9
+
+
+def test_paper_protocol_equals_an_independent_sliding_window_computation(pair_lm, smollm2_gguf, legal_text):
+    report = pair_lm.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0], max_windows=3)
+    ref = Llama(str(smollm2_gguf), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False, n_threads=2)
+    tokens = ref.tokenize(legal_text.encode(), add_bos=False)
+    nll = []
+    for begin, first_target in ((0, 1), (64, N_CTX), (128, N_CTX + 64)):
+        window = tokens[begin : begin + N_CTX]
+        ref.reset()
+        ref.eval(window)
+        logp = log_softmax64(np.array(ref.scores[: len(window)]))
+        for target in range(first_target, begin + N_CTX):
+            nll.append(-logp[target - 1 - begin, tokens[target]])
+    assert report["tokens_scored"] == len(nll)
+    assert report["base"]["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-4)
+
+
+def test_llama_protocol_equals_an_independent_computation_from_raw_logits(smollm2_gguf, legal_text):
+    with MemoryDecoderLM(smollm2_gguf, None, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2) as lm:
+        report = lm.perplexity(legal_text, protocol="llama", n_ctx=N_CTX, max_windows=3)
+    ref = Llama(str(smollm2_gguf), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False, n_threads=2)
+    tokens = ref.tokenize(
+        legal_text.encode(), add_bos=ref.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    )
+    first = N_CTX // 2
+    nll = []
+    for chunk in range(3):
+        window = tokens[chunk * N_CTX : (chunk + 1) * N_CTX]
+        ref.reset()
+        ref.eval(window)
+        logp = log_softmax64(np.array(ref.scores[:N_CTX]))
+        nll += [-logp[j, window[j + 1]] for j in range(first, N_CTX - 1)]
+    nll = np.array(nll)
+    ppl = math.exp(nll.mean())
+    stderr = math.sqrt((np.mean(nll**2) - nll.mean() ** 2) / (len(nll) - 1)) * ppl
+    assert report["tokens_scored"] == 3 * (N_CTX - 1 - first)
+    assert report["base"]["ppl"] == pytest.approx(ppl, rel=1e-4)
+    assert report["base"]["stderr"] == pytest.approx(stderr, rel=1e-3)
+
+
+def test_cli_llama_protocol_prints_running_lines_and_final_estimate(
+    smollm2_gguf, tiny_memdec_gguf, tmp_path, legal_text
+):
+    text = tmp_path / "legal.txt"
+    text.write_text(legal_text, encoding="utf-8")
+    result = CliRunner().invoke(
+        app,
+        [
+            "perplexity",
+            "-m",
+            str(smollm2_gguf),
+            "--memdec",
+            str(tiny_memdec_gguf),
+            "-f",
+            str(text),
+            "--protocol",
+            "llama",
+            "-c",
+            str(N_CTX),
+            "--chunks",
+            "2",
+            "-t",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\[1\]\d+\.\d{4},\[2\]\d+\.\d{4},", result.stdout)
+    assert re.search(r"Final estimate: PPL = \d+\.\d{4} \+/- \d+\.\d{5}", result.output)
+
+
+def test_cli_json_and_plot(smollm2_gguf, tiny_memdec_gguf, tmp_path, legal_text):
+    text = tmp_path / "legal.txt"
+    text.write_text(legal_text, encoding="utf-8")
+    out_json, out_png = tmp_path / "report.json", tmp_path / "lambda.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "perplexity",
+            "-m",
+            str(smollm2_gguf),
+            "--memdec",
+            str(tiny_memdec_gguf),
+            "-f",
+            str(text),
+            "-c",
+            str(N_CTX),
+            "--stride",
+            "64",
+            "--chunks",
+            "2",
+            "--lambda-sweep",
+            "0,0.25,0.5,1",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "-t",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out_json.read_text())
+    for key in (
+        "protocol",
+        "n_ctx",
+        "stride",
+        "tokens_scored",
+        "base",
+        "memdec",
+        "mixed",
+        "best_lambda",
+        "seconds",
+    ):
+        assert key in report
+    assert [row["lambda"] for row in report["mixed"]] == [0.0, 0.25, 0.5, 1.0]
+    assert report["protocol"] == "paper" and report["n_ctx"] == N_CTX and report["stride"] == 64
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))
