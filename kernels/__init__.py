@@ -2,6 +2,8 @@
 
 All are compiled with cache=True: the machine code lands in __pycache__ next to these files (numba falls back
 to a user cache directory when that is not writable), so only the first process on a machine pays the JIT.
+numba keys each cache entry on its own source file only: after editing a kernel, delete kernels/__pycache__ or
+kernels that call the edited one keep running the old code.
 """
 
 from __future__ import annotations

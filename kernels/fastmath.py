@@ -13,11 +13,16 @@ are not supported.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+
+# Every kernel: cached machine code, and numpy's error model (no ZeroDivisionError branch, which would
+# stop LLVM from vectorizing any loop that divides).
+jit = partial(njit, cache=True, error_model="numpy")
 
 ELEMENTWISE = {"contract", "nsz", "arcp", "afn"}
 REDUCTION = ELEMENTWISE | {"reassoc"}
@@ -67,7 +72,7 @@ def _int64_as_float64(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE, inline="always")
 def exp_f32(x):
     """exp(x) for float32 x <= 0; inputs below -87 (and -inf) give exp(-87) = 1.6e-38 instead of 0."""
     x = max(x, _EXP_MIN32)
@@ -77,7 +82,7 @@ def exp_f32(x):
     return p * _int32_as_float32((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE, inline="always")
 def log1p_f32(e):
     """log(1 + e) for float32 e in [0, 1], as 2 atanh(e / (2 + e)) by its odd series (s <= 1/3)."""
     s = e / (_TWO32 + e)
@@ -85,7 +90,7 @@ def log1p_f32(e):
     return _TWO32 * s * (_ONE32 + z * (_L3 + z * (_L5 + z * (_L7 + z * (_L9 + z * (_L11 + z * _L13))))))
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE, inline="always")
 def exp_f64(x):
     """exp(x) for float64 x <= 0; inputs below -708 (and -inf) give exp(-708) = 3.3e-308 instead of 0."""
     x = max(x, _EXP_MIN64)

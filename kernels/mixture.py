@@ -9,13 +9,12 @@ lam == 0 and lam == 1 never touch the unused row, so no log(0) appears and the r
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from .fastmath import ELEMENTWISE
+from .fastmath import ELEMENTWISE, jit
 from .rows import mix_key, row_max, sum_exp_f32
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def mixture_constants(base, mem, n, lam, mb, mm, normalise):
     """(cb, cm) as float64 for rows whose maxima are mb and mm; an unused row (lam 0 or 1) gets -inf.
 
@@ -35,7 +34,7 @@ def mixture_constants(base, mem, n, lam, mb, mm, normalise):
     return cb, cm
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def mix_into(base, mem, n, lam, out):
     """out[:n] = log(lam * softmax(mem[:n]) + (1 - lam) * softmax(base[:n])) as float32."""
     mb = row_max(base, n) if lam < 1.0 else np.float32(0.0)

@@ -6,8 +6,8 @@ the mixed distribution left by the previous one, as llama.cpp does:
 - top-p keeps the shortest most-probable prefix whose probability, renormalised over the tokens still kept,
   reaches top_p (the token that crosses it included; top_p >= 1: off);
 - min-p keeps the tokens with p >= min_p * p_max (min_p <= 0: off);
-- temperature T turns the kept probabilities into p^(1/T), renormalised; T <= 0 is greedy: the argmax of the
-  mixture (ties to the lowest id), whatever the filters.
+- temperature T turns the kept probabilities into p^(1/T), renormalised; T <= 0 (or below float32's range) is
+  greedy: the argmax of the mixture (ties to the lowest id), whatever the filters.
 The draw is the inverse CDF at u: kept tokens in increasing id order, the first whose cumulative weight exceeds
 u * total. Probability ties in top-k and top-p go to the lower id.
 
@@ -18,9 +18,8 @@ in float64 for the filters and the draw. With neither, one pass writes every tok
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from .fastmath import ELEMENTWISE, REDUCTION, exp_f32
+from .fastmath import ELEMENTWISE, REDUCTION, exp_f32, jit
 from .head import chunk_keys, select_head
 from .mixture import mixture_constants
 from .rows import CHUNK, NEG_INF32, chunk_maxima, mix_key_f64
@@ -30,7 +29,7 @@ _HEAD_GROWTH = 8
 _DRAW_BLOCK = 512
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def _head_logprobs(base, mem, ids, size, mb, mm, cb, cm, out):
     """float64 mixed log-probs (up to one shared constant when a single model runs unnormalised) of the head."""
     for j in range(size):
@@ -40,7 +39,7 @@ def _head_logprobs(base, mem, ids, size, mb, mm, cb, cm, out):
         out[j] = mix_key_f64(x, y)
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def _top_p_cut(logp, size, top_p, absolute):
     """How many head tokens top-p keeps; -1 when an absolute head of this size cannot reach top_p."""
     if absolute:
@@ -61,18 +60,17 @@ def _top_p_cut(logp, size, top_p, absolute):
     return size
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def _draw_head(ids, logp, kept, min_p, temperature, u):
     """min-p, temperature and the inverse-CDF draw over the first `kept` head tokens (best first)."""
     floor = logp[0] + np.log(min_p) if min_p > 0.0 else -np.inf
     top = logp[0]
-    inv_t = 1.0 / temperature
     order = np.argsort(ids[:kept])
     weights = np.zeros(kept)
     total = 0.0
     for j in range(kept):
         if j == 0 or logp[j] >= floor:
-            weights[j] = np.exp((logp[j] - top) * inv_t)
+            weights[j] = np.exp((logp[j] - top) / temperature)
             total += weights[j]
     target = u * total
     cum = 0.0
@@ -86,34 +84,34 @@ def _draw_head(ids, logp, kept, min_p, temperature, u):
     return last
 
 
-@njit(cache=True, fastmath=REDUCTION)
-def _block_sum(values, start, stop):
+@jit(fastmath=REDUCTION)
+def _block_sum(block):
     part = np.float32(0.0)
-    for i in range(start, stop):
-        part += values[i]
+    for i in range(block.shape[0]):
+        part += block[i]
     return np.float64(part)
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def _draw_full(base, mem, n, mb, mm, cb, cm, top, min_p, temperature, u, scratch):
     """min-p, temperature and the draw over every id < n; scratch[:n] receives the weights."""
     floor = top + np.float32(np.log(min_p)) if min_p > 0.0 else NEG_INF32
-    inv_t = np.float32(1.0 / temperature)
+    t32 = np.float32(temperature)
     total = 0.0
     for start in range(0, n, _DRAW_BLOCK):
         stop = min(start + _DRAW_BLOCK, n)
         block = scratch[start:stop]
         chunk_keys(base, mem, start, stop, mb, mm, cb, cm, block)
-        for j in range(stop - start):
+        for j in range(block.shape[0]):
             key = block[j]
-            block[j] = exp_f32((key - top) * inv_t) if key >= floor else np.float32(0.0)
-        total += _block_sum(scratch, start, stop)
+            block[j] = exp_f32((key - top) / t32) if key >= floor else np.float32(0.0)
+        total += _block_sum(block)
     target = u * total
     cum = 0.0
     last = -1
     for start in range(0, n, _DRAW_BLOCK):
         stop = min(start + _DRAW_BLOCK, n)
-        part = _block_sum(scratch, start, stop)
+        part = _block_sum(scratch[start:stop])
         if cum + part <= target and last < 0:
             cum += part
             continue
@@ -127,7 +125,7 @@ def _draw_full(base, mem, n, mb, mm, cb, cm, top, min_p, temperature, u, scratch
     return last
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def sample_core(base, mem, lam, temperature, top_k, top_p, min_p, u, scratch):
     """The token id drawn from the lam-mixture of two logit rows (see the module docstring); scratch: >= n floats."""
     n = min(base.shape[0], mem.shape[0])
@@ -139,7 +137,7 @@ def sample_core(base, mem, lam, temperature, top_k, top_p, min_p, u, scratch):
     mem_chunk_max = chunk_max[n_chunks:]
     mb = chunk_maxima(base, n, base_chunk_max) if lam < 1.0 else np.float32(0.0)
     mm = chunk_maxima(mem, n, mem_chunk_max) if lam > 0.0 else np.float32(0.0)
-    greedy = temperature <= 0.0 or top_k == 1
+    greedy = np.float32(temperature) <= 0.0 or top_k == 1
     top_k_on = 0 < top_k < n
     top_p_on = top_p < 1.0 and not greedy
     absolute = top_p_on and not top_k_on

@@ -7,20 +7,20 @@ log-sum-exp is float64 throughout (vectorized exp_f64), rows run in parallel.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from .fastmath import ELEMENTWISE
+from .fastmath import ELEMENTWISE, jit
 from .rows import mix_key_f64, row_max, sum_exp_f64
 
 
-@njit(cache=True, fastmath=ELEMENTWISE)
+@jit(fastmath=ELEMENTWISE)
 def _row_nll(row, n, target):
     """-log softmax(row[:n])[target], natural log."""
     top = np.float64(row_max(row, n))
     return top + np.log(sum_exp_f64(row, n, top)) - np.float64(row[target])
 
 
-@njit(cache=True, parallel=True, fastmath=ELEMENTWISE)
+@jit(parallel=True, fastmath=ELEMENTWISE)
 def score_core(base, mem, has_mem, targets, lambdas, nll_base, nll_mem, nll_mix):
     """Fill nll_base [rows], nll_mem [rows] and nll_mix [rows, L] (float64) over the first n shared ids.
 

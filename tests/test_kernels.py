@@ -110,6 +110,8 @@ def test_greedy_is_argmax_of_the_mixture(lam):
         want = int(np.argmax(ref_mixture(base, mem, lam)))
         assert sample_token(base, mem, lam, 0.0, 40, 0.95, 0.05, 0.5, scratch) == want
         assert sample_token(base, mem, lam, 0.8, 1, 1.0, 0.0, 0.99, scratch) == want
+        assert sample_token(base, mem, lam, 1e-30, 0, 1.0, 0.0, 0.99, scratch) == want
+        assert sample_token(base, mem, lam, 1e-300, 40, 0.9, 0.0, 0.99, scratch) == want
 
 
 SETTINGS = [
