@@ -1,0 +1,46 @@
+"""Export a trained memory decoder (its Hugging Face folder) as a GGUF that pairs with the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_memdec.convert import convert_checkpoint
+from edge_memdec.errors import UserError
+
+
+def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object]:
+    """The `memdec.*` metadata of a run: lambda chosen on validation, domain, base, and training facts."""
+    valid = summary.get("validation") or {}
+    cfg, knn = summary["config"], summary["knn"]
+    return {
+        "lambda": float(valid.get("best_lambda", 0.3)),
+        "domain": domain,
+        "base_model": base_name,
+        "train": {
+            "tokens": int(summary["positions_trained"]),
+            "datastore_positions": int(summary["datastore_positions"]),
+            "steps": int(summary["steps"]),
+            "epochs": float(summary["epochs"]),
+            "knn_k": int(knn["k"]),
+            "knn_temperature": float(knn["temperature"]),
+            "beta": float(cfg["beta"]),
+            "lr": float(cfg["lr"]),
+            "valid_ppl": float(valid["best_ppl"]) if valid else None,
+            "valid_base_ppl": float(valid["base_ppl"]) if valid else None,
+        },
+    }
+
+
+def export_memdec(
+    run_dir: Path, out: Path, outtype: str, base_gguf: Path, domain: str, summary: dict
+) -> Path:
+    """Convert `run_dir/hf` to `out` with the base GGUF's tokenizer and the run's memdec facts."""
+    hf = Path(run_dir) / "hf"
+    if not (hf / "config.json").is_file():
+        raise UserError(f"{run_dir} has no trained model (hf/config.json); run `edge-memdec train` first")
+    if Path(base_gguf).suffix != ".gguf":
+        raise UserError(
+            "exporting needs the base as a GGUF file to copy its tokenizer; pass --model BASE.gguf"
+        )
+    facts = memdec_facts(summary, domain, Path(base_gguf).stem)
+    return convert_checkpoint(hf, Path(out), outtype, tokenizer_from=Path(base_gguf), memdec=facts)

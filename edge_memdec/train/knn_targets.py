@@ -1,0 +1,197 @@
+"""kNN targets: for every datastore position, the next-token distribution of its nearest neighbours.
+
+Each position's key is searched in the datastore (k neighbours, its own entry excluded by index), neighbour i
+gets weight softmax(-d_i / T) over squared-L2 distances, weights are summed per value token and normalised.
+The distributions are peaked, so each position keeps only its `top` heaviest tokens (renormalised), stored as
+  knn-ids.npy    int32   [n_positions, top]  (padding id 0 with probability 0)
+  knn-probs.npy  float16 [n_positions, top]
+next to targets.json (parameters, statistics) in the output folder. Chunks of queries are written into
+memory-mapped `.partial` files and recorded in targets.json, so a killed run resumes at the first unfinished chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from edge_memdec.errors import UserError
+from edge_memdec.train.datastore import atomic_save_json, load_keys, load_values, read_manifest
+
+MANIFEST = "targets.json"
+IVF_CENTROIDS = 4096
+PQ_BYTES = 64
+IVF_TRAIN_MAX = 1_000_000
+
+
+def build_index(keys: np.ndarray, kind: str, nprobe: int = 32, threshold: int = 2_000_000, seed: int = 0):
+    """A faiss index over `keys` (float32 [n, dim]): exact `flat`, `ivfpq` (4096 centroids, 64-byte codes), or
+    `auto` (flat up to `threshold` keys)."""
+    n, dim = keys.shape
+    if kind == "auto":
+        kind = "flat" if n <= threshold else "ivfpq"
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "ivfpq":
+        if dim % PQ_BYTES:
+            raise UserError(f"IVF-PQ needs a key size divisible by {PQ_BYTES}, got {dim}; use --index flat")
+        centroids = min(IVF_CENTROIDS, max(1, n // 39))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, centroids, PQ_BYTES, 8)
+        sample = np.random.default_rng(seed).choice(n, size=min(n, IVF_TRAIN_MAX), replace=False)
+        index.train(keys[np.sort(sample)])
+        index.nprobe = nprobe
+    else:
+        raise UserError(f"unknown index {kind!r}; use flat, ivfpq or auto")
+    index.add(keys)
+    return index
+
+
+def drop_self(distances: np.ndarray, neighbours: np.ndarray, query_ids: np.ndarray, k: int):
+    """From k+1 search results per query, remove the query's own entry (matched by index), or the farthest
+    result when the query is not among them; returns distances and ids, each [n_queries, k]."""
+    is_self = neighbours == query_ids[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones(neighbours.shape, dtype=bool)
+    keep[np.arange(len(drop)), drop] = False
+    return distances[keep].reshape(-1, k), neighbours[keep].reshape(-1, k)
+
+
+def knn_distribution(
+    distances: np.ndarray, neighbour_values: np.ndarray, temperature: float, top: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse next-token distributions from neighbours: softmax(-d/T) summed per value token, the `top` heaviest
+    tokens kept and renormalised. Inputs [n, k] (distances squared L2; values -1 for missing neighbours);
+    returns ids int32 [n, top] and probabilities float32 [n, top], heaviest first."""
+    n, k = distances.shape
+    valid = neighbour_values >= 0
+    logits = np.where(valid, -distances.astype(np.float64) / temperature, -np.inf)
+    peak = logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+    vocab = int(neighbour_values.max(initial=0)) + 1
+    rows = np.repeat(np.arange(n, dtype=np.int64), k)
+    token_key = rows * vocab + np.where(valid, neighbour_values, 0).ravel()
+    order = np.argsort(token_key, kind="stable")
+    sorted_key, sorted_w = token_key[order], weights.ravel()[order]
+    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+    sums = np.add.reduceat(sorted_w, starts)
+    row, token = np.divmod(sorted_key[starts], vocab)
+    by_weight = np.lexsort((-sums, row))
+    row, token, sums = row[by_weight], token[by_weight], sums[by_weight]
+    rank = np.arange(len(row)) - np.searchsorted(row, np.arange(n))[row]
+    kept = (rank < top) & (sums > 0)
+    ids = np.zeros((n, top), dtype=np.int32)
+    probs = np.zeros((n, top), dtype=np.float64)
+    ids[row[kept], rank[kept]] = token[kept]
+    probs[row[kept], rank[kept]] = sums[kept]
+    total = probs.sum(axis=1, keepdims=True)
+    return ids, (probs / np.where(total > 0, total, 1.0)).astype(np.float32)
+
+
+def build_targets(
+    ds_dir: Path,
+    out_dir: Path | None = None,
+    k: int = 1024,
+    temperature: float = 1.0,
+    top: int = 32,
+    index_kind: str = "auto",
+    nprobe: int = 32,
+    chunk: int = 2048,
+    threads: int = 2,
+    threshold: int = 2_000_000,
+) -> dict:
+    """Compute (or resume) the kNN targets of every datastore position; returns targets.json's content."""
+    ds_dir = Path(ds_dir)
+    out_dir = Path(out_dir) if out_dir else ds_dir / "targets"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = read_manifest(ds_dir)
+    n = ds["n_positions"]
+    if n < 2:
+        raise UserError("the datastore has fewer than 2 positions; build it from more text")
+    k = min(k, n - 1)
+    faiss.omp_set_num_threads(threads)
+    params = {
+        "k": k,
+        "temperature": temperature,
+        "top": top,
+        "index": index_kind,
+        "nprobe": nprobe,
+        "chunk": chunk,
+    }
+    manifest_path = out_dir / MANIFEST
+    chunks = list(range(0, n, chunk))
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["params"] != params or manifest["n_positions"] != n:
+            raise UserError(
+                f"{out_dir} holds targets made with other settings; choose another --out or delete it"
+            )
+        if manifest.get("complete"):
+            return manifest
+    else:
+        manifest = {
+            "datastore": str(ds_dir),
+            "n_positions": n,
+            "params": params,
+            "finished": [],
+            "seconds": 0.0,
+        }
+    partial_ids, partial_probs = out_dir / "knn-ids.partial.npy", out_dir / "knn-probs.partial.npy"
+    mode = "r+" if manifest["finished"] and partial_ids.is_file() and partial_probs.is_file() else "w+"
+    if mode == "w+":
+        manifest["finished"] = []
+    ids_out = np.lib.format.open_memmap(partial_ids, mode=mode, dtype=np.int32, shape=(n, top))
+    probs_out = np.lib.format.open_memmap(partial_probs, mode=mode, dtype=np.float16, shape=(n, top))
+    atomic_save_json(manifest_path, manifest)
+
+    t0 = time.perf_counter()
+    keys, values = load_keys(ds_dir), load_values(ds_dir)
+    index = build_index(keys, index_kind, nprobe, threshold)
+    manifest["index_seconds"] = time.perf_counter() - t0
+    finished = set(manifest["finished"])
+    bar = tqdm(total=n, initial=min(n, len(finished) * chunk), unit="pos", desc="knn targets", smoothing=0.1)
+    for start in chunks:
+        if start in finished:
+            continue
+        t1 = time.perf_counter()
+        stop = min(start + chunk, n)
+        distances, neighbours = index.search(keys[start:stop], k + 1)
+        distances, neighbours = drop_self(distances, neighbours, np.arange(start, stop), k)
+        neighbour_values = np.where(neighbours >= 0, values[np.maximum(neighbours, 0)], -1)
+        ids, probs = knn_distribution(distances, neighbour_values, temperature, top)
+        ids_out[start:stop], probs_out[start:stop] = ids, probs
+        ids_out.flush()
+        probs_out.flush()
+        manifest["finished"].append(start)
+        manifest["seconds"] += time.perf_counter() - t1
+        atomic_save_json(manifest_path, manifest)
+        bar.update(stop - start)
+    bar.close()
+    del ids_out, probs_out
+    ids = np.load(partial_ids, mmap_mode="r")
+    probs = np.load(partial_probs, mmap_mode="r").astype(np.float32)
+    manifest["avg_top1_prob"] = float(probs[:, 0].mean())
+    manifest["avg_support"] = float((probs > 0).sum(axis=1).mean())
+    manifest["next_token_in_support"] = float((ids == values[:, None]).any(axis=1).mean())
+    manifest["seconds"] += manifest.pop("index_seconds")
+    os.replace(partial_ids, out_dir / "knn-ids.npy")
+    os.replace(partial_probs, out_dir / "knn-probs.npy")
+    manifest["complete"] = True
+    atomic_save_json(manifest_path, manifest)
+    return manifest
+
+
+def load_targets(targets_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Memory-mapped sparse targets (ids int32 [n, top], probs float16 [n, top]) and their manifest."""
+    targets_dir = Path(targets_dir)
+    path = targets_dir / MANIFEST
+    if not path.is_file() or not json.loads(path.read_text()).get("complete"):
+        raise UserError(f"{targets_dir} has no finished kNN targets; run `edge-memdec knn-targets` first")
+    manifest = json.loads(path.read_text())
+    ids = np.load(targets_dir / "knn-ids.npy", mmap_mode="r")
+    probs = np.load(targets_dir / "knn-probs.npy", mmap_mode="r")
+    return ids, probs, manifest

@@ -1,0 +1,38 @@
+"""The token stream a stage reads: whole documents of a split, chosen up to a token budget, tokenized as one text."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_memdec.corpus import Document, join_documents
+
+
+def choose_documents(
+    tokenizer: Tokenizer, docs: list[Document], max_tokens: int | None, seed: int = 0
+) -> list[Document]:
+    """A seeded random subset of whole documents with about `max_tokens` tokens in total (all if None),
+    kept in their split order."""
+    if max_tokens is None:
+        return docs
+    lengths = [len(e.ids) for e in tokenizer.encode_batch([d.text for d in docs], add_special_tokens=False)]
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if total >= max_tokens:
+            break
+        chosen.append(i)
+        total += lengths[i]
+    return [docs[i] for i in sorted(chosen)]
+
+
+def token_stream(
+    tokenizer: Tokenizer, docs: list[Document], max_tokens: int | None, seed: int = 0
+) -> np.ndarray:
+    """Token ids (int32, no BOS) of the chosen documents joined by blank lines, cut to `max_tokens`."""
+    text = join_documents(choose_documents(tokenizer, docs, max_tokens, seed))
+    tokens = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+    return tokens if max_tokens is None else tokens[:max_tokens]
