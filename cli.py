@@ -367,7 +367,83 @@ def knn_targets(
     )
 
 
+@app.command("train")
+def train_memdec(
+    datastore: Annotated[Path, typer.Argument(help="Datastore folder (with its kNN targets)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, hf/, train.json)")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder")] = None,
+    targets: Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")] = None,
+    init: Annotated[str, typer.Option(help="base, scratch, or an HF checkpoint folder")] = "base",
+    layers: Annotated[int, typer.Option(help="Decoder blocks")] = 10,
+    base_layers: Annotated[Optional[str], typer.Option(help="Base blocks to copy, e.g. 0-2,23-29")] = None,
+    hidden: Annotated[int, typer.Option(help="Width (scratch only)")] = 576,
+    ffn: Annotated[int, typer.Option(help="Feed-forward width (scratch only)")] = 1536,
+    heads: Annotated[int, typer.Option(help="Attention heads (scratch only)")] = 9,
+    kv_heads: Annotated[int, typer.Option(help="Key/value heads (scratch only)")] = 3,
+    epochs: Annotated[int, typer.Option(help="Passes over the datastore text")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay to 0)")] = 1e-3,
+    beta: Annotated[float, typer.Option(help="Weight of KL(p_kNN || p_mem); 1-beta on CE")] = 0.5,
+    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
+    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
+    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = 50,
+    valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation")] = None,
+    valid_tokens: Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")] = 20000,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    export: Annotated[Optional[Path], typer.Option(help="Also write this GGUF")] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF weight type for --export")] = "q8_0",
+    domain: Annotated[str, typer.Option(help="Domain name stored in the GGUF")] = "custom",
+    threads: Annotated[int, typer.Option(help="Torch threads per process")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for data order and init")] = 0,
+) -> None:
+    """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
+    from edge_memdec.train.pipeline import train_command
+
+    train_command(locals())
+
+
 # ---- serve ----
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    memdec: MemdecOpt = None,
+    no_memdec: NoMemdecOpt = False,
+    lam: LambdaOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (keep the loopback unless you mean it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Model id clients name (default: base+memdec file names).")] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = 1024,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer).")] = 4096,
+    n_gpu_layers: NglOpt = 0,
+    memdec_ngl: MemNglOpt = None,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    import logging
+
+    from edge_memdec.api import MemoryDecoderLM
+    from edge_memdec.server import MemdecServer
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    base, mem = _model_paths(model, memdec, no_memdec)
+    lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
+                         n_gpu_layers=n_gpu_layers, verbose=verbose)
+    try:
+        server = MemdecServer(lm, host, port, alias, max_tokens)
+        server.warm_up()
+        print(f"serving {server.model_id} (lambda {lm.lam:.2f}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopped", file=sys.stderr)
+        finally:
+            server.close()
+    finally:
+        lm.close()
 
 
 if __name__ == "__main__":

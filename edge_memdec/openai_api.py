@@ -1,0 +1,256 @@
+"""OpenAI's wire format: request bodies in, prompt tokens and sampling settings out; answers back as its objects.
+
+Only what one memory-decoder pair can honour is accepted: one choice (n=1), no logprobs, no tools. Fields that
+only tune a hosted service (user, store, metadata, ...) are ignored, as llama-server does. Omitted sampling
+fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edge_memdec.api import MemoryDecoderLM
+from edge_memdec.decode import Generation
+
+CHAT, TEXT = "chat", "text"  # /v1/chat/completions and /v1/completions
+FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status plus the fields of OpenAI's `{"error": {...}}` body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.kind = kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class CompletionRequest:
+    """A checked request: what to feed the decode loop and how to answer."""
+
+    kind: str  # CHAT or TEXT
+    prompt_tokens: list[int]
+    sampling: dict[str, Any]  # keywords of SamplingParams
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk carrying `usage`
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _number(body: dict, name: str, low: float | None = None, high: float | None = None) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(name, f"'{name}' must be a number, got {value!r}")
+    if low is not None and value < low:
+        raise _bad(name, f"'{name}' must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise _bad(name, f"'{name}' must be at most {high}, got {value}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, low: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"'{name}' must be an integer, got {value!r}")
+    if value < low:
+        raise _bad(name, f"'{name}' must be at least {low}, got {value}")
+    return value
+
+
+def _stop_strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad("stop", "'stop' must be a string or a list of strings")
+    if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise _bad(
+            "stop", f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"
+        )
+    return [s for s in stops if s]
+
+
+def _refuse_unsupported(body: dict) -> None:
+    if body.get("n") not in (None, 1):
+        raise _bad("n", "only one choice per request is supported (n=1)")
+    if body.get("logprobs") not in (None, False, 0):
+        raise _bad("logprobs", "logprobs are not supported")
+    if body.get("echo"):
+        raise _bad("echo", "echo is not supported")
+    if body.get("tools") or body.get("functions"):
+        raise _bad("tools", "tools and functions are not supported")
+
+
+def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> dict[str, Any]:
+    """SamplingParams keywords from the request; max_tokens defaults to, and is capped at, `max_tokens_cap`."""
+    requested = _integer(body, "max_completion_tokens", 1)
+    if requested is None:
+        requested = _integer(body, "max_tokens", 1)
+    settings: dict[str, Any] = {"max_tokens": min(requested or max_tokens_cap, max_tokens_cap)}
+    for name in ("temperature", "top_p", "min_p"):
+        value = _number(body, name, 0.0, None if name == "temperature" else 1.0)
+        if value is not None:
+            settings[name] = value
+    top_k = _integer(body, "top_k", 0)
+    if top_k is not None:
+        settings["top_k"] = top_k
+    seed = _integer(body, "seed", 0)
+    if seed is not None:
+        settings["seed"] = seed
+    settings["stop"] = _stop_strings(body.get("stop"))
+    lam = _number(body, "lambda", 0.0, 1.0)
+    if lam is not None:
+        if lm.pair.memdec is None:
+            raise _bad(
+                "lambda",
+                "this server runs the base model without a memory decoder, so 'lambda' has no effect",
+            )
+        settings["lam"] = lam
+    return settings
+
+
+def _message_text(i: int, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part.get("text") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        ]
+        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+    raise _bad("messages", f"message {i} needs text content (a string or a list of text parts)")
+
+
+def chat_messages(body: dict) -> list[dict[str, str]]:
+    """The conversation as [{"role", "content"}] with text content; 'developer' is read as 'system'."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise _bad("messages", f"message {i} needs a role out of {', '.join(CHAT_ROLES)}")
+        out.append({"role": CHAT_ROLES[message["role"]], "content": _message_text(i, message.get("content"))})
+    return out
+
+
+def prompt_tokens(body: dict, lm: MemoryDecoderLM) -> list[int]:
+    """/v1/completions' prompt: a string, or token ids; a list holding one of them is accepted too."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("prompt", "the prompt is empty; give some text to continue")
+        return lm.tokenize(prompt)
+    n_vocab = lm.pair.base.n_vocab
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in prompt):
+            return list(prompt)
+        raise _bad("prompt", f"token ids in 'prompt' must be integers in [0, {n_vocab})")
+    raise _bad("prompt", "'prompt' must be a non-empty string or token list (one prompt per request)")
+
+
+def parse_request(kind: str, body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> CompletionRequest:
+    """Check a chat or text completion body; UserErrors from the runtime (e.g. a too-long prompt) pass through."""
+    _refuse_unsupported(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream", "'stream' must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options", "'stream_options' must be an object")
+    sampling = sampling_settings(body, lm, max_tokens_cap)
+    tokens = lm.chat_format.tokens(chat_messages(body)) if kind == CHAT else prompt_tokens(body, lm)
+    return CompletionRequest(kind, tokens, sampling, stream, bool(options.get("include_usage")))
+
+
+class Answer:
+    """Builds the response objects of one request (same id and timestamp in every chunk)."""
+
+    def __init__(self, kind: str, model: str) -> None:
+        self.kind = kind
+        self.model = model
+        self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _head(self, object_name: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(generation: Generation) -> dict[str, int]:
+        n_prompt, n_completion = len(generation.prompt_tokens), len(generation.tokens)
+        return {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_completion,
+            "total_tokens": n_prompt + n_completion,
+        }
+
+    def _choice(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        if self.kind == TEXT:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def complete(self, generation: Generation) -> dict[str, Any]:
+        """The whole answer: a `chat.completion` or `text_completion` object."""
+        finish = FINISH_REASONS[generation.finish_reason or "cancelled"]
+        if self.kind == CHAT:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": generation.text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": generation.text, "logprobs": None, "finish_reason": finish}
+            head = self._head("text_completion")
+        return head | {"choices": [choice], "usage": self.usage(generation)}
+
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
+        """One streamed piece (`chat.completion.chunk` or `text_completion`); the last one has a finish_reason."""
+        name = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
+        return self._head(name) | {"choices": [self._choice(text, finish, first)]}
+
+    def final_chunk(self, generation: Generation) -> dict[str, Any]:
+        return self.chunk(None, FINISH_REASONS[generation.finish_reason or "cancelled"])
+
+    def usage_chunk(self, generation: Generation) -> dict[str, Any]:
+        """stream_options.include_usage: a last chunk with no choices and the token counts."""
+        name = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
+        return self._head(name) | {"choices": [], "usage": self.usage(generation)}

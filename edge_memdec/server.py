@@ -1,0 +1,452 @@
+"""`edge-memdec serve`: an OpenAI-compatible HTTP server over one `MemoryDecoderLM`, Python stdlib only.
+
+Each request is read, checked and tokenized in its own HTTP thread, then waits in one FIFO queue for the one
+decode loop: a single worker thread runs the queued `Generation`s one after the other and hands their text
+pieces back through a per-request queue, so a slow client never holds the models. A client that disconnects
+(while queued or mid-answer) has its generation cancelled and the queue moves on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge_memdec.api import MemoryDecoderLM
+from edge_memdec.decode import Generation
+from edge_memdec.errors import UserError
+from edge_memdec.openai_api import CHAT, TEXT, Answer, ApiError, parse_request
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080  # llama-server's
+MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
+MAX_DRAIN_BYTES = 16 << 20  # an oversize body up to this size is read and dropped so the client sees the 413
+DEFAULT_MAX_TOKENS = 1024  # answer length when a request names none, and the most any request gets
+MAX_QUEUED = 64  # requests waiting for the decode loop; more get 503
+POLL_SECONDS = 0.2  # how often a waiting request checks that its client is still there
+SOCKET_TIMEOUT = 60.0  # seconds a client may stall while sending its request or reading the answer
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its generation has been cancelled."""
+
+
+@dataclass
+class Job:
+    """One generation waiting for, or running in, the decode loop; `events` carries its output back."""
+
+    generation: Generation
+    label: str  # names the request in the log
+    events: queue.SimpleQueue = field(
+        default_factory=queue.SimpleQueue
+    )  # ("piece", str) | ("done" | "error", ...)
+
+
+class DecodeWorker:
+    """The one decode loop's thread: runs queued generations one at a time, in arrival order."""
+
+    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
+        self._jobs: queue.Queue[Job] = queue.Queue(max_queued)
+        self._stopping = threading.Event()
+        self._current: Job | None = None
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, generation: Generation, label: str) -> Job:
+        job = Job(generation, label)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(
+                503, "the server is busy (too many queued requests); retry shortly", kind="server_error"
+            ) from None
+        return job
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self._jobs.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            self._current = job
+            try:
+                self._run_job(job)
+            except Exception as err:  # a failed decode ends its own request, never the loop
+                logger.exception("%s failed", job.label)
+                job.events.put(("error", err))
+            finally:
+                self._current = None
+
+    @staticmethod
+    def _run_job(job: Job) -> None:
+        generation = job.generation
+        if generation.cancel.is_set():
+            logger.info("%s: dropped, its client left while it waited", job.label)
+            job.events.put(("done", None))
+            return
+        for piece in generation:
+            job.events.put(("piece", piece))
+        job.events.put(("done", None))
+        logger.info(
+            "%s: %d prompt tokens (%d cached), %d tokens at %.1f tok/s, %s",
+            job.label,
+            len(generation.prompt_tokens),
+            generation.n_cached,
+            len(generation.tokens),
+            generation.tokens_per_second,
+            generation.finish_reason,
+        )
+
+    def close(self) -> None:
+        """Stop after cancelling the running generation; queued requests get an error."""
+        self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.generation.cancel.set()
+        self._thread.join()
+        while not self._jobs.empty():
+            self._jobs.get_nowait().events.put(
+                ("error", ApiError(503, "the server is shutting down", kind="server_error"))
+            )
+
+
+def default_model_id(lm: MemoryDecoderLM) -> str:
+    """`base` or `base+memdec`, from the GGUF file names without their extension."""
+    names = [model.path.stem for model in lm.pair.models]
+    return "+".join(names)
+
+
+class MemdecServer(ThreadingHTTPServer):
+    """The HTTP server: `serve_forever()` to run, `close()` (from another thread) to stop and release the port."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        lm: MemoryDecoderLM,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        model_id: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_queued: int = MAX_QUEUED,
+    ) -> None:
+        if max_tokens < 1:
+            raise UserError(f"the answer length cap must be at least 1 token, got {max_tokens}")
+        self.lm = lm
+        self.model_id = model_id or default_model_id(lm)
+        self.max_tokens = max_tokens
+        self.created = int(time.time())
+        try:
+            lm.chat_format  # noqa: B018  (built once here, not raced by the first chat requests)
+        except UserError:
+            pass  # a base without a chat template serves /v1/completions only; chat requests get a 400
+        try:
+            super().__init__((host, port), RequestHandler)
+        except OSError as err:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
+            ) from None
+        self.worker = DecodeWorker(max_queued)
+        self._serving = False
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.port}/v1"
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        super().serve_forever(poll_interval)
+
+    def warm_up(self) -> None:
+        """One sampled token through the pair, so the first request does not wait for kernel compilation."""
+        self.lm.start(self.lm.tokenize("Hello"), max_tokens=1, seed=0).run()
+
+    def close(self) -> None:
+        """Stop serving, cancel the running generation, free the port (the models stay open: close `lm` after)."""
+        if self._serving:
+            self.shutdown()
+        self.worker.close()
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that breaks between requests is routine; anything else is logged, and serving goes on."""
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            logger.info("%s: connection closed", client_address[0])
+        else:
+            logger.exception("request from %s failed", client_address[0])
+
+    def models_list(self) -> dict[str, Any]:
+        pair = self.lm.pair
+        model = {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "edge-memdec",
+            "meta": {
+                "base": pair.base.path.name,
+                "memdec": pair.memdec.path.name if pair.memdec is not None else None,
+                "lambda": self.lm.lam,
+                "n_ctx": pair.n_ctx,
+                "max_tokens": self.max_tokens,
+            },
+        }
+        return {"object": "list", "data": [model]}
+
+    def check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name != self.model_id:
+            raise ApiError(
+                404,
+                f"the model {name!r} is not served here; use {self.model_id!r} (see /v1/models) or omit 'model'",
+                param="model",
+                code="model_not_found",
+            )
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """One HTTP connection (keep-alive): routes requests, answers errors in OpenAI's shape."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "edge-memdec"
+    timeout = SOCKET_TIMEOUT
+    server: MemdecServer
+
+    ROUTES = {
+        "/health": {"GET": "health"},
+        "/v1/models": {"GET": "models"},
+        "/v1/chat/completions": {"POST": "chat_completions"},
+        "/v1/completions": {"POST": "completions"},
+    }
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.info("%s %s", self.address_string(), format % args)
+
+    # ---- routing and errors ----
+
+    def _dispatch(self, method: str) -> None:
+        self._started = False
+        self._allow: list[str] = []
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        try:
+            if path.startswith("/v1/models/"):
+                methods = {"GET": "model"}
+            else:
+                methods = self.ROUTES.get(path)
+            if methods is None:
+                raise ApiError(
+                    404, f"there is no {path}; the server answers {', '.join(self.ROUTES)}", code="not_found"
+                )
+            if method not in methods:
+                self._allow = list(methods)
+                raise ApiError(
+                    405, f"{path} takes {' or '.join(methods)}, not {method}", code="method_not_allowed"
+                )
+            getattr(self, "handle_" + methods[method])(path)
+        except (ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except ApiError as err:
+            self._send_error(err)
+        except UserError as err:
+            self._send_error(ApiError(400, str(err)))
+        except Exception:
+            logger.exception("request failed: %s %s", method, path)
+            self._send_error(
+                ApiError(500, "internal server error; see the server's log", kind="server_error")
+            )
+
+    def _send_error(self, err: ApiError) -> None:
+        if self._started:  # mid-stream: tell the client in the stream, then end it
+            self._send_event(err.body())
+            self._end_stream()
+            return
+        self._send_json(err.status, err.body())
+
+    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self._allow:
+            self.send_header("Allow", ", ".join(self._allow))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    # ---- request body ----
+
+    def _read_json(self) -> dict[str, Any]:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(411, "send the request body with a Content-Length header, not chunked")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(
+                411, "the request needs a Content-Length header with the body's size in bytes"
+            ) from None
+        if length < 0:
+            self.close_connection = True
+            raise ApiError(400, "Content-Length must not be negative")
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._drain(length)
+            raise ApiError(413, f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}")
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ClientGone
+        try:
+            body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _drain(self, length: int) -> None:
+        """Read and drop an oversize body (up to a limit) so the client is reading when the 413 arrives."""
+        left = min(length, MAX_DRAIN_BYTES)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                return
+            left -= len(chunk)
+
+    # ---- endpoints ----
+
+    def handle_health(self, path: str) -> None:
+        self._send_json(200, {"status": "ok", "queued": self.server.worker.queued})
+
+    def handle_models(self, path: str) -> None:
+        self._send_json(200, self.server.models_list())
+
+    def handle_model(self, path: str) -> None:
+        name = path[len("/v1/models/") :]
+        self.server.check_model({"model": name})
+        self._send_json(200, self.server.models_list()["data"][0])
+
+    def handle_chat_completions(self, path: str) -> None:
+        self._complete(CHAT)
+
+    def handle_completions(self, path: str) -> None:
+        self._complete(TEXT)
+
+    def _complete(self, kind: str) -> None:
+        body = self._read_json()
+        server = self.server
+        server.check_model(body)
+        request = parse_request(kind, body, server.lm, server.max_tokens)
+        generation = server.lm.start(request.prompt_tokens, cancel=threading.Event(), **request.sampling)
+        answer = Answer(kind, server.model_id)
+        job = server.worker.submit(generation, answer.id)
+        try:
+            if request.stream:
+                self._stream(job, answer, request.include_usage)
+            else:
+                self._wait_done(job)
+                self._send_json(200, answer.complete(generation))
+        finally:
+            generation.cancel.set()  # no-op when finished; frees the decode loop when we leave early
+
+    def _next_event(self, job: Job) -> tuple[str, Any]:
+        """The job's next event; while waiting, checks that the client is still connected."""
+        while True:
+            try:
+                return job.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ClientGone from None
+
+    def _wait_done(self, job: Job) -> None:
+        while True:
+            kind, value = self._next_event(job)
+            if kind == "error":
+                raise _as_api_error(value)
+            if kind == "done":
+                return
+
+    def _stream(self, job: Job, answer: Answer, include_usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._started = True
+        self._send_event(answer.chunk("", first=True))
+        while True:
+            kind, value = self._next_event(job)
+            if kind == "piece":
+                self._send_event(answer.chunk(value))
+            elif kind == "error":
+                raise _as_api_error(value)
+            else:
+                break
+        self._send_event(answer.final_chunk(job.generation))
+        if include_usage:
+            self._send_event(answer.usage_chunk(job.generation))
+        self._end_stream()
+
+    def _send_event(self, obj: dict[str, Any] | None) -> None:
+        """One server-sent event `data: {...}` (None sends `data: [DONE]`) as one HTTP chunk."""
+        payload = b"[DONE]" if obj is None else json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        event = b"data: " + payload + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+
+    def _end_stream(self) -> None:
+        self._send_event(None)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _client_gone(self) -> bool:
+        """True when the peer closed the connection (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _as_api_error(err: Exception) -> ApiError:
+    if isinstance(err, ApiError):
+        return err
+    if isinstance(err, UserError):
+        return ApiError(400, str(err))
+    return ApiError(500, "the generation failed; see the server's log", kind="server_error")

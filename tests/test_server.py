@@ -1,0 +1,273 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP, over the real SmolLM2 base
+paired with the tiny memory decoder. Greedy answers through the server must equal the Python API's."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from edge_memdec import MemoryDecoderLM
+from edge_memdec.server import MAX_BODY_BYTES, MemdecServer
+
+CHAT = [{"role": "user", "content": "What does a software licence allow?"}]
+PROMPT = "The licensee shall"
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def lm(smollm2_gguf, tiny_memdec_gguf):
+    model = MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=512, n_threads=1)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    srv = MemdecServer(lm, port=0, max_tokens=64)
+    srv.warm_up()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=120)
+
+
+def raw_request(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON body) of one plain HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, json.loads(data)
+
+
+def test_chat_completion_equals_the_python_api(client, server, lm):
+    expected = lm.chat(CHAT, max_tokens=12, lam=0.6, **GREEDY)
+    reply = client.chat.completions.create(
+        model=server.model_id, messages=CHAT, max_tokens=12, extra_body={"lambda": 0.6}, **GREEDY
+    )
+    assert reply.object == "chat.completion"
+    assert reply.model == server.model_id
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(lm.chat_format.tokens(CHAT))
+    assert 0 < reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_chat_joins_to_the_same_answer(client, lm):
+    expected = lm.chat(CHAT, max_tokens=10, **GREEDY)
+    chunks = list(
+        client.chat.completions.create(
+            messages=CHAT,
+            model=client.models.list().data[0].id,
+            max_completion_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == expected
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_text_completion_streamed_and_not_equals_generate(client, server, lm):
+    expected = lm.generate(PROMPT, max_tokens=8, **GREEDY)
+    reply = client.completions.create(model=server.model_id, prompt=PROMPT, max_tokens=8, **GREEDY)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].text == expected
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(lm.tokenize(PROMPT))
+    chunks = list(
+        client.completions.create(model=server.model_id, prompt=PROMPT, max_tokens=8, stream=True, **GREEDY)
+    )
+    assert all(c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_lambda_per_request(client, server, lm):
+    full = lm.generate(PROMPT, max_tokens=10, **GREEDY)
+    stop = full.split()[2]
+    reply = client.completions.create(
+        model=server.model_id, prompt=PROMPT, max_tokens=10, stop=[stop], **GREEDY
+    )
+    assert reply.choices[0].text == full[: full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    answers = {}
+    for lam in (0.0, 1.0):
+        expected = lm.generate(PROMPT, max_tokens=6, lam=lam, **GREEDY)
+        reply = client.completions.create(
+            model=server.model_id, prompt=PROMPT, max_tokens=6, extra_body={"lambda": lam}, **GREEDY
+        )
+        answers[lam] = reply.choices[0].text
+        assert answers[lam] == expected
+    assert answers[0.0] != answers[1.0]
+
+
+def test_32_concurrent_clients_all_answered_correctly(client, server, lm):
+    prompts = [
+        "The licensee shall",
+        "Permission is hereby granted",
+        "THE SOFTWARE IS PROVIDED",
+        "Redistribution",
+    ]
+    questions = [[{"role": "user", "content": q}] for q in ("What is a patent?", "Define warranty.")]
+    expected_text = {p: lm.generate(p, max_tokens=6, **GREEDY) for p in prompts}
+    expected_chat = {q[0]["content"]: lm.chat(q, max_tokens=6, **GREEDY) for q in questions}
+
+    def one_client(i: int) -> tuple[str, str, int]:
+        stream = i % 2 == 1
+        if i % 3 == 0:
+            q = questions[i % len(questions)]
+            want = expected_chat[q[0]["content"]]
+            reply = client.chat.completions.create(
+                model=server.model_id, messages=q, max_tokens=6, stream=stream, **GREEDY
+            )
+            if stream:
+                return "".join(c.choices[0].delta.content or "" for c in reply if c.choices), want, -1
+            return reply.choices[0].message.content, want, reply.usage.completion_tokens
+        p = prompts[i % len(prompts)]
+        reply = client.completions.create(
+            model=server.model_id, prompt=p, max_tokens=6, stream=stream, **GREEDY
+        )
+        if stream:
+            return "".join(c.choices[0].text for c in reply), expected_text[p], -1
+        return reply.choices[0].text, expected_text[p], reply.usage.completion_tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one_client, range(32)))
+    seconds = time.perf_counter() - start
+    assert len(results) == 32
+    for got, want, _ in results:
+        assert got == want
+    n_tokens = sum(len(lm.tokenize(got, add_bos=False)) for got, _, _ in results)
+    print(
+        f"\n32 concurrent clients: {seconds:.2f} s, ~{n_tokens} answer tokens, {n_tokens / seconds:.1f} tok/s"
+    )
+    assert raw_request(server, "GET", "/health") == (200, {"status": "ok", "queued": 0})
+
+
+def test_models_and_health(client, server, lm):
+    models = client.models.list().data
+    assert [m.id for m in models] == [server.model_id]
+    assert models[0].meta["lambda"] == pytest.approx(lm.lam)
+    assert client.models.retrieve(server.model_id).id == server.model_id
+    assert raw_request(server, "GET", "/health")[0] == 200
+
+
+def test_unknown_model_is_404_model_not_found(client, server):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=2)
+    assert info.value.code == "model_not_found"
+    assert server.model_id in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "words"),
+    [
+        ("POST", "/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v1/completions", b"[1, 2]", 400, "JSON object"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "not valid JSON"),
+        (
+            "POST",
+            "/v1/completions",
+            b'{"prompt": "x", "temperature": "hot"}',
+            400,
+            "'temperature' must be a number",
+        ),
+        ("POST", "/v1/completions", b'{"prompt": "x", "top_p": 0}', 400, "top-p"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "lambda": 1.5}', 400, "'lambda' must be at most 1"),
+        ("POST", "/v1/completions", b'{"prompt": ""}', 400, "prompt is empty"),
+        ("POST", "/v1/completions", b'{"prompt": [1, 99999999]}', 400, "token ids"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "n": 3}', 400, "n=1"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "stop": 7}', 400, "'stop'"),
+        ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+        ("POST", "/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            400,
+            "at least 1",
+        ),
+        ("POST", "/v1/nothing", b"{}", 404, "there is no /v1/nothing"),
+        ("GET", "/v1/chat/completions", None, 405, "takes POST"),
+        ("DELETE", "/health", None, 405, "takes GET"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(server, method, path, body, status, words):
+    got_status, reply = raw_request(server, method, path, body, {"Content-Type": "application/json"})
+    assert got_status == status
+    assert words in reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_the_context_is_400(client, server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model_id, prompt="word " * 600, max_tokens=2)
+    assert "context" in info.value.message
+
+
+def test_oversize_body_is_413_and_the_server_lives_on(server):
+    body = json.dumps({"prompt": "x" * (MAX_BODY_BYTES + 10)}).encode()
+    status, reply = raw_request(server, "POST", "/v1/completions", body)
+    assert status == 413
+    assert str(MAX_BODY_BYTES) in reply["error"]["message"]
+    assert raw_request(server, "GET", "/health")[0] == 200
+
+
+def _send_raw(server, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def _wait_for_endings(caplog, n: int, seconds: float = 60) -> list[str]:
+    """The first `n` log lines saying how a generation ended early (cancelled mid-way, or dropped unstarted)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        endings = [r.getMessage() for r in caplog.records if r.getMessage().endswith(("cancelled", "waited"))]
+        if len(endings) >= n:
+            return endings
+        time.sleep(0.05)
+    raise AssertionError(f"expected {n} cancelled generations, the log has: {caplog.text}")
+
+
+def test_clients_that_disconnect_cancel_their_generation(server, caplog):
+    caplog.set_level(logging.INFO, logger="edge_memdec.server")
+    streaming = _send_raw(server, {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True})
+    received = b""
+    while b"data: " not in received:
+        received += streaming.recv(4096)
+    queued = _send_raw(server, {"prompt": "Redistribution", "max_tokens": 64, "temperature": 0})
+    time.sleep(0.1)
+    queued.close()
+    streaming.close()
+    for ending in _wait_for_endings(caplog, 2):
+        if ending.endswith("cancelled"):
+            assert int(ending.split(" tokens at ")[0].rsplit(" ", 1)[1]) < 64
+    assert raw_request(server, "GET", "/health")[0] == 200
