@@ -401,6 +401,14 @@ def _check_model(
         raise h.fail(f"{arch}.attention.head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     if f"{arch}.attention.key_length" not in meta and n_embd % n_head:
         raise h.fail(f"{arch}.embedding_length is not a multiple of {arch}.attention.head_count")
+    head_dim = n_embd // n_head
+    sizes = {
+        name: integer(f"{arch}.{name}", 1) if f"{arch}.{name}" in meta else head_dim
+        for name in ("attention.key_length", "attention.value_length", "rope.dimension_count")
+    }
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise h.fail(f"the head sizes disagree ({shown}); llama.cpp needs them equal")
     eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
     if eps_key not in meta or types[eps_key][0] not in FLOAT_TYPES:
         raise h.fail(f"the required float key {eps_key} is missing")
@@ -417,6 +425,9 @@ def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[in
     tokens = meta.get("tokenizer.ggml.tokens")
     if types.get("tokenizer.ggml.tokens") != (ARRAY, STRING) or not tokens:
         raise h.fail("tokenizer.ggml.tokens is missing or is not a list of strings")
+    if "\x00" in "".join(tokens):
+        token_id = next(i for i, text in enumerate(tokens) if "\x00" in text)
+        raise h.fail(f"token {token_id} contains a NUL byte, which llama.cpp cannot read")
     if len(set(tokens)) != len(tokens):
         text, _ = Counter(tokens).most_common(1)[0]
         raise h.fail(f"the token text {_short(text)} appears more than once in tokenizer.ggml.tokens")

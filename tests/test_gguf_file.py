@@ -157,12 +157,23 @@ def _broken(tiny: tuple[list[KeyValue], list[Tensor]], case: str) -> bytes:
         "duplicate token": lambda: gguf_bytes(
             with_kv(kvs, "tokenizer.ggml.tokens", ARRAY, [tokens[0], *tokens[:-1]], STRING), tensors
         ),
+        "NUL in a token": lambda: gguf_bytes(
+            with_kv(kvs, "tokenizer.ggml.tokens", ARRAY, [*tokens[:-1], tokens[3] + "\x00x"], STRING), tensors
+        ),
+        "rope dimensions": lambda: gguf_bytes(
+            with_kv(kvs, "llama.rope.dimension_count", UINT32, 4112), tensors
+        ),
         "short token types": lambda: gguf_bytes(
             with_kv(kvs, "tokenizer.ggml.token_type", ARRAY, [1], INT32), tensors
         ),
         "no merges": lambda: gguf_bytes(with_kv(kvs, "tokenizer.ggml.merges"), tensors),
         "missing tensor": lambda: gguf_bytes(kvs, [t for t in tensors if t[0] != "blk.1.ffn_up.weight"]),
-        "embedding shape": lambda: gguf_bytes(with_kv(kvs, "llama.embedding_length", UINT32, 32), tensors),
+        "embedding shape": lambda: gguf_bytes(
+            with_kv(
+                with_kv(kvs, "llama.embedding_length", UINT32, 128), "llama.attention.head_count", UINT32, 8
+            ),
+            tensors,
+        ),
     }
     return edits[case]()
 
@@ -197,6 +208,8 @@ BROKEN_CASES = {
     "kv heads not dividing": "not a multiple",
     "context as string": "llama.context_length",
     "duplicate token": "appears more than once",
+    "NUL in a token": "token 511 contains a NUL byte",
+    "rope dimensions": "head sizes disagree",
     "short token types": "one entry per token",
     "no merges": "merges",
     "missing tensor": r"blk\.1\.ffn_up\.weight is missing",
