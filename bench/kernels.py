@@ -58,14 +58,23 @@ class NumpyMixer:
         return int(np.argmax(self.probs(base, mem, lam)))
 
     def sample(self, base, mem, lam, temperature, top_k, top_p, min_p, u) -> int:
-        """top-k (argpartition over the tokens above 1e-4 of the maximum when there are enough), top-p,
-        min-p, temperature, inverse-CDF draw in id order: the kernel's semantics."""
-        p = self.probs(base, mem, lam)
-        candidates = np.flatnonzero(p >= p.max() * np.float32(1e-4))
+        """The kernel's semantics: top-k, top-p, min-p, temperature, inverse-CDF draw in id order.
+
+        top-k runs argpartition over the tokens within 1e-4 of the most probable one when there are at least k
+        of them; the base alone is ranked by its logits, without a pass of exps.
+        """
+        if mem is None:
+            scores = base
+            candidates = np.flatnonzero(base >= base.max() - np.float32(np.log(1e4)))
+        else:
+            scores = self.probs(base, mem, lam)
+            candidates = np.flatnonzero(scores >= scores.max() * np.float32(1e-4))
         if len(candidates) < top_k:
-            candidates = np.arange(len(p))
-        head = candidates[np.argpartition(p[candidates], -top_k)[-top_k:]]
-        ph = p[head].astype(np.float64)
+            candidates = np.arange(len(scores))
+        head = candidates[np.argpartition(scores[candidates], -top_k)[-top_k:]]
+        ph = scores[head].astype(np.float64)
+        if mem is None:
+            ph = np.exp(ph - ph.max())
         order = np.lexsort((head, -ph))
         head, ph = head[order], ph[order]
         cum = np.cumsum(ph)

@@ -1,7 +1,7 @@
 """Python entry points of the kernels: argument checks (ValueError: these are internal), then one jitted call.
 
-Logit rows are float32 (numpy views over llama.cpp's buffers are used as they are, never written); the two rows
-may differ in length and only the n = min(len(base), len(mem)) shared ids are mixed.
+Logit rows are float32 (numpy views over llama.cpp's buffers are used as they are, never written); the two
+rows may differ in length and only the n = min(len(base), len(mem)) shared ids are mixed.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Branch-free exp and log1p that LLVM can vectorize (no SVML here: numba's own exp/log stay scalar).
 
-`exp_f32` and `log1p_f32` work on float32 lanes (relative error <= 4e-7 on their domains), `exp_f64` on float64
-lanes (relative error <= 3e-16); tests/test_kernels.py checks these bounds. Each is a Cody-Waite range reduction
-x = k ln2 + r, |r| <= ln2/2, a polynomial for exp(r), and 2^k built from its IEEE bits.
+`exp_f32` and `log1p_f32` work on float32 lanes (relative error <= 4e-7 on their domains), `exp_f64` on
+float64 lanes (relative error <= 3e-16); tests/test_kernels.py checks these bounds. Each exp is a Cody-Waite
+range reduction x = k ln2 + r, |r| <= ln2/2, a polynomial for exp(r), and 2^k built from its IEEE bits.
 
 The fast-math flag sets: `ELEMENTWISE` leaves out `reassoc` so the range reduction and the callers'
 `(logit - max) + constant` keep their evaluation order; `REDUCTION` adds it so sums vectorize; `MAXIMUM`
-(row maxima only) also assumes no NaN. None assumes finite values (`ninf`): a -inf logit stays legal; NaN logits
-are not supported.
+(row maxima only) also assumes no NaN. None assumes finite values (`ninf`): a -inf logit stays legal; NaN
+logits are not supported.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The head of the mixture: the h tokens with the largest mixed log-prob, found without sorting the vocabulary.
+"""The head of the mixture: the h most probable tokens, found without sorting the vocabulary.
 
 A min-heap of h (key, id) pairs scans the ids in chunks of CHUNK ids. The maximum of each row's logits over a
-chunk bounds every key in it, so most chunks are skipped without an exp. Ties go to the lower id: ids arrive in increasing order and only a
-strictly larger key enters a full heap.
+chunk bounds every key in it, so most chunks are skipped without an exp. Ties go to the lower id: ids arrive
+in increasing order and only a strictly larger key enters a full heap.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _worse(key_a, id_a, key_b, id_b):
 
 @jit(inline="always")
 def _sift_down(keys, ids, size, key, i):
-    """Put (key, i) at the root of the min-heap keys/ids[:size] (root: the worst) and restore the heap order."""
+    """Put (key, i) at the root of the min-heap keys/ids[:size] (root: the worst), then restore the order."""
     pos = 0
     while True:
         child = 2 * pos + 1
@@ -57,7 +57,7 @@ def _sift_up(keys, ids, pos, key, i):
 
 @jit(fastmath=ELEMENTWISE)
 def chunk_keys(base, mem, start, stop, mb, mm, cb, cm, out):
-    """out[:stop-start] = the float32 keys of ids start..stop-1 (mixed log-prob, up to a constant if one model)."""
+    """out[:stop-start] = float32 keys of ids start..stop-1 (mixed log-probs; one model: up to a constant)."""
     b = base[start:stop]
     m = mem[start:stop]
     if cm == NEG_INF32:
@@ -75,9 +75,9 @@ def chunk_keys(base, mem, start, stop, mb, mm, cb, cm, out):
 def _chunk_bounds(base_chunk_max, mem_chunk_max, mb, mm, cb, cm, floors, ceilings):
     """Per chunk, a floor (some token in it has at least this key) and a ceiling (no token has more).
 
-    One model: both are the key of the chunk's largest logit. Two: the keys x, y of the two maxima X, Y give the
-    floor max(X, Y) and, logaddexp being increasing in both arguments, the ceiling logaddexp(X, Y), padded by
-    the float32 error of mix_key (<= 1e-6 + 4e-7 |key|).
+    One model: both are the key of the chunk's largest logit. Two: the keys x, y of the two maxima X, Y give
+    the floor max(X, Y) and, logaddexp being increasing in both arguments, the ceiling logaddexp(X, Y),
+    padded by the float32 error of mix_key (<= 1e-6 + 4e-7 |key|).
     """
     if cm == NEG_INF32:
         for c in range(floors.shape[0]):

@@ -1,8 +1,9 @@
 """The mixture p = lam * softmax(mem) + (1 - lam) * softmax(base) over the shared ids, in log space.
 
-A token's mixed log-prob is logaddexp(x, y) with x = (base - max_base) + cb and y = (mem - max_mem) + cm, where
-cb = log(1 - lam) - log Z_base and cm = log(lam) - log Z_mem (Z: the softmax normaliser of the max-shifted row).
-Subtracting the row maximum first keeps x and y exact near the head even for logits in the thousands.
+A token's mixed log-prob is logaddexp(x, y) with x = (base - max_base) + cb and y = (mem - max_mem) + cm,
+where cb = log(1 - lam) - log Z_base and cm = log(lam) - log Z_mem (Z: the softmax normaliser of the
+max-shifted row). Subtracting the row maximum first keeps x and y exact near the head even for logits in the
+thousands.
 lam == 0 and lam == 1 never touch the unused row, so no log(0) appears and the result is exactly one model's.
 """
 
@@ -18,8 +19,8 @@ from .rows import mix_key, row_max, sum_exp_f32
 def mixture_constants(base, mem, n, lam, mb, mm, normalise):
     """(cb, cm) as float64 for rows whose maxima are mb and mm; an unused row (lam 0 or 1) gets -inf.
 
-    With normalise False and a single model, cb (or cm) is 0: keys are then max-shifted logits, which order the
-    tokens like log-probs without a pass of exps.
+    With normalise False and a single model, cb (or cm) is 0: keys are then max-shifted logits, which order
+    the tokens like log-probs without a pass of exps.
     """
     cb = -np.inf
     cm = -np.inf

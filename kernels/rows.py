@@ -41,7 +41,7 @@ def row_max(row, n):
 
 @jit(fastmath=REDUCTION)
 def sum_exp_f32(row, n, shift):
-    """sum(exp(row[:n] - shift)) with float32 exps (shift >= every entry); float64 total, relative error ~1e-7."""
+    """sum(exp(row[:n] - shift)), shift >= every entry: float32 exps, float64 total, relative error ~1e-7."""
     total = 0.0
     for start in range(0, n, _SUM_BLOCK):
         block = row[start : min(start + _SUM_BLOCK, n)]

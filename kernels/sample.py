@@ -1,18 +1,19 @@
 """One decode step from two logit rows to a token: mix, top-k, top-p, min-p, temperature, draw.
 
-The filters run in the order of llama.cpp's common sampler chain (top-k, top-p, min-p, then temperature), each on
-the mixed distribution left by the previous one, as llama.cpp does:
+The filters run in the order of llama.cpp's common sampler chain (top-k, top-p, min-p, then temperature),
+each on the mixed distribution left by the previous one, as llama.cpp does:
 - top-k keeps the k most probable tokens (k <= 0 or k >= n: off);
 - top-p keeps the shortest most-probable prefix whose probability, renormalised over the tokens still kept,
   reaches top_p (the token that crosses it included; top_p >= 1: off);
 - min-p keeps the tokens with p >= min_p * p_max (min_p <= 0: off);
 - temperature T turns the kept probabilities into p^(1/T), renormalised; T <= 0 (or below float32's range) is
   greedy: the argmax of the mixture (ties to the lowest id), whatever the filters.
-The draw is the inverse CDF at u: kept tokens in increasing id order, the first whose cumulative weight exceeds
-u * total. Probability ties in top-k and top-p go to the lower id.
+The draw is the inverse CDF at u: kept tokens in increasing id order, the first whose cumulative weight
+exceeds u * total. Probability ties in top-k and top-p go to the lower id.
 
-With top-k or top-p on, only a head of the distribution is materialised (head.py); its log-probs are recomputed
-in float64 for the filters and the draw. With neither, one pass writes every token's weight into `scratch`.
+With top-k or top-p on, only a head of the distribution is materialised (head.py); its log-probs are
+recomputed in float64 for the filters and the draw. With neither, one pass writes every token's weight into
+`scratch`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _DRAW_BLOCK = 512
 
 @jit(fastmath=ELEMENTWISE)
 def _head_logprobs(base, mem, ids, size, mb, mm, cb, cm, out):
-    """float64 mixed log-probs (up to one shared constant when a single model runs unnormalised) of the head."""
+    """float64 mixed log-probs of the head (one model unnormalised: up to a shared constant)."""
     for j in range(size):
         i = ids[j]
         x = (np.float64(base[i]) - mb) + cb
@@ -127,7 +128,7 @@ def _draw_full(base, mem, n, mb, mm, cb, cm, top, min_p, temperature, u, scratch
 
 @jit(fastmath=ELEMENTWISE)
 def sample_core(base, mem, lam, temperature, top_k, top_p, min_p, u, scratch):
-    """The token id drawn from the lam-mixture of two logit rows (see the module docstring); scratch: >= n floats."""
+    """The token id drawn from the lam-mixture of two logit rows (module docstring); scratch: >= n floats."""
     n = min(base.shape[0], mem.shape[0])
     n_chunks = (n + CHUNK - 1) // CHUNK
     chunk_max = (
