@@ -67,16 +67,21 @@ def convert_checkpoint(
     extra[VOCAB_FINGERPRINT] = (vocab_fingerprint(tokenizer.tokens), GGUFValueType.STRING)
     name = str(ckpt.config.get("_name_or_path") or ckpt.folder.resolve().name)
 
-    with _atomic(out) as target:
-        if kind.llama_ftype is None:
-            _write(target, ckpt, hp, plans, tokenizer, extra, kind, name)
-        else:
-            f32_path = target.with_name(target.name + ".f32")
-            try:
-                _write(f32_path, ckpt, hp, plans, tokenizer, extra, kind, name)
-                llama_quantize(f32_path, target, kind.llama_ftype)
-            finally:
-                f32_path.unlink(missing_ok=True)
+    try:
+        with _atomic(out) as target:
+            if kind.llama_ftype is None:
+                _write(target, ckpt, hp, plans, tokenizer, extra, kind, name)
+            else:
+                f32_path = target.with_name(target.name + ".f32")
+                try:
+                    _write(f32_path, ckpt, hp, plans, tokenizer, extra, kind, name)
+                    llama_quantize(f32_path, target, kind.llama_ftype)
+                finally:
+                    f32_path.unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"writing {out} failed ({err.strerror or err}); check the free disk space and the folder's permissions"
+        ) from None
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -76,3 +78,35 @@ def test_killed_conversion_never_leaves_a_partial_file(tiny_memdec_ckpt, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert read_gguf(out).n_params == 3_219_776
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_memdec_ckpt, tmp_path):
+    """A file-size limit of 1 MiB makes the 14 MiB export fail mid-write the way a full disk does."""
+    limit = 1 << 20
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "memdec.gguf"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_memdec.cli",
+            "convert",
+            str(tiny_memdec_ckpt),
+            "-o",
+            str(out),
+            "--outtype",
+            "f32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: writing {out} failed (File too large)"), proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
