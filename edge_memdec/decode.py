@@ -29,6 +29,7 @@ class SamplingParams:
     seed: int | None = None  # None = a fresh random seed
     stop: Sequence[str] = field(default_factory=tuple)  # text that ends the answer (not included in it)
     lam: float | None = None  # memory decoder weight for this request; None = the pair's lambda
+    ignore_eos: bool = False  # never end on EOS/EOT (their logits are masked), as llama.cpp's --ignore-eos
 
     def check(self) -> None:
         if self.max_tokens < 1:
@@ -98,9 +99,15 @@ class Generation:
                     if self.cancel.is_set():
                         self.finish_reason = "cancelled"
                         break
+                    base_row = pair.base.last_logits()
+                    mem_row = mem.last_logits() if mem is not None else None
+                    if params.ignore_eos:
+                        _mask(base_row, pair.base.eog_ids)
+                        if mem_row is not None:
+                            _mask(mem_row, pair.base.eog_ids)
                     token = sample_token(
-                        pair.base.last_logits(),
-                        mem.last_logits() if mem is not None else None,
+                        base_row,
+                        mem_row,
                         lam,
                         params.temperature,
                         params.top_k,
@@ -140,3 +147,11 @@ class Generation:
         for _ in self:
             pass
         return self.text
+
+
+MASKED_LOGIT = -1e30  # finite: exp() of it is 0 in every kernel, with no inf - inf NaNs
+
+
+def _mask(row: np.ndarray, ids: np.ndarray) -> None:
+    """Rule tokens out by writing into llama.cpp's logits buffer (it is rewritten by the next decode)."""
+    row[ids[ids < len(row)]] = MASKED_LOGIT

@@ -8,6 +8,7 @@ opens it (a hostile or truncated file must give a one-sentence error, not a cras
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -160,6 +161,11 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         """End of generation: EOS, EOT and the other end tokens llama.cpp knows for this vocabulary."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    @functools.cached_property
+    def eog_ids(self) -> np.ndarray:
+        """Ids of every end-of-generation token (int64), for masking them out."""
+        return np.array([t for t in range(self.n_vocab) if self.is_eog(t)], np.int64)
 
     def metadata(self, key: str, default: object = None) -> object:
         return self.info.get(key, default)
