@@ -221,6 +221,14 @@ def perplexity(
     from edge_memdec.textfile import read_text_file
 
     text = read_text_file(file)
+    if knn is not None:
+        from edge_memdec.pair import check_lambda
+
+        check_lambda(knn_lambda)
+        if protocol != "paper":
+            raise UserError("--knn scores the paper protocol's windows; drop --protocol llama")
+        if knn_k < 1 or knn_temperature <= 0:
+            raise UserError("-k must be at least 1 and --knn-temperature above 0")
     lambdas = (
         _parse_lambdas(lambda_sweep)
         if lambda_sweep
@@ -260,6 +268,12 @@ def perplexity(
     )
     if protocol == "llama":
         print()
+    if knn is not None:
+        from edge_memdec.knn_lm import knn_lm_scores
+        from edge_memdec.perplexity import knn_lm_report
+
+        scores = knn_lm_scores(base, knn, text, ctx_size, report["stride"], knn_k, knn_temperature)
+        report["knn_lm"] = knn_lm_report(scores, knn_lambda, lambdas)
     print(format_report(report))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
@@ -393,6 +407,7 @@ def train_memdec(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     export: Annotated[Optional[Path], typer.Option(help="Also write this GGUF")] = None,
     outtype: Annotated[str, typer.Option(help="GGUF weight type for --export")] = "q8_0",
+    tokenizer_from: Annotated[Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")] = None,
     domain: Annotated[str, typer.Option(help="Domain name stored in the GGUF")] = "custom",
     threads: Annotated[int, typer.Option(help="Torch threads per process")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for data order and init")] = 0,
@@ -401,6 +416,21 @@ def train_memdec(
     from edge_memdec.train.pipeline import train_command
 
     train_command(locals())
+
+
+@app.command("recipe")
+def recipe(
+    domain: Annotated[str, typer.Argument(help="legal or finance (or any corpus `corpus split` accepts)")],
+    work: Annotated[Optional[Path], typer.Option(help="Working folder (default ./memdec-DOMAIN); reruns resume")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF")] = None,
+    budget: Annotated[float, typer.Option(help="Scale the datastore token budget by this factor")] = 1.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    threads: Annotated[int, typer.Option(help="Threads per stage")] = 2,
+) -> None:
+    """Split -> datastore -> kNN targets -> train -> q8_0 GGUF -> test-split report with a lambda plot."""
+    from edge_memdec.train.pipeline import recipe_command
+
+    recipe_command(domain, work, model, budget, json_out, threads)
 
 
 # ---- serve ----

@@ -305,9 +305,55 @@ def format_report(report: dict) -> str:
         lines.append(
             f"selected lambda {headline['lambda']:g}: {headline['ppl'] / base['ppl']:.3f} x the base PPL"
         )
+    knn = report.get("knn_lm")
+    if knn is not None:
+        lines.append(
+            f"{'kNN-LM, lambda ' + format(knn['lambda'], 'g'):<28}{knn['ppl']:>10.4f}{knn['stderr']:>10.5f}"
+        )
+        if knn["best"] is not None:
+            best_knn = knn["best"]
+            lines.append(
+                f"{'kNN-LM, best lambda ' + format(best_knn['lambda'], 'g'):<28}{best_knn['ppl']:>10.4f}{best_knn['stderr']:>10.5f}"
+            )
+        lines.append(
+            f"(kNN-LM: base in PyTorch fp32, PPL {knn['base_pytorch']['ppl']:.4f}; k {knn['k']}, T {knn['temperature']:g}, "
+            f"{knn['datastore_positions']} datastore entries)"
+        )
     lines.append(
         f"{report['tokens_scored']} tokens scored, {report['protocol']} protocol, n_ctx {report['n_ctx']}, "
         f"stride {report['stride']}, {report['seconds']:.1f} s"
     )
     lines.append(f"Final estimate: PPL = {headline['ppl']:.4f} +/- {headline['stderr']:.5f}")
     return "\n".join(lines)
+
+
+def knn_lm_report(scores: dict, knn_lambda: float, lambdas: Sequence[float]) -> dict:
+    """The kNN-LM baseline's PPL from per-position target log-probs (`knn_lm.knn_lm_scores`).
+
+    kNN-LM mixes the base (run in PyTorch to get its retrieval keys) with the neighbours' distribution:
+    p = lambda * p_knn + (1 - lambda) * p_base. Reported at `knn_lambda` and at the best lambda of the sweep.
+    """
+    base = np.asarray(scores["base_logprobs"], np.float64)
+    knn = np.asarray(scores["knn_logprobs"], np.float64)
+
+    def mixed(lam: float) -> Accumulator:
+        acc = Accumulator()
+        with np.errstate(divide="ignore"):
+            acc.add(-np.logaddexp(np.log1p(-lam) + base, np.log(lam) + knn))
+        return acc
+
+    base_acc = Accumulator()
+    base_acc.add(-base)
+    sweep = [{"lambda": lam, **mixed(lam).report()} for lam in lambdas if lam < 1.0]
+    best = min(sweep, key=lambda row: row["ppl"]) if sweep else None
+    return {
+        "lambda": knn_lambda,
+        **mixed(knn_lambda).report(),
+        "best": best,
+        "k": scores["k"],
+        "temperature": scores["temperature"],
+        "datastore_positions": scores["datastore_positions"],
+        "tokens_scored": scores["tokens_scored"],
+        "base_pytorch": base_acc.report(),
+        "seconds": scores["seconds"],
+    }
