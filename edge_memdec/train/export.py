@@ -34,7 +34,7 @@ def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object
 def export_memdec(
     run_dir: Path, out: Path, outtype: str, base_gguf: Path, domain: str, summary: dict
 ) -> Path:
-    """Convert `run_dir/hf` to `out` with the base GGUF's tokenizer and the run's memdec facts."""
+    """Convert `run_dir/hf` to `out` with the tokenizer keys of `base_gguf` and the run's memdec facts."""
     hf = Path(run_dir) / "hf"
     if not (hf / "config.json").is_file():
         raise UserError(f"{run_dir} has no trained model (hf/config.json); run `edge-memdec train` first")

@@ -113,8 +113,35 @@ def train_command(opts: dict) -> dict:
             line += f"; validation base {v['base_ppl']:.3f}, mixed {v['best_ppl']:.3f} at lambda {v['best_lambda']}"
         print(line)
         if opts["export"] is not None:
+            tokenizer_from = Path(opts["tokenizer_from"] or base_path)
             out = export_memdec(
-                opts["out"], opts["export"], opts["outtype"], base_path, opts["domain"], summary
+                opts["out"], opts["export"], opts["outtype"], tokenizer_from, opts["domain"], summary
             )
             print(f"exported {out}")
     return summary
+
+
+def recipe_command(
+    domain: str, work: Path | None, model: Path | None, budget: float, as_json: bool, threads: int
+):
+    """`edge-memdec recipe`: run every stage, then print the test-split table (or its JSON)."""
+    import json
+
+    from edge_memdec.train.recipe import Budget, run_recipe
+
+    work = work or Path(f"memdec-{Path(domain).stem}")
+    result = run_recipe(domain, work, Budget().scaled(budget), Path(model or default_base_gguf()), threads)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return result
+    print(f"test split, {result['test_tokens_scored']} tokens scored (1024/512 windows)")
+    print(f"  base                      PPL {result['base']['ppl']:.3f}")
+    print(f"  memory decoder alone      PPL {result['memdec_alone']['ppl']:.3f}")
+    knn = result["knn_lm"]
+    print(f"  base + kNN-LM (lambda {knn['lambda']:.2f})  PPL {knn['ppl']:.3f}")
+    mix = result["base_plus_memdec"]
+    print(f"  base + memdec (lambda {mix['lambda']:.2f})  PPL {mix['ppl']:.3f}")
+    for name, stage in result["stages"].items():
+        rss = f", peak {stage['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in stage else ""
+        print(f"  stage {name}: {stage['seconds']:.0f} s{rss}")
+    return result

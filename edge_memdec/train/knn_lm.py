@@ -1,0 +1,118 @@
+"""kNN-LM at inference, the retrieval baseline the memory decoder replaces.
+
+At every scored position the base model's key (the same hidden state the datastore stores) is searched in the
+datastore; the neighbours' softmax(-d/T) weights give p_kNN(target). Mixing with the base is left to the caller:
+p = lambda * p_kNN + (1 - lambda) * p_base.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edge_memdec.errors import UserError
+from edge_memdec.train.base import Base, load_base
+from edge_memdec.train.datastore import load_keys, load_values, read_manifest
+from edge_memdec.train.knn_targets import build_index
+from edge_memdec.train.windows import sliding_windows
+
+
+@torch.no_grad()
+def base_keys_and_logprobs(base: Base, tokens: np.ndarray, n_ctx: int, stride: int):
+    """Per scored position t (0..n_tokens-2): the datastore key of t (float32 [n, dim]) and the base's
+    log p(token[t+1]) (float64 [n]), with sliding windows as in perplexity."""
+    n = len(tokens) - 1
+    keys = np.empty((n, base.model.config.hidden_size), dtype=np.float32)
+    logprobs = np.empty(n, dtype=np.float64)
+    captured: list[torch.Tensor] = []
+    handle = base.key_layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        for w in tqdm(sliding_windows(len(tokens), n_ctx, stride), desc="kNN-LM base", unit="window"):
+            last = min(w.end, n)
+            captured.clear()
+            ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64))[None]
+            hidden = base.model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+            if last <= w.first_new:
+                continue
+            a, b = w.first_new - w.begin, last - w.begin
+            keys[w.first_new : last] = captured[0][0, a:b].float().numpy().astype(np.float16)
+            logp = torch.log_softmax(base.model.lm_head(hidden[a:b]).float(), dim=-1)
+            nxt = torch.from_numpy(tokens[w.first_new + 1 : last + 1].astype(np.int64))
+            logprobs[w.first_new : last] = logp.gather(1, nxt[:, None])[:, 0].double().numpy()
+    finally:
+        handle.remove()
+    return keys, logprobs
+
+
+def knn_target_logprobs(
+    index,
+    values: np.ndarray,
+    queries: np.ndarray,
+    targets: np.ndarray,
+    k: int,
+    temperature: float,
+    chunk: int = 1024,
+) -> np.ndarray:
+    """log p_kNN(target) per query: the softmax(-d/T) weight of neighbours whose value is the target
+    (-inf when no neighbour holds it), float64 [n]."""
+    out = np.empty(len(queries), dtype=np.float64)
+    for start in tqdm(range(0, len(queries), chunk), desc="kNN-LM search", unit="chunk"):
+        d, i = index.search(queries[start : start + chunk], k)
+        logits = np.where(i >= 0, -d.astype(np.float64) / temperature, -np.inf)
+        logits -= logits.max(axis=1, keepdims=True)
+        w = np.exp(logits)
+        hit = (values[np.maximum(i, 0)] == targets[start : start + chunk, None]) & (i >= 0)
+        with np.errstate(divide="ignore"):
+            out[start : start + chunk] = np.log((w * hit).sum(axis=1)) - np.log(w.sum(axis=1))
+    return out
+
+
+def knn_lm_scores(
+    base_gguf_or_dir: Path,
+    datastore_dir: Path,
+    text: str,
+    n_ctx: int = 1024,
+    stride: int = 512,
+    k: int = 1024,
+    temperature: float = 1.0,
+    threads: int = 2,
+) -> dict:
+    """Base and kNN target log-probs for every scored position of `text` (natural log, float64 [n_scored]).
+
+    Returns {"tokens_scored", "base_logprobs", "knn_logprobs", "k", "temperature", "datastore_positions",
+    "seconds": {"base", "search"}}; the base runs in PyTorch (fp32), the search is exact (IndexFlatL2).
+    """
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    manifest = read_manifest(datastore_dir)
+    base = load_base(Path(base_gguf_or_dir))
+    if base.model.config.hidden_size != manifest["dim"]:
+        raise UserError(
+            f"the datastore's keys have size {manifest['dim']}, the base's {base.model.config.hidden_size}"
+        )
+    tokens = base.encode(text)
+    if len(tokens) < 2:
+        raise UserError("the text has fewer than 2 tokens; give more text")
+    t0 = time.perf_counter()
+    keys, base_lp = base_keys_and_logprobs(base, tokens, n_ctx, stride)
+    t1 = time.perf_counter()
+    index = build_index(load_keys(datastore_dir), "flat")
+    knn_lp = knn_target_logprobs(
+        index, load_values(datastore_dir), keys, tokens[1:], min(k, manifest["n_positions"]), temperature
+    )
+    t2 = time.perf_counter()
+    return {
+        "tokens_scored": len(base_lp),
+        "base_logprobs": base_lp,
+        "knn_logprobs": knn_lp,
+        "k": k,
+        "temperature": temperature,
+        "datastore_positions": manifest["n_positions"],
+        "seconds": {"base": t1 - t0, "search": t2 - t1},
+    }

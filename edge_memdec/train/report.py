@@ -1,0 +1,108 @@
+"""The recipe's report on the test split: base, memory decoder alone, kNN-LM, and base + memory decoder.
+
+Both lambdas are chosen on validation: the memory decoder's is the one the trainer stored in the GGUF, the
+kNN-LM's is tuned here on the same validation documents. Base, memory decoder and their mixture are scored by
+the edge runtime (llama.cpp, the shipped q8_0 GGUF); kNN-LM needs the base's keys, so it runs the base in PyTorch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_memdec.corpus import join_documents
+from edge_memdec.gguf_file import read_gguf
+from edge_memdec.knn_lm import knn_lm_scores
+from edge_memdec.train.base import load_tokenizer
+from edge_memdec.train.mix_ppl import mixed_ppl
+from edge_memdec.train.pipeline import split_documents_of
+from edge_memdec.train.stream import choose_documents
+
+
+def split_text(tokenizer, split_dir: Path, split: str, max_tokens: int, seed: int = 0) -> str:
+    """A seeded sample of whole documents of `split`, cut to about `max_tokens` tokens (the same documents the
+    trainer validates on, for the validation split)."""
+    docs = choose_documents(tokenizer, split_documents_of(split_dir, split), max_tokens, seed)
+    ids = tokenizer.encode(join_documents(docs), add_special_tokens=False).ids[:max_tokens]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def stderr_of_ppl(logprobs: np.ndarray) -> float:
+    """Standard error of exp(mean NLL) by the delta method."""
+    nll = -logprobs
+    return float(np.exp(nll.mean()) * nll.std(ddof=1) / np.sqrt(len(nll)))
+
+
+def lambda_plot(path: Path, table: dict) -> None:
+    """PPL against lambda for base + memory decoder and base + kNN-LM, the base as a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in (
+        ("base + memory decoder", table["memdec_mixed"]),
+        ("base + kNN-LM", table["knn_mixed"]),
+    ):
+        ax.plot([r["lambda"] for r in rows], [r["ppl"] for r in rows], marker="o", label=name)
+    ax.axhline(table["base"]["ppl"], color="gray", linestyle="--", label="base")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("perplexity (test split)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, threads: int = 2) -> dict:
+    """The test-split table (dict, JSON-ready); also writes lambda.png beside the memory decoder GGUF."""
+    from edge_memdec.api import MemoryDecoderLM
+
+    tokenizer = load_tokenizer(base)
+    valid_text = split_text(tokenizer, split_dir, "validation", budget.valid_tokens)
+    test_text = split_text(tokenizer, split_dir, "test", budget.test_tokens)
+    lam = float(read_gguf(memdec).memdec.get("lambda", 0.3))
+    lambdas = sorted({*budget.lambdas, lam})
+    with MemoryDecoderLM(base, memdec, n_threads=threads) as lm:
+        ours = lm.perplexity(test_text, n_ctx=1024, stride=512, lambdas=lambdas)
+    mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
+
+    valid = knn_lm_scores(base, datastore, valid_text, 1024, 512, budget.k, budget.temperature)
+    valid_table = mixed_ppl(valid["base_logprobs"], valid["knn_logprobs"], list(budget.lambdas))
+    knn_lam = min(valid_table, key=valid_table.get)
+    test = knn_lm_scores(base, datastore, test_text, 1024, 512, budget.k, budget.temperature)
+    test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], list(budget.lambdas))
+    knn_mix = np.logaddexp(np.log1p(-knn_lam) + test["base_logprobs"], np.log(knn_lam) + test["knn_logprobs"])
+
+    table = {
+        "test_tokens_scored": ours["tokens_scored"],
+        "base": ours["base"],
+        "memdec_alone": ours["memdec"],
+        "memdec_lambda": lam,
+        "base_plus_memdec": {
+            "lambda": lam,
+            **{k: v for k, v in mixed_at[round(lam, 6)].items() if k != "lambda"},
+        },
+        "memdec_mixed": [{"lambda": r["lambda"], "ppl": r["ppl"]} for r in ours["mixed"]],
+        "memdec_seconds": ours["seconds"],
+        "knn_lm": {
+            "lambda": knn_lam,
+            "ppl": float(np.exp(-knn_mix.mean())),
+            "stderr": stderr_of_ppl(knn_mix),
+            "tokens_scored": test["tokens_scored"],
+            "pytorch_base_ppl": float(np.exp(-test["base_logprobs"].mean())),
+            "k": budget.k,
+            "temperature": budget.temperature,
+            "datastore_positions": test["datastore_positions"],
+            "seconds": test["seconds"],
+        },
+        "knn_mixed": [{"lambda": k, "ppl": v} for k, v in test_table.items()],
+    }
+    table["ratio_mixed_to_base"] = table["base_plus_memdec"]["ppl"] / table["base"]["ppl"]
+    table["ratio_knn_to_base"] = table["knn_lm"]["ppl"] / table["knn_lm"]["pytorch_base_ppl"]
+    lambda_plot(Path(memdec).with_name("lambda.png"), table)
+    return table

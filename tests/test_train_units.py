@@ -1,0 +1,94 @@
+"""Training building blocks against hand computations: windows, kNN targets, self-exclusion, the loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("faiss")
+
+from edge_memdec.train.knn_targets import build_index, drop_self, knn_distribution  # noqa: E402
+from edge_memdec.train.loss import memdec_loss_sum  # noqa: E402
+from edge_memdec.train.mix_ppl import mixed_ppl  # noqa: E402
+from edge_memdec.train.windows import sliding_windows  # noqa: E402
+
+
+@pytest.mark.parametrize(("n", "ctx", "stride"), [(2500, 1024, 512), (10, 4, 4), (3, 1024, 512), (17, 5, 2)])
+def test_every_position_owned_once(n, ctx, stride):
+    owned = [t for w in sliding_windows(n, ctx, stride) for t in range(w.first_new, w.end)]
+    assert owned == list(range(n))
+    assert all(w.end - w.begin <= ctx for w in sliding_windows(n, ctx, stride))
+
+
+def test_drop_self_removes_own_index_not_first_hit():
+    distances = np.array([[0.0, 0.0, 1.0], [0.5, 1.0, 2.0]], dtype=np.float32)
+    neighbours = np.array([[7, 3, 9], [4, 5, 6]])
+    d, i = drop_self(distances, neighbours, np.array([3, 8]), k=2)
+    assert i.tolist() == [[7, 9], [4, 5]]
+    assert d.tolist() == [[0.0, 1.0], [0.5, 1.0]]
+
+
+def brute_force_targets(keys, values, k, temperature, top):
+    """The kNN distribution of every position by a plain numpy loop (float64)."""
+    out = []
+    for q in range(len(keys)):
+        d = ((keys - keys[q]) ** 2).sum(axis=1).astype(np.float64)
+        d[q] = np.inf
+        nearest = np.argsort(d, kind="stable")[:k]
+        w = np.exp(-(d[nearest] - d[nearest].min()) / temperature)
+        sums: dict[int, float] = {}
+        for i, wi in zip(nearest, w / w.sum(), strict=True):
+            sums[int(values[i])] = sums.get(int(values[i]), 0.0) + wi
+        best = sorted(sums.items(), key=lambda item: -item[1])[:top]
+        total = sum(p for _, p in best)
+        out.append({t: p / total for t, p in best})
+    return out
+
+
+def test_targets_match_brute_force():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(300, 16)).astype(np.float32) * 0.3
+    values = rng.integers(0, 12, size=300).astype(np.int32)
+    k, temperature, top = 20, 1.0, 5
+    index = build_index(keys, "flat")
+    d, i = index.search(keys, k + 1)
+    d, i = drop_self(d, i, np.arange(300), k)
+    ids, probs = knn_distribution(d, values[i], temperature, top)
+    expected = brute_force_targets(keys, values, k, temperature, top)
+    for row in range(300):
+        got = {int(t): float(p) for t, p in zip(ids[row], probs[row], strict=True) if p > 0}
+        assert got.keys() == expected[row].keys()
+        for t, p in expected[row].items():
+            assert got[t] == pytest.approx(p, abs=1e-5)
+
+
+def test_loss_matches_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.0, 0.3, 3.0, 1.0]])
+    targets = torch.tensor([1, 2])
+    knn_ids = torch.tensor([[1, 0, 0], [2, 3, 0]])
+    knn_probs = torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.5, 0.0]])
+    total, kl, ce = memdec_loss_sum(logits, targets, knn_ids, knn_probs, beta=0.5)
+    by_hand_ce, by_hand_kl = 0.0, 0.0
+    for row in range(2):
+        z = logits[row].tolist()
+        log_z = math.log(sum(math.exp(v) for v in z))
+        logp = [v - log_z for v in z]
+        by_hand_ce -= logp[int(targets[row])]
+        for t, p in zip(knn_ids[row].tolist(), knn_probs[row].tolist(), strict=True):
+            if p > 0:
+                by_hand_kl += p * (math.log(p) - logp[t])
+    assert float(ce) == pytest.approx(by_hand_ce, rel=1e-6)
+    assert float(kl) == pytest.approx(by_hand_kl, rel=1e-6)
+    assert float(total) == pytest.approx(0.5 * by_hand_kl + 0.5 * by_hand_ce, rel=1e-6)
+
+
+def test_mixed_ppl_endpoints_and_middle():
+    base = np.log(np.array([0.5, 0.25]))
+    mem = np.log(np.array([0.25, 0.5]))
+    table = mixed_ppl(base, mem, [0.0, 0.5, 1.0])
+    assert table[0.0] == pytest.approx(math.sqrt(8))
+    assert table[1.0] == pytest.approx(math.sqrt(8))
+    assert table[0.5] == pytest.approx(1 / 0.375)
