@@ -1,0 +1,188 @@
+"""A tiny base and real licence text through datastore -> kNN targets -> training -> GGUF -> pair -> perplexity,
+plus exact resume after SIGKILL and 2-rank torchrun against 1 rank."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("faiss")
+
+from safetensors.numpy import load_file  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from edge_memdec.cli import app  # noqa: E402
+
+CLI = [sys.executable, "-m", "edge_memdec.cli"]
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_llama_ckpt, legal_text) -> dict[str, Path]:
+    """Corpus split, datastore (64/32 windows) and k=8 targets made from the tiny base."""
+    work = tmp_path_factory.mktemp("train")
+    text = work / "legal.txt"
+    text.write_text(legal_text, encoding="utf-8")
+    split, ds = work / "split", work / "ds"
+    invoke("corpus", "split", str(text), "--out", str(split))
+    invoke(
+        "datastore",
+        "build",
+        "--corpus",
+        str(split),
+        "--out",
+        str(ds),
+        "-m",
+        str(tiny_llama_ckpt),
+        "--n-ctx",
+        "64",
+        "--stride",
+        "32",
+        "--shard-windows",
+        "4",
+        "--threads",
+        "1",
+    )
+    invoke("knn-targets", str(ds), "-k", "8", "--top", "4", "--chunk", "64", "--threads", "1")
+    return {"split": split, "ds": ds, "work": work}
+
+
+def train_args(stores, out: Path, base: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        str(stores["ds"]),
+        "--out",
+        str(out),
+        "-m",
+        str(base),
+        "--layers",
+        "1",
+        "--n-ctx",
+        "32",
+        "--stride",
+        "32",
+        "--batch-windows",
+        "2",
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+def weights(run: Path) -> dict[str, np.ndarray]:
+    return load_file(str(run / "hf" / "model.safetensors"))
+
+
+def test_datastore_resumes_and_targets_are_complete(stores, tiny_llama_ckpt):
+    ds = stores["ds"]
+    keys = np.load(ds / "keys-00000.npy")
+    assert keys.dtype == np.float16 and keys.shape[1] == 64
+    ids = np.load(ds / "targets" / "knn-ids.npy")
+    probs = np.load(ds / "targets" / "knn-probs.npy").astype(np.float32)
+    assert ids.shape == probs.shape and ids.shape[1] == 4
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=2e-3)
+    # a second build with the same inputs resumes (nothing to do) instead of starting over
+    before = (ds / "keys-00000.npy").stat().st_mtime_ns
+    invoke(
+        "datastore",
+        "build",
+        "--corpus",
+        str(stores["split"]),
+        "--out",
+        str(ds),
+        "-m",
+        str(tiny_llama_ckpt),
+        "--n-ctx",
+        "64",
+        "--stride",
+        "32",
+        "--shard-windows",
+        "4",
+        "--threads",
+        "1",
+    )
+    assert (ds / "keys-00000.npy").stat().st_mtime_ns == before
+
+
+def test_train_export_pair_perplexity(stores, tiny_llama_ckpt, tiny_llama_gguf, legal_text, tmp_path):
+    out, gguf = tmp_path / "run", tmp_path / "memdec.gguf"
+    invoke(
+        *train_args(
+            stores,
+            out,
+            tiny_llama_ckpt,
+            "--max-steps",
+            "2",
+            "--valid-corpus",
+            str(stores["split"]),
+            "--valid-tokens",
+            "200",
+            "--export",
+            str(gguf),
+            "--outtype",
+            "f32",
+            "--tokenizer-from",
+            str(tiny_llama_gguf),
+            "--domain",
+            "legal",
+        )
+    )
+    from edge_memdec.api import MemoryDecoderLM
+    from edge_memdec.gguf_file import read_gguf
+
+    info = read_gguf(gguf)
+    assert info.memdec["domain"] == "legal"
+    assert 0.0 < info.memdec["lambda"] < 1.0
+    with MemoryDecoderLM(tiny_llama_gguf, gguf) as lm:
+        report = lm.perplexity(legal_text[:2000], n_ctx=64, stride=32, lambdas=[0.3])
+    assert math.isfinite(report["memdec"]["ppl"]) and math.isfinite(report["mixed"][0]["ppl"])
+
+
+def test_resume_after_sigkill_equals_uninterrupted(stores, tiny_llama_ckpt, tmp_path):
+    steps = ["--epochs", "50", "--max-steps", "60", "--checkpoint-every", "1"]
+    straight = tmp_path / "straight"
+    subprocess.run([*CLI, *train_args(stores, straight, tiny_llama_ckpt, *steps)], check=True)
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([*CLI, *train_args(stores, killed, tiny_llama_ckpt, *steps)])
+    checkpoint = killed / "checkpoint.pt"
+    deadline = time.time() + 600
+    while not checkpoint.is_file() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert step < 60, "the run finished before it could be killed"
+    shutil.rmtree(killed / "hf", ignore_errors=True)
+    subprocess.run([*CLI, *train_args(stores, killed, tiny_llama_ckpt, *steps, "--resume")], check=True)
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_two_ranks_match_one(stores, tiny_llama_ckpt, tmp_path):
+    steps = ["--max-steps", "3", "--batch-windows", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([*CLI, *train_args(stores, one, tiny_llama_ckpt, *steps)], check=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    subprocess.run(
+        [*torchrun, "-m", "edge_memdec.cli", *train_args(stores, two, tiny_llama_ckpt, *steps)], check=True
+    )
+    a, b = weights(one), weights(two)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=2e-5, err_msg=name)
