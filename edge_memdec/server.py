@@ -38,19 +38,24 @@ POLL_SECONDS = 0.2  # how often a waiting request checks that its client is stil
 SOCKET_TIMEOUT = 60.0  # seconds a client may stall while sending its request or reading the answer
 
 
+SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error")
+
+
 class ClientGone(Exception):
-    """The client closed the connection; its generation has been cancelled."""
+    """The client closed the connection (its generation is then cancelled)."""
 
 
 @dataclass
 class Job:
-    """One generation waiting for, or running in, the decode loop; `events` carries its output back."""
+    """One generation waiting for, or running in, the decode loop.
+
+    `events` carries its output back to the HTTP thread: ("piece", text) while it runs, then ("done", None)
+    or ("error", exception).
+    """
 
     generation: Generation
     label: str  # names the request in the log
-    events: queue.SimpleQueue = field(
-        default_factory=queue.SimpleQueue
-    )  # ("piece", str) | ("done" | "error", ...)
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
 
 class DecodeWorker:
@@ -83,6 +88,9 @@ class DecodeWorker:
                 job = self._jobs.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
+            if self._stopping.is_set():
+                job.events.put(("error", SHUTTING_DOWN))
+                break
             self._current = job
             try:
                 self._run_job(job)
@@ -120,9 +128,7 @@ class DecodeWorker:
             current.generation.cancel.set()
         self._thread.join()
         while not self._jobs.empty():
-            self._jobs.get_nowait().events.put(
-                ("error", ApiError(503, "the server is shutting down", kind="server_error"))
-            )
+            self._jobs.get_nowait().events.put(("error", SHUTTING_DOWN))
 
 
 def default_model_id(lm: MemoryDecoderLM) -> str:
@@ -204,7 +210,7 @@ class MemdecServer(ThreadingHTTPServer):
             "meta": {
                 "base": pair.base.path.name,
                 "memdec": pair.memdec.path.name if pair.memdec is not None else None,
-                "lambda": self.lm.lam,
+                "lambda": round(self.lm.lam, 6),
                 "n_ctx": pair.n_ctx,
                 "max_tokens": self.max_tokens,
             },
@@ -259,6 +265,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._started = False
+        self._next_check = 0.0
         self._allow: list[str] = []
         path = urlsplit(self.path).path.rstrip("/") or "/"
         try:
@@ -384,13 +391,17 @@ class RequestHandler(BaseHTTPRequestHandler):
             generation.cancel.set()  # no-op when finished; frees the decode loop when we leave early
 
     def _next_event(self, job: Job) -> tuple[str, Any]:
-        """The job's next event; while waiting, checks that the client is still connected."""
+        """The job's next event; meanwhile checks, every POLL_SECONDS, that the client is still connected."""
         while True:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + POLL_SECONDS
+                if self._client_gone():
+                    raise ClientGone
             try:
                 return job.events.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if self._client_gone():
-                    raise ClientGone from None
+                pass
 
     def _wait_done(self, job: Job) -> None:
         while True:

@@ -271,3 +271,26 @@ def test_clients_that_disconnect_cancel_their_generation(server, caplog):
         if ending.endswith("cancelled"):
             assert int(ending.split(" tokens at ")[0].rsplit(" ", 1)[1]) < 64
     assert raw_request(server, "GET", "/health")[0] == 200
+
+
+def test_a_full_queue_answers_503(lm):
+    small = MemdecServer(lm, port=0, max_tokens=64, max_queued=1)
+    thread = threading.Thread(target=small.serve_forever, daemon=True)
+    thread.start()
+    try:
+        running = _send_raw(small, {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True})
+        received = b""
+        while b'"text": "' not in received:
+            received += running.recv(4096)
+        waiting = _send_raw(small, {"prompt": PROMPT, "max_tokens": 4})
+        deadline = time.monotonic() + 30
+        while raw_request(small, "GET", "/health")[1]["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, reply = raw_request(small, "POST", "/v1/completions", json.dumps({"prompt": PROMPT}).encode())
+        assert status == 503
+        assert reply["error"]["type"] == "server_error" and "busy" in reply["error"]["message"]
+        running.close()
+        waiting.close()
+    finally:
+        small.close()
+        thread.join(timeout=10)
