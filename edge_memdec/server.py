@@ -111,10 +111,11 @@ class DecodeWorker:
             job.events.put(("piece", piece))
         job.events.put(("done", None))
         logger.info(
-            "%s: %d prompt tokens (%d cached), %d tokens at %.1f tok/s, %s",
+            "%s: %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
             job.label,
             len(generation.prompt_tokens),
             generation.n_cached,
+            generation.prompt_seconds,
             len(generation.tokens),
             generation.tokens_per_second,
             generation.finish_reason,
