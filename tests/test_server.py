@@ -7,6 +7,8 @@ import http.client
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -294,3 +296,24 @@ def test_a_full_queue_answers_503(lm):
     finally:
         small.close()
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--lambda", "2"], "lambda must be between 0 and 1"),
+        (["-n", "0"], "at least 1 token"),
+        (None, "cannot listen"),
+    ],
+)
+def test_serve_command_errors_are_one_line(smollm2_gguf, tiny_memdec_gguf, extra, words):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = ["serve", "-m", str(smollm2_gguf), "--memdec", str(tiny_memdec_gguf), "-c", "64", "-t", "1"]
+        args += extra if extra is not None else ["--port", str(busy.getsockname()[1])]
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_memdec.cli", *args], capture_output=True, text=True, timeout=120
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and words in proc.stderr and "Traceback" not in proc.stderr
