@@ -65,9 +65,9 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     tokenizer = load_tokenizer(base)
     valid_text = split_text(tokenizer, split_dir, "validation", budget.valid_tokens)
     test_text = split_text(tokenizer, split_dir, "test", budget.test_tokens)
-    lam = float(read_gguf(memdec).memdec.get("lambda", 0.3))
+    lam = round(float(read_gguf(memdec).memdec.get("lambda", 0.3)), 6)
     lambdas = sorted({*budget.lambdas, lam})
-    with MemoryDecoderLM(base, memdec, n_threads=threads) as lm:
+    with MemoryDecoderLM(base, memdec, n_ctx=1024, n_batch=1024, n_threads=threads) as lm:
         ours = lm.perplexity(test_text, n_ctx=1024, stride=512, lambdas=lambdas)
     mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
 
