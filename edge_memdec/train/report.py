@@ -7,6 +7,8 @@ the edge runtime (llama.cpp, the shipped q8_0 GGUF); kNN-LM needs the base's key
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,21 @@ def split_text(tokenizer, split_dir: Path, split: str, max_tokens: int, seed: in
     docs = choose_documents(tokenizer, split_documents_of(split_dir, split), max_tokens, seed)
     ids = tokenizer.encode(join_documents(docs), add_special_tokens=False).ids[:max_tokens]
     return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def cached_knn_scores(base: Path, datastore: Path, text: str, k: int, temperature: float) -> dict:
+    """knn_lm_scores over 1024/512 windows, cached in the datastore folder by a hash of (text, base, k, T)."""
+    key = hashlib.sha256(f"{base}|{k}|{temperature}|{text}".encode()).hexdigest()[:16]
+    path = Path(datastore) / f"knn-lm-{key}.npz"
+    if path.is_file():
+        data = np.load(path)
+        return {name: data[name] for name in data.files} | {"seconds": json.loads(str(data["seconds_json"]))}
+    scores = knn_lm_scores(base, datastore, text, 1024, 512, k, temperature)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    arrays = {name: v for name, v in scores.items() if name != "seconds"}
+    np.savez(tmp, **arrays, seconds_json=json.dumps(scores["seconds"]))
+    tmp.replace(path)
+    return scores
 
 
 def stderr_of_ppl(logprobs: np.ndarray) -> float:
@@ -71,10 +88,10 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         ours = lm.perplexity(test_text, n_ctx=1024, stride=512, lambdas=lambdas)
     mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
 
-    valid = knn_lm_scores(base, datastore, valid_text, 1024, 512, budget.k, budget.temperature)
+    valid = cached_knn_scores(base, datastore, valid_text, budget.k, budget.temperature)
     valid_table = mixed_ppl(valid["base_logprobs"], valid["knn_logprobs"], list(budget.lambdas))
     knn_lam = min(valid_table, key=valid_table.get)
-    test = knn_lm_scores(base, datastore, test_text, 1024, 512, budget.k, budget.temperature)
+    test = cached_knn_scores(base, datastore, test_text, budget.k, budget.temperature)
     test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], list(budget.lambdas))
     knn_mix = np.logaddexp(np.log1p(-knn_lam) + test["base_logprobs"], np.log(knn_lam) + test["knn_logprobs"])
 
@@ -93,11 +110,11 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
             "lambda": knn_lam,
             "ppl": float(np.exp(-knn_mix.mean())),
             "stderr": stderr_of_ppl(knn_mix),
-            "tokens_scored": test["tokens_scored"],
+            "tokens_scored": int(test["tokens_scored"]),
             "pytorch_base_ppl": float(np.exp(-test["base_logprobs"].mean())),
             "k": budget.k,
             "temperature": budget.temperature,
-            "datastore_positions": test["datastore_positions"],
+            "datastore_positions": int(test["datastore_positions"]),
             "seconds": test["seconds"],
         },
         "knn_mixed": [{"lambda": k, "ppl": v} for k, v in test_table.items()],
