@@ -30,7 +30,7 @@ from edge_memdec.train.mix_ppl import mixed_ppl, target_logprobs
 from edge_memdec.train.windows import Window, sliding_windows
 
 CHECKPOINT = "checkpoint.pt"
-DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
