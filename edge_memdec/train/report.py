@@ -76,7 +76,7 @@ def lambda_plot(path: Path, table: dict) -> None:
 
 
 def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, threads: int = 2) -> dict:
-    """The test-split table (dict, JSON-ready); also writes lambda.png beside the memory decoder GGUF."""
+    """The test-split table (dict, JSON-ready); also writes NAME-lambda.png beside the memory decoder GGUF."""
     from edge_memdec.api import MemoryDecoderLM
 
     tokenizer = load_tokenizer(base)
@@ -121,5 +121,5 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     }
     table["ratio_mixed_to_base"] = table["base_plus_memdec"]["ppl"] / table["base"]["ppl"]
     table["ratio_knn_to_base"] = table["knn_lm"]["ppl"] / table["knn_lm"]["pytorch_base_ppl"]
-    lambda_plot(Path(memdec).with_name("lambda.png"), table)
+    lambda_plot(Path(memdec).with_name(f"{Path(memdec).stem}-lambda.png"), table)
     return table
