@@ -195,6 +195,11 @@ def perplexity(
         raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if n_ctx < 2 or n_ctx > pair.n_ctx:
         raise UserError(f"-c must be between 2 and the loaded context size {pair.n_ctx}, got {n_ctx}")
+    if n_ctx > pair.base.n_batch:
+        raise UserError(
+            f"windows of {n_ctx} tokens need the models opened with n_batch >= {n_ctx} (now {pair.base.n_batch}); "
+            f"pass n_batch={n_ctx} to MemoryDecoderLM"
+        )
     stride = n_ctx // 2 if stride is None else stride
     if protocol == "paper" and not 1 <= stride <= n_ctx:
         raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
