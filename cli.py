@@ -203,6 +203,15 @@ def perplexity(
     plot_out: Annotated[
         Optional[Path], typer.Option("--plot", help="Write the PPL-against-lambda plot (PNG) here.")
     ] = None,
+    knn: Annotated[
+        Optional[Path],
+        typer.Option("--knn", help="Also score the kNN-LM baseline from this datastore (needs the train extra)."),
+    ] = None,
+    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = 0.3,
+    knn_temperature: Annotated[
+        float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature on squared L2 distances.")
+    ] = 1.0,
+    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
     state: Annotated[
         Optional[Path],
         typer.Option("--state", help="Save progress here after every window; rerun to continue."),
@@ -217,7 +226,8 @@ def perplexity(
 
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.atomic import write_text_atomic
-    from edge_memdec.perplexity import DEFAULT_LAMBDAS, format_report, perplexity as run_perplexity
+    from edge_memdec.perplexity import DEFAULT_LAMBDAS, format_report
+    from edge_memdec.perplexity import perplexity as run_perplexity
     from edge_memdec.textfile import read_text_file
 
     text = read_text_file(file)
@@ -454,11 +464,6 @@ def serve(
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     import logging
-    import os
-
-    # llama.cpp's prompt batches run on OpenMP threads; libgomp's default busy-wait made a 36-token prompt take
-    # 8 s instead of 0.4 s on a busy 2-core machine. Must be set before llama.cpp (libgomp) loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.server import MemdecServer
