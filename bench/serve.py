@@ -9,20 +9,17 @@ Prints wall time, requests/s, answer tokens/s and per-request latency (median, 9
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as `edge-memdec serve` does, before llama.cpp loads
+import openai
 
-import openai  # noqa: E402
-
-from edge_memdec.api import MemoryDecoderLM  # noqa: E402
-from edge_memdec.paths import default_base_gguf, default_memdec_gguf  # noqa: E402
-from edge_memdec.server import MemdecServer  # noqa: E402
+from edge_memdec.api import MemoryDecoderLM
+from edge_memdec.paths import default_base_gguf, default_memdec_gguf
+from edge_memdec.server import MemdecServer
 
 QUESTIONS = [
     "What does a software licence allow?",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from edge_memdec.atomic import write_atomic
 from edge_memdec.errors import UserError
 
 
@@ -40,13 +40,7 @@ def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    except OSError as err:
-        raise UserError(f"could not write {out}: {err.strerror}") from None
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
