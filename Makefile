@@ -21,6 +21,7 @@ demo: install
 	edge-memdec chat -p "$(PROMPT)" -n 96 --temp 0 --verbose
 
 test: install-dev
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q
 
 lint:

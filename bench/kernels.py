@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from edge_memdec.kernels import make_scratch, mix_logprobs, sample_token, warmup
 
 LAM = 0.3

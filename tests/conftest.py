@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-from edge_memdec.convert import convert_checkpoint
 
+from edge_memdec.convert import convert_checkpoint
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.paths import default_base_gguf
 

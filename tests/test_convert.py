@@ -10,9 +10,9 @@ import llama_cpp
 import numpy as np
 import pytest
 from conftest import licence_folder, licence_text, save_checkpoint, train_tokenizer
-from edge_memdec.convert import convert_checkpoint
 from llama_cpp import Llama
 
+from edge_memdec.convert import convert_checkpoint
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 
@@ -271,8 +271,9 @@ def test_conversion_errors_are_one_sentence_and_leave_nothing(tiny_llama_ckpt, s
 
 
 def test_missing_tensor_is_named(tiny_llama_ckpt, tmp_path):
-    from edge_memdec.convert.checkpoint import Checkpoint
     from safetensors.numpy import save_file
+
+    from edge_memdec.convert.checkpoint import Checkpoint
 
     folder = _copy_checkpoint(tiny_llama_ckpt, tmp_path / "incomplete")
     source = Checkpoint(tiny_llama_ckpt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edge_memdec.kernels import make_scratch, mix_logprobs, sample_token, score_rows
 from edge_memdec.kernels.fastmath import exp_f32, exp_f64, log1p_f32
 
