@@ -30,7 +30,7 @@ class MemoryDecoderLM:
         memdec: str | Path | None = None,
         lam: float | None = None,
         memdec_gpu_layers: int | None = None,
-        overlap: bool = True,
+        overlap: bool = False,
         **llama_kwargs: Any,
     ) -> None:
         try:

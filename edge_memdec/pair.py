@@ -30,8 +30,10 @@ def recommended_lambda(memdec_path: Path, default: float = 0.3) -> float:
 class ModelPair:
     """Base model + optional memory decoder, evaluated on the same tokens.
 
-    Single-token decode steps run both models at once in two threads (ctypes releases the GIL, so the two
-    llama.cpp graphs overlap); prompt batches run one model after the other with every thread each. `lock`
+    By default each step runs the two models one after the other with every thread (fastest on an idle 2-core
+    machine, bench/decode.py); with `overlap=True` single-token steps run both at once in two threads, half the
+    threads each (ctypes releases the GIL), which wins when other work competes for the cores. Prompt batches
+    always run one model after the other. `lock`
     serialises users of the pair: a llama.cpp context is not safe to drive from two threads at once.
     """
 
@@ -42,7 +44,7 @@ class ModelPair:
         lam: float | None = None,
         options: ModelOptions | None = None,
         memdec_gpu_layers: int | None = None,
-        overlap: bool = True,
+        overlap: bool = False,
     ) -> None:
         options = options or ModelOptions()
         base_info = read_gguf(base_path)
