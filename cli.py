@@ -428,6 +428,39 @@ def train_memdec(
     train_command(locals())
 
 
+@app.command("transfer")
+def transfer_memdec(
+    memdec: Annotated[Path, typer.Argument(help="Trained memory decoder: the run folder of `train --out`")],
+    datastore: Annotated[Path, typer.Argument(help="The new base's datastore folder (with its kNN targets)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (transfer-init/, hf/, train.json)")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="New base GGUF or HF folder")] = None,
+    targets: Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")] = None,
+    source_base: Annotated[Optional[Path], typer.Option(help="Base the decoder was trained with (default: from its train.json)")] = None,
+    new_rows: Annotated[str, typer.Option(help="Rows of new tokens: compose (old pieces), base, or mean")] = "compose",
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --budget-fraction of the source's)")] = None,
+    budget_fraction: Annotated[float, typer.Option(help="Share of the source run's steps")] = 0.1,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: the source run's)")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight of the KL term (default: the source run's)")] = None,
+    batch_windows: Annotated[Optional[int], typer.Option(help="Windows per step (default: the source run's)")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(help="Training window length (default: the source run's)")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Training window stride (default: the source run's)")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = 50,
+    valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation (PPL before and after)")] = None,
+    valid_tokens: Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")] = 20000,
+    resume: Annotated[bool, typer.Option(help="Continue the transfer in --out from its checkpoint")] = False,
+    export: Annotated[Optional[Path], typer.Option(help="Also write this GGUF")] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF weight type for --export")] = "q8_0",
+    tokenizer_from: Annotated[Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")] = None,
+    domain: Annotated[str, typer.Option(help="Domain name stored in the GGUF")] = "custom",
+    threads: Annotated[int, typer.Option(help="Torch threads per process")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for data order and new rows")] = 0,
+) -> None:
+    """Move a trained memory decoder to a base with another tokenizer: new embedding rows, ~10% more training."""
+    from edge_memdec.train.transfer import transfer_command
+
+    transfer_command(locals())
+
+
 @app.command("recipe")
 def recipe(
     domain: Annotated[str, typer.Argument(help="legal or finance (or any corpus `corpus split` accepts)")],

@@ -27,6 +27,7 @@ def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object
             "lr": float(cfg["lr"]),
             "valid_ppl": float(valid["best_ppl"]) if valid else None,
             "valid_base_ppl": float(valid["base_ppl"]) if valid else None,
+            "transfer": summary.get("transfer"),  # cross-tokenizer transfer facts (train/transfer.py), if any
         },
     }
 

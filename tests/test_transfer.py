@@ -1,0 +1,179 @@
+"""Cross-tokenizer transfer through the public CLI: a memory decoder trained for tiny base A (512-token GPT-2-style
+BPE) moved to tiny base B (another BPE: 400 tokens, Qwen2-style pre-tokenizer, other width), then exported, paired
+with base B by llama.cpp and scored; plus the one-sentence errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("faiss")
+
+from conftest import (  # noqa: E402
+    QWEN2_SPLIT,
+    SPECIAL_TOKENS,
+    _tiny_settings,
+    licence_folder,
+    licence_text,
+    save_checkpoint,
+)
+from safetensors.numpy import load_file  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from edge_memdec.cli import app  # noqa: E402
+from edge_memdec.convert import convert_checkpoint  # noqa: E402
+
+SOURCE_STEPS = 20
+VOCAB_B = 400
+SMALL = ["--n-ctx", "64", "--stride", "32", "--shard-windows", "4", "--threads", "1"]
+TRAIN = ["--n-ctx", "32", "--stride", "32", "--batch-windows", "2", "--threads", "1"]
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result.output
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_memdec.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def tokenizer_b():
+    """A byte-level BPE unlike base A's: 400 tokens, Qwen2's split regex, trained on other licence files."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    files = sorted(licence_folder().glob("*.LICENSE"))[5::10]
+    texts = [t for t in (licence_text(f) for f in files) if t.strip()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_B,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_ckpt, tiny_llama_gguf, legal_text) -> dict[str, Path]:
+    """Split; base A datastore + targets + a 20-step memory decoder; base B (checkpoint, GGUF, datastore, targets);
+    the transfer to base B with validation, exported as an f32 GGUF."""
+    work = tmp_path_factory.mktemp("transfer")
+    text = work / "legal.txt"
+    text.write_text(legal_text, encoding="utf-8")
+    split, ds_a, ds_b = work / "split", work / "ds-a", work / "ds-b"
+    invoke("corpus", "split", text, "--out", split)
+    invoke("datastore", "build", "--corpus", split, "--out", ds_a, "-m", tiny_llama_ckpt, *SMALL)
+    invoke("knn-targets", ds_a, "-k", "8", "--top", "4", "--chunk", "64", "--threads", "1")
+    run_a = work / "run-a"
+    invoke("train", ds_a, "--out", run_a, "-m", tiny_llama_ckpt, "--layers", "1", *TRAIN,
+           "--epochs", "50", "--max-steps", SOURCE_STEPS)  # fmt: skip
+
+    tok_b = tokenizer_b()
+    base_b = save_checkpoint(
+        work / "base-b", "llama", tok_b, tok_b.get_vocab_size(), _tiny_settings(), seed=5,
+        hidden_size=48, tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    gguf_b = convert_checkpoint(base_b, work / "base-b-f32.gguf", "f32")
+    invoke("datastore", "build", "--corpus", split, "--out", ds_b, "-m", base_b, *SMALL)
+    invoke("knn-targets", ds_b, "-k", "8", "--top", "4", "--chunk", "64", "--threads", "1")
+    run_b, mem_b = work / "run-b", work / "memdec-b.gguf"
+    output = invoke(
+        "transfer", run_a, ds_b, "--out", run_b, "-m", base_b, "--threads", "1",
+        "--valid-corpus", split, "--valid-tokens", "200",
+        "--export", mem_b, "--outtype", "f32", "--tokenizer-from", gguf_b, "--domain", "legal",
+    )  # fmt: skip
+    return {"work": work, "split": split, "ds_a": ds_a, "ds_b": ds_b, "run_a": run_a, "base_b": base_b,
+            "gguf_b": gguf_b, "run_b": run_b, "mem_b": mem_b, "text": text, "output": output}  # fmt: skip
+
+
+def test_copied_rows_equal_the_source_and_blocks_are_kept(setup, tiny_llama_ckpt):
+    vocab_a = json.loads((tiny_llama_ckpt / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab_b = json.loads((setup["base_b"] / "tokenizer.json").read_text())["model"]["vocab"]
+    shared = sorted((vocab_b[t], vocab_a[t]) for t in vocab_b.keys() & vocab_a.keys())
+    assert 0 < len(shared) < len(vocab_b), "the two tokenizers should overlap, but not entirely"
+    source = load_file(str(setup["run_a"] / "hf" / "model.safetensors"))
+    init = load_file(str(setup["run_b"] / "transfer-init" / "model.safetensors"))
+    new_ids, old_ids = (np.array(ids) for ids in zip(*shared, strict=True))
+    embed = "model.embed_tokens.weight"
+    assert init[embed].shape == (VOCAB_B, source[embed].shape[1])
+    np.testing.assert_array_equal(init[embed][new_ids], source[embed][old_ids])
+    others = [i for i in range(VOCAB_B) if i not in set(new_ids.tolist())]
+    assert np.isfinite(init[embed][others]).all() and np.abs(init[embed][others]).sum() > 0
+    for name in source:
+        if name != embed and name in init:
+            np.testing.assert_array_equal(init[name], source[name], err_msg=name)
+    facts = json.loads((setup["run_b"] / "transfer.json").read_text())
+    assert facts["row_counts"]["copied"] == len(shared)
+    assert facts["row_counts"]["rows"] == VOCAB_B
+    assert f"{len(shared)} of {VOCAB_B} rows copied" in setup["output"]
+
+
+def test_budget_is_ten_percent_and_recorded(setup):
+    summary = json.loads((setup["run_b"] / "train.json").read_text())
+    assert summary["transfer"]["source_steps"] == SOURCE_STEPS
+    assert summary["steps"] == summary["transfer"]["steps"] == round(0.1 * SOURCE_STEPS)
+    assert summary["transfer"]["budget_fraction"] == pytest.approx(0.1)
+    before = json.loads((setup["run_b"] / "transfer.json").read_text())["validation_before"]
+    assert math.isfinite(before["best_ppl"]) and math.isfinite(summary["validation"]["best_ppl"])
+    assert "before ->" in setup["output"]
+
+
+def test_exported_gguf_pairs_with_base_b_and_scores(setup):
+    from edge_memdec.gguf_file import read_gguf
+
+    facts = read_gguf(setup["mem_b"]).memdec
+    assert facts["train.transfer.steps"] == 2 and facts["train.transfer.source_steps"] == SOURCE_STEPS
+    assert facts["train.transfer.from_run"] == "run-a" and facts["train.transfer.rows"] == VOCAB_B
+    assert "compatible with base-b-f32.gguf" in invoke("inspect", setup["mem_b"], "--base", setup["gguf_b"])
+    report = setup["work"] / "ppl.json"
+    invoke("perplexity", "-m", setup["gguf_b"], "--memdec", setup["mem_b"], "-f", setup["text"],
+           "-c", "64", "--lambda-sweep", "0,0.3,1", "--json", report, "-t", "1")  # fmt: skip
+    data = json.loads(report.read_text())
+    assert math.isfinite(data["memdec"]["ppl"]) and all(math.isfinite(m["ppl"]) for m in data["mixed"])
+
+
+def test_resume_of_a_finished_transfer_keeps_its_weights(setup):
+    before = load_file(str(setup["run_b"] / "hf" / "model.safetensors"))
+    invoke("transfer", setup["run_a"], setup["ds_b"], "--out", setup["run_b"], "-m", setup["base_b"],
+           "--threads", "1", "--resume")  # fmt: skip
+    after = load_file(str(setup["run_b"] / "hf" / "model.safetensors"))
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["{ds_a}", "{ds_b}", "-m", "{base_b}"], "is not a memory decoder run folder"),
+        (["{run_a}", "{ds_a}", "-m", "{base_b}"], "tokenizer is not the new base's"),
+        (["{run_a}", "{ds_b}", "-m", "{base_b}", "--new-rows", "base"], "equal widths"),
+        (["{base_b}", "{ds_b}", "-m", "{base_b}"], "pass --steps"),
+        (["{run_a}", "{ds_b}", "-m", "{base_b}", "--budget-fraction", "2"], "budget-fraction"),
+    ],
+)
+def test_bad_input_is_one_sentence(setup, tmp_path, args, needle):
+    paths = {k: str(v) for k, v in setup.items() if isinstance(v, Path)}
+    proc = run_cli("transfer", *(a.format(**paths) for a in args), "--out", tmp_path / "out", "--threads", "1")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
