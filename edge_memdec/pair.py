@@ -11,6 +11,7 @@ from pathlib import Path
 from edge_memdec.compat import check_pair
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
+from edge_memdec.kernels import warmup
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 
 
@@ -47,6 +48,10 @@ class ModelPair:
         overlap: bool = False,
     ) -> None:
         options = options or ModelOptions()
+        # The numba kernels load from their cache (~1 s, mostly Python) while llama.cpp maps the weights (C, GIL
+        # released): overlapping the two takes that second off start-up.
+        warm = threading.Thread(target=warmup, name="kernel-warmup", daemon=True)
+        warm.start()
         base_info = read_gguf(base_path)
         memdec_info = read_gguf(memdec_path) if memdec_path is not None else None
         if memdec_info is not None:
@@ -69,6 +74,7 @@ class ModelPair:
         self.n_shared = min(self.base.n_vocab, self.memdec.n_vocab) if self.memdec else self.base.n_vocab
         self.lock = threading.RLock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if self.overlap else None
+        warm.join()
 
     @property
     def models(self) -> list[LlamaModel]:

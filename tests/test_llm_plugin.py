@@ -15,8 +15,10 @@ MESSAGES = [
 
 
 @pytest.fixture
-def model(monkeypatch, smollm2_gguf, tiny_memdec_gguf):
+def model(monkeypatch, tmp_path, smollm2_gguf, tiny_memdec_gguf):
     from edge_memdec import llm_plugin
+
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path / "llm"))  # llm keeps its own files there, not in ~
 
     monkeypatch.setenv("EDGE_MEMDEC_BASE", str(smollm2_gguf))
     monkeypatch.setenv("EDGE_MEMDEC_MEMDEC", str(tiny_memdec_gguf))
