@@ -380,11 +380,15 @@ def knn_targets(
     nprobe: Annotated[int, typer.Option(help="IVF lists searched per query")] = 32,
     chunk: Annotated[int, typer.Option(help="Queries per resumable chunk")] = 2048,
     threads: Annotated[int, typer.Option(help="faiss threads")] = 2,
+    ivf_lists: Annotated[int, typer.Option(help="IVF-PQ inverted lists (0 = up to 4096, >= 39 keys each)")] = 0,
+    pq_bytes: Annotated[int, typer.Option(help="IVF-PQ code bytes per key (must divide the key size)")] = 64,
 ) -> None:
     """Search every datastore key's neighbours and store its sparse kNN next-token distribution."""
     from edge_memdec.train.knn_targets import build_targets
 
-    m = build_targets(datastore, out, k, temperature, top, index, nprobe, chunk, threads, threshold)
+    m = build_targets(
+        datastore, out, k, temperature, top, index, nprobe, chunk, threads, threshold, ivf_lists, pq_bytes
+    )
     print(
         f"knn targets: {m['n_positions']} positions, average top-1 probability {m['avg_top1_prob']:.3f}, "
         f"next token in support {m['next_token_in_support']:.3f}, {m['seconds']:.0f} s"

@@ -14,14 +14,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
-from edge_memdec.train.base import Base
 from edge_memdec.train.windows import Window, sliding_windows
+
+if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a datastore does without them
+    from edge_memdec.train.base import Base
 
 MANIFEST = "datastore.json"
 
@@ -30,24 +32,61 @@ class _KeysReady(Exception):
     """Raised by the key hook to skip the rest of the forward pass (last MLP and LM head are not needed)."""
 
 
+def _save_atomic(path: Path, write) -> None:
+    """Call `write(temp)` for a temporary file in the same folder, then os.replace it onto `path`.
+
+    A failed write (a full disk, a file-size limit, no permission) removes the temporary file and becomes a
+    UserError naming `path`; a killed process leaves only the temporary file, which `remove_stale_temps` clears.
+    """
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(
+            f"writing {path} failed ({err.strerror or err}); check the free disk space and the folder's permissions"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """np.save through a temporary file in the same folder, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    _save_atomic(path, write)
 
 
 def atomic_save_json(path: Path, data: dict) -> None:
     """JSON through a temporary file in the same folder, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _save_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
 
 
-@torch.no_grad()
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; live runs keep theirs."""
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def window_keys(base: Base, tokens: np.ndarray, window: Window) -> np.ndarray:
     """Keys of the positions a window owns, float16 [end - first_new, dim]."""
+    import torch
+
     captured: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
@@ -57,7 +96,8 @@ def window_keys(base: Base, tokens: np.ndarray, window: Window) -> np.ndarray:
     handle = base.key_layer.register_forward_hook(hook)
     try:
         ids = torch.from_numpy(tokens[window.begin : window.end].astype(np.int64))[None]
-        base.model.model(input_ids=ids, use_cache=False)
+        with torch.no_grad():
+            base.model.model(input_ids=ids, use_cache=False)
     except _KeysReady:
         pass
     finally:
@@ -92,7 +132,15 @@ def build_datastore(
     Positions 0..n_tokens-2 get keys (the last token has no next token). Returns the manifest.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if n_ctx < 2 or not 1 <= stride <= n_ctx:
+        raise UserError(f"--n-ctx must be at least 2 and --stride between 1 and --n-ctx, got {n_ctx} and {stride}")
+    if shard_windows < 1:
+        raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the datastore folder {out_dir} ({err.strerror or err})") from None
+    remove_stale_temps(out_dir)
     manifest_path = out_dir / MANIFEST
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     if len(tokens) < 2:
@@ -130,19 +178,21 @@ def build_datastore(
     todo = [s for s in manifest["shards"] if s["index"] not in set(manifest["finished"])]
     done_positions = n_positions - sum(s["stop"] - s["start"] for s in todo)
     bar = tqdm(total=n_positions, initial=done_positions, unit="pos", desc="datastore", smoothing=0.1)
-    for shard in todo:
-        t0 = time.perf_counter()
-        parts = []
-        for window in windows[shard["windows"][0] : shard["windows"][1]]:
-            keys = window_keys(base, tokens, window)
-            parts.append(keys)
-            bar.update(min(len(keys), n_positions - window.first_new))
-        keys = np.concatenate(parts)[: shard["stop"] - shard["start"]]
-        atomic_save_npy(out_dir / f"keys-{shard['index']:05d}.npy", keys)
-        manifest["finished"].append(shard["index"])
-        manifest["seconds"] += time.perf_counter() - t0
-        atomic_save_json(manifest_path, manifest)
-    bar.close()
+    try:
+        for shard in todo:
+            t0 = time.perf_counter()
+            parts = []
+            for window in windows[shard["windows"][0] : shard["windows"][1]]:
+                keys = window_keys(base, tokens, window)
+                parts.append(keys)
+                bar.update(min(len(keys), n_positions - window.first_new))
+            keys = np.concatenate(parts)[: shard["stop"] - shard["start"]]
+            atomic_save_npy(out_dir / f"keys-{shard['index']:05d}.npy", keys)
+            manifest["finished"].append(shard["index"])
+            manifest["seconds"] += time.perf_counter() - t0
+            atomic_save_json(manifest_path, manifest)
+    finally:
+        bar.close()
     return manifest
 
 

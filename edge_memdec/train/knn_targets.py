@@ -11,6 +11,7 @@ memory-mapped `.partial` files and recorded in targets.json, so a killed run res
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -21,7 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
-from edge_memdec.train.datastore import atomic_save_json, load_keys, load_values, read_manifest
+from edge_memdec.train.datastore import (
+    atomic_save_json,
+    load_keys,
+    load_values,
+    read_manifest,
+    remove_stale_temps,
+)
 
 MANIFEST = "targets.json"
 IVF_CENTROIDS = 4096
@@ -29,19 +36,33 @@ PQ_BYTES = 64
 IVF_TRAIN_MAX = 1_000_000
 
 
-def build_index(keys: np.ndarray, kind: str, nprobe: int = 32, threshold: int = 2_000_000, seed: int = 0):
-    """A faiss index over `keys` (float32 [n, dim]): exact `flat`, `ivfpq` (4096 centroids, 64-byte codes), or
-    `auto` (flat up to `threshold` keys)."""
+def build_index(
+    keys: np.ndarray,
+    kind: str,
+    nprobe: int = 32,
+    threshold: int = 2_000_000,
+    seed: int = 0,
+    lists: int = 0,
+    pq_bytes: int = PQ_BYTES,
+):
+    """A faiss index over `keys` (float32 [n, dim]): exact `flat`, `ivfpq` (`lists` inverted lists, 0 = up to
+    4096 with >= 39 training keys each; `pq_bytes`-byte codes of 8-bit sub-quantizers), or `auto` (flat up to
+    `threshold` keys); `index_description` says which was built."""
     n, dim = keys.shape
     if kind == "auto":
         kind = "flat" if n <= threshold else "ivfpq"
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
     elif kind == "ivfpq":
-        if dim % PQ_BYTES:
-            raise UserError(f"IVF-PQ needs a key size divisible by {PQ_BYTES}, got {dim}; use --index flat")
-        centroids = min(IVF_CENTROIDS, max(1, n // 39))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, centroids, PQ_BYTES, 8)
+        if pq_bytes < 1 or dim % pq_bytes:
+            raise UserError(
+                f"IVF-PQ needs a code size that divides the key size {dim}, got --pq-bytes {pq_bytes}; "
+                "use another --pq-bytes or --index flat"
+            )
+        centroids = lists or min(IVF_CENTROIDS, max(1, n // 39))
+        if not 1 <= centroids <= n:
+            raise UserError(f"--ivf-lists must be between 1 and the {n} datastore keys, got {lists}")
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, centroids, pq_bytes, 8)
         sample = np.random.default_rng(seed).choice(n, size=min(n, IVF_TRAIN_MAX), replace=False)
         index.train(keys[np.sort(sample)])
         index.nprobe = nprobe
@@ -49,6 +70,13 @@ def build_index(keys: np.ndarray, kind: str, nprobe: int = 32, threshold: int = 
         raise UserError(f"unknown index {kind!r}; use flat, ivfpq or auto")
     index.add(keys)
     return index
+
+
+def index_description(index) -> str:
+    """`flat`, or the IVF-PQ shape: lists, code bytes, nprobe."""
+    if isinstance(index, faiss.IndexIVFPQ):
+        return f"ivfpq: {index.nlist} lists, {index.pq.M}-byte codes, nprobe {index.nprobe}"
+    return "flat"
 
 
 def drop_self(distances: np.ndarray, neighbours: np.ndarray, query_ids: np.ndarray, k: int):
@@ -103,12 +131,25 @@ def build_targets(
     chunk: int = 2048,
     threads: int = 2,
     threshold: int = 2_000_000,
+    lists: int = 0,
+    pq_bytes: int = PQ_BYTES,
 ) -> dict:
     """Compute (or resume) the kNN targets of every datastore position; returns targets.json's content."""
     ds_dir = Path(ds_dir)
     out_dir = Path(out_dir) if out_dir else ds_dir / "targets"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if k < 1 or top < 1 or chunk < 1 or nprobe < 1 or threads < 1 or lists < 0:
+        raise UserError(
+            "-k, --top, --chunk, --nprobe and --threads must be at least 1 (and --ivf-lists at least 0), got "
+            f"{k}, {top}, {chunk}, {nprobe}, {threads} and {lists}"
+        )
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise UserError(f"--temperature must be a positive number, got {temperature}")
     ds = read_manifest(ds_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the targets folder {out_dir} ({err.strerror or err})") from None
+    remove_stale_temps(out_dir)
     n = ds["n_positions"]
     if n < 2:
         raise UserError("the datastore has fewer than 2 positions; build it from more text")
@@ -121,12 +162,16 @@ def build_targets(
         "index": index_kind,
         "nprobe": nprobe,
         "chunk": chunk,
+        "ivf_lists": lists,
+        "pq_bytes": pq_bytes,
     }
     manifest_path = out_dir / MANIFEST
     chunks = list(range(0, n, chunk))
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest["params"] != params or manifest["n_positions"] != n:
+        # targets.json files from before --ivf-lists / --pq-bytes existed used their defaults
+        saved = {"ivf_lists": 0, "pq_bytes": PQ_BYTES, **manifest["params"]}
+        if saved != params or manifest["n_positions"] != n:
             raise UserError(
                 f"{out_dir} holds targets made with other settings; choose another --out or delete it"
             )
@@ -144,33 +189,47 @@ def build_targets(
     mode = "r+" if manifest["finished"] and partial_ids.is_file() and partial_probs.is_file() else "w+"
     if mode == "w+":
         manifest["finished"] = []
-    ids_out = np.lib.format.open_memmap(partial_ids, mode=mode, dtype=np.int32, shape=(n, top))
-    probs_out = np.lib.format.open_memmap(partial_probs, mode=mode, dtype=np.float16, shape=(n, top))
+    try:
+        ids_out = np.lib.format.open_memmap(partial_ids, mode=mode, dtype=np.int32, shape=(n, top))
+        probs_out = np.lib.format.open_memmap(partial_probs, mode=mode, dtype=np.float16, shape=(n, top))
+        if mode == "w+":
+            _reserve_blocks(partial_ids)
+            _reserve_blocks(partial_probs)
+    except OSError as err:
+        if mode == "w+":
+            partial_ids.unlink(missing_ok=True)
+            partial_probs.unlink(missing_ok=True)
+        raise UserError(
+            f"writing the kNN targets in {out_dir} failed ({err.strerror or err}); check the free disk space"
+        ) from None
     atomic_save_json(manifest_path, manifest)
 
     t0 = time.perf_counter()
     keys, values = load_keys(ds_dir), load_values(ds_dir)
-    index = build_index(keys, index_kind, nprobe, threshold)
+    index = build_index(keys, index_kind, nprobe, threshold, lists=lists, pq_bytes=pq_bytes)
+    manifest["index_used"] = index_description(index)
     manifest["index_seconds"] = time.perf_counter() - t0
     finished = set(manifest["finished"])
     bar = tqdm(total=n, initial=min(n, len(finished) * chunk), unit="pos", desc="knn targets", smoothing=0.1)
-    for start in chunks:
-        if start in finished:
-            continue
-        t1 = time.perf_counter()
-        stop = min(start + chunk, n)
-        distances, neighbours = index.search(keys[start:stop], k + 1)
-        distances, neighbours = drop_self(distances, neighbours, np.arange(start, stop), k)
-        neighbour_values = np.where(neighbours >= 0, values[np.maximum(neighbours, 0)], -1)
-        ids, probs = knn_distribution(distances, neighbour_values, temperature, top)
-        ids_out[start:stop], probs_out[start:stop] = ids, probs
-        ids_out.flush()
-        probs_out.flush()
-        manifest["finished"].append(start)
-        manifest["seconds"] += time.perf_counter() - t1
-        atomic_save_json(manifest_path, manifest)
-        bar.update(stop - start)
-    bar.close()
+    try:
+        for start in chunks:
+            if start in finished:
+                continue
+            t1 = time.perf_counter()
+            stop = min(start + chunk, n)
+            distances, neighbours = index.search(keys[start:stop], k + 1)
+            distances, neighbours = drop_self(distances, neighbours, np.arange(start, stop), k)
+            neighbour_values = np.where(neighbours >= 0, values[np.maximum(neighbours, 0)], -1)
+            ids, probs = knn_distribution(distances, neighbour_values, temperature, top)
+            ids_out[start:stop], probs_out[start:stop] = ids, probs
+            ids_out.flush()
+            probs_out.flush()
+            manifest["finished"].append(start)
+            manifest["seconds"] += time.perf_counter() - t1
+            atomic_save_json(manifest_path, manifest)
+            bar.update(stop - start)
+    finally:
+        bar.close()
     del ids_out, probs_out
     ids = np.load(partial_ids, mmap_mode="r")
     probs = np.load(partial_probs, mmap_mode="r").astype(np.float32)
@@ -183,6 +242,19 @@ def build_targets(
     manifest["complete"] = True
     atomic_save_json(manifest_path, manifest)
     return manifest
+
+
+def _reserve_blocks(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks up front, so a full disk fails now with an OSError instead of
+    killing the process with SIGBUS on a later write into the map."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems without fallocate: go on
+                raise
 
 
 def load_targets(targets_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
