@@ -177,3 +177,52 @@ def test_bad_input_is_one_sentence(setup, tmp_path, args, needle):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+def test_token_texts_and_row_plan():
+    """Byte-level and SentencePiece-style vocabularies meet on token bytes; unmatched tokens are composed."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from edge_memdec.train.transfer import plan_rows, token_bytes
+
+    old = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "Ġ": 2, "ab": 3, "Ġa": 4}, merges=[("a", "b"), ("Ġ", "a")]))
+    old.decoder = decoders.ByteLevel()
+    new = Tokenizer(models.BPE(vocab={"<0x20>": 0, "▁a": 1, "ab": 2, "abab": 3, "<0xFF>": 4}, merges=[]))
+    new.decoder = decoders.Metaspace()
+    assert token_bytes(old) == [b"a", b"b", b" ", b"ab", b" a"]
+    assert token_bytes(new) == [b" ", b" a", b"ab", b"abab", b"\xff"]
+    plan = plan_rows(old, new, n_old_rows=5, n_new_rows=6, compose=True)
+    assert plan.copy_new.tolist() == [0, 1, 2] and plan.copy_old.tolist() == [2, 4, 3]
+    assert plan.composed == {3: [3, 3]}  # "abab" = "ab" + "ab"; \xff has no old piece, row 5 no token
+    assert plan.rest == [4, 5]
+
+
+def test_reinit_vocab_new_rows_modes():
+    """compose: mean of the pieces' rows; base: the new base's rows rescaled; rest: copied mean + small noise."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edge_memdec.train.transfer import RowPlan, reinit_vocab
+
+    def tiny(vocab: int, seed: int) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=vocab, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    old, base = tiny(5, 0), tiny(6, 1)
+    plan = RowPlan(6, np.array([0, 1]), np.array([3, 4]), {2: [0, 1]}, [3, 4, 5])
+    emb = old.get_input_embeddings().weight.detach()
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+    model, counts = reinit_vocab(old, plan, special)
+    new = model.get_input_embeddings().weight.detach()
+    assert counts == {"rows": 6, "copied": 2, "composed": 1, "from_base": 0, "fallback": 3}
+    torch.testing.assert_close(new[:2], emb[3:5], rtol=0, atol=0)
+    torch.testing.assert_close(new[2], emb[:2].mean(0))
+    assert ((new[3:] - emb[3:5].mean(0)).abs().max() < 1.0) and model.config.eos_token_id == 2
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model, counts = reinit_vocab(old, plan, special, base_model=base)
+    assert counts["from_base"] == 3 and counts["fallback"] == 0
+    rows = model.get_input_embeddings().weight.detach()[3:]
+    base_rows = base.get_input_embeddings().weight.detach()[3:]
+    torch.testing.assert_close(rows / rows.norm(dim=1, keepdim=True), base_rows / base_rows.norm(dim=1, keepdim=True))

@@ -381,7 +381,7 @@ def transfer_command(opts: dict) -> dict:
         print(
             f"transfer: {rows['copied']} of {rows['rows']} rows copied from {source.run.name}, "
             f"{rows['composed']} composed from old pieces, {rows['from_base']} from the new base, "
-            f"{rows['fallback']} fallback; training {steps} steps (source run: {source.steps})"
+            f"{rows['fallback']} fallback; training {steps} steps (source run: {source.steps or 'unknown'})"
         )
     cfg = TrainConfig(
         datastore=datastore,
@@ -406,7 +406,7 @@ def transfer_command(opts: dict) -> dict:
         summary["transfer"] = gguf_facts(facts, source, base_path, summary["steps"])
         atomic_save_json(out / "train.json", summary)
         before, after = facts.get("validation_before"), summary.get("validation")
-        line = f"transferred: {summary['steps']} steps (source run: {source.steps})"
+        line = f"transferred: {summary['steps']} steps (source run: {source.steps or 'unknown'})"
         if before and after:
             line += (
                 f"; validation mixed PPL {before['best_ppl']:.3f} before -> {after['best_ppl']:.3f} after "
