@@ -65,7 +65,7 @@ def convert_checkpoint(
         tokenizer, source = tokenizer_from_folder(ckpt.folder, ckpt.config), ckpt.folder / "tokenizer.json"
     tokenizer.pad_to(hp.n_vocab, source)
     extra[VOCAB_FINGERPRINT] = (vocab_fingerprint(tokenizer.tokens), GGUFValueType.STRING)
-    name = str(ckpt.config.get("_name_or_path") or ckpt.folder.resolve().name)
+    name = _model_name(ckpt, memdec)
 
     try:
         with _atomic(out) as target:
@@ -173,3 +173,12 @@ def _values(ckpt: Checkpoint, hp: Hparams, plan: TensorPlan) -> np.ndarray:
         return llama3_rope_factors(hp)
     values = ckpt.tensor(plan.hf_name)
     return permute_rotary(values, plan.permute_heads) if plan.permute_heads else values
+
+
+def _model_name(ckpt: Checkpoint, memdec: dict[str, object] | None) -> str:
+    """general.name: the checkpoint's own name, else "<domain>-memdec" for a memory decoder, else its folder."""
+    own = str(ckpt.config.get("_name_or_path") or "").rstrip("/")
+    if own:
+        return own.rsplit("/", 1)[-1]
+    domain = (memdec or {}).get("domain")
+    return f"{domain}-memdec" if domain else ckpt.folder.resolve().name
