@@ -45,17 +45,38 @@ class Window:
 def paper_windows(tokens: Sequence[int], n_ctx: int, stride: int) -> Iterator[Window]:
     """Sliding windows: n_ctx tokens each, moved by `stride`; each scores the tokens not scored before."""
     n = len(tokens)
+    arr = np.asarray(tokens, np.int32)
     scored_up_to = 1  # token 0 has no context and is never scored
     begin = 0
     while True:
         end = min(begin + n_ctx, n)
         first_target = max(scored_up_to, begin + 1)
         targets = np.arange(first_target, end)
-        yield Window(list(tokens[begin:end]), targets - 1 - begin, np.asarray(tokens, np.int32)[targets])
+        yield Window(list(tokens[begin:end]), targets - 1 - begin, arr[targets])
         scored_up_to = end
         if end == n:
             return
         begin += stride
+
+
+@dataclass
+class Piece:
+    """One llama_decode call's share of a window: its tokens, which rows want logits, and their targets."""
+
+    tokens: list[int]
+    flags: list[bool]
+    targets: np.ndarray  # int32, one per flagged row, in order
+
+
+def _pieces(window: Window, n_batch: int) -> Iterator[Piece]:
+    """Split a window into calls of at most n_batch tokens: llama.cpp keeps only the last call's logits, so
+    each piece's rows are scored before the next piece is evaluated."""
+    flags = np.zeros(len(window.tokens), bool)
+    flags[window.rows] = True
+    for lo in range(0, len(window.tokens), n_batch):
+        hi = min(lo + n_batch, len(window.tokens))
+        inside = (window.rows >= lo) & (window.rows < hi)
+        yield Piece(window.tokens[lo:hi], flags[lo:hi].tolist(), window.targets[inside])
 
 
 def llama_windows(tokens: Sequence[int], n_ctx: int, bos: int | None) -> Iterator[Window]:
@@ -195,11 +216,6 @@ def perplexity(
         raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if n_ctx < 2 or n_ctx > pair.n_ctx:
         raise UserError(f"-c must be between 2 and the loaded context size {pair.n_ctx}, got {n_ctx}")
-    if n_ctx > pair.base.n_batch:
-        raise UserError(
-            f"windows of {n_ctx} tokens need the models opened with n_batch >= {n_ctx} (now {pair.base.n_batch}); "
-            f"pass n_batch={n_ctx} to MemoryDecoderLM"
-        )
     stride = n_ctx // 2 if stride is None else stride
     if protocol == "paper" and not 1 <= stride <= n_ctx:
         raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
@@ -219,6 +235,7 @@ def perplexity(
         total = min(total, max_windows)
 
     has_memdec = pair.memdec is not None
+    n_batch = min(model.n_batch for model in pair.models)
     # the pair's own lambda rides along as the last column: it drives the running [i] lines
     lam_arr = np.asarray([*lambdas, pair.lam] if has_memdec else [], np.float64)
     acc_base, acc_mem = Accumulator(), Accumulator()
@@ -238,18 +255,19 @@ def perplexity(
                 break
             if state is not None and i < state.next_window:
                 continue
-            flags = np.zeros(len(window.tokens), bool)
-            flags[window.rows] = True
             pair.rewind(0)
-            n_rows = pair.eval(window.tokens, flags.tolist())
-            base_rows = base.logits_rows(n_rows)
-            mem_rows = pair.memdec.logits_rows(n_rows) if has_memdec else None
-            nll_base, nll_mem, nll_mix = score_rows(base_rows, mem_rows, window.targets, lam_arr)
-            acc_base.add(nll_base)
-            if has_memdec:
-                acc_mem.add(nll_mem)
-                for j, acc in enumerate(acc_mix):
-                    acc.add(nll_mix[:, j])
+            for piece in _pieces(window, n_batch):
+                n_rows = pair.eval(piece.tokens, piece.flags)
+                if n_rows == 0:
+                    continue
+                base_rows = base.logits_rows(n_rows)
+                mem_rows = pair.memdec.logits_rows(n_rows) if has_memdec else None
+                nll_base, nll_mem, nll_mix = score_rows(base_rows, mem_rows, piece.targets, lam_arr)
+                acc_base.add(nll_base)
+                if has_memdec:
+                    acc_mem.add(nll_mem)
+                    for j, acc in enumerate(acc_mix):
+                        acc.add(nll_mix[:, j])
             if on_window is not None:
                 on_window(i, headline)
             if state is not None:

@@ -30,6 +30,17 @@ def log_softmax64(rows: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def test_windows_longer_than_n_batch_are_scored_in_pieces(pair_lm, smollm2_gguf, tiny_memdec_gguf, legal_text):
+    """A model opened with a small n_batch (the API's default) scores the same as one evaluating whole windows."""
+    whole = pair_lm.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5], max_windows=3)
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=N_CTX, n_batch=48, n_threads=2) as small:
+        pieces = small.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5], max_windows=3)
+    assert pieces["tokens_scored"] == whole["tokens_scored"]
+    for key in ("base", "memdec"):
+        assert pieces[key]["ppl"] == pytest.approx(whole[key]["ppl"], rel=2e-3)
+    assert pieces["mixed"][1]["ppl"] == pytest.approx(whole["mixed"][1]["ppl"], rel=2e-3)
+
+
 def test_lambda_zero_is_the_base_and_one_is_the_memory_decoder(pair_lm, legal_text):
     report = pair_lm.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5, 1.0], max_windows=4)
     mixed = {row["lambda"]: row["ppl"] for row in report["mixed"]}
