@@ -1,6 +1,6 @@
 """Decode speed: base alone vs base + memory decoder (sequential and overlapped), measured in one run.
 
-    python bench/decode.py [--memdec MEM.gguf] [-m BASE.gguf] [-n 128] [--repeats 3]
+    python bench/decode.py [--memdec MEM.gguf] [-m BASE.gguf] [-n 128] [--repeats 3] [--also OTHER_MEM.gguf ...]
 
 Prints ms/token and tokens/s for each setting, and the ratio of each to the best base-alone setting.
 """
@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--memdec", type=Path, default=None)
     parser.add_argument("-n", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--also", type=Path, nargs="*", default=[], help="more memory decoders (e.g. other quantizations)"
+    )
     args = parser.parse_args()
     base = args.model or default_base_gguf()
     memdec = args.memdec or default_memdec_gguf()
@@ -48,10 +51,13 @@ def main() -> None:
         ("base + memdec, sequential, 2 threads each", dict(memdec=memdec, n_threads=2, overlap=False)),
         ("base + memdec, sequential, 1 thread each", dict(memdec=memdec, n_threads=1, overlap=False)),
         ("base + memdec, overlapped, 1 thread each", dict(memdec=memdec, n_threads=2, overlap=True)),
+        ("memdec alone, 2 threads", dict(base=memdec, memdec=None, n_threads=2)),
     ]
+    for other in args.also:
+        settings.append((f"base + {other.stem[-14:]}, seq, 2 thr", dict(memdec=other, n_threads=2)))
     rows = []
     for name, kwargs in settings:
-        with MemoryDecoderLM(base, n_ctx=512, **kwargs) as lm:
+        with MemoryDecoderLM(kwargs.pop("base", base), n_ctx=512, **kwargs) as lm:
             time_decode(lm, 8, 1)
             rows.append((name, time_decode(lm, args.n, args.repeats)))
     best_base = min(sec for name, sec in rows if name.startswith("base alone"))
