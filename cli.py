@@ -225,12 +225,17 @@ def perplexity(
     import json
 
     from edge_memdec.api import MemoryDecoderLM
-    from edge_memdec.atomic import write_text_atomic
+    from edge_memdec.atomic import check_output_path, write_text_atomic
     from edge_memdec.perplexity import DEFAULT_LAMBDAS, format_report
     from edge_memdec.perplexity import perplexity as run_perplexity
     from edge_memdec.textfile import read_text_file
 
     text = read_text_file(file)
+    for out in (json_out, plot_out):  # before the scoring pass, not after it
+        if out is not None:
+            check_output_path(out)
+    if plot_out is not None and no_memdec:
+        raise UserError("--plot draws the lambda sweep, which needs a memory decoder; drop --no-memdec or --plot")
     if knn is not None:
         from edge_memdec.pair import check_lambda
 
@@ -239,6 +244,9 @@ def perplexity(
             raise UserError("--knn scores the paper protocol's windows; drop --protocol llama")
         if knn_k < 1 or knn_temperature <= 0:
             raise UserError("-k must be at least 1 and --knn-temperature above 0")
+        from edge_memdec.train.datastore import read_manifest
+
+        read_manifest(knn)  # a wrong or unfinished datastore fails now, not after the whole scoring pass
     lambdas = (
         _parse_lambdas(lambda_sweep)
         if lambda_sweep
@@ -506,6 +514,8 @@ def serve(
     from edge_memdec.server import MemdecServer
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, verbose=verbose)

@@ -17,9 +17,19 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        raise UserError(f"could not write {path}: {err.strerror}") from None
+        raise UserError(f"could not write {path}: {err.strerror or err}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse, before any work is done, an output path that cannot be written: a folder, or a missing folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"the output {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"the output folder {path.parent} does not exist; create it first")
     return path
 
 

@@ -14,9 +14,14 @@ def read_text_file(path: str | Path) -> str:
         raise UserError(f"{path} does not exist")
     if not path.is_file():
         raise UserError(f"{path} is not a file")
-    data = path.read_bytes()
-    if b"\x00" in data[:65536]:
-        raise UserError(f"{path} looks binary (it has NUL bytes); give a UTF-8 text file")
+    try:
+        with open(path, "rb") as f:  # the head first: a huge binary file is refused without reading it all
+            head = f.read(65536)
+            if b"\x00" in head:
+                raise UserError(f"{path} looks binary (it has NUL bytes); give a UTF-8 text file")
+            data = head + f.read()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

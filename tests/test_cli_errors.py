@@ -78,3 +78,88 @@ def test_failed_run_leaves_no_json_behind(bad_files, tiny_memdec_gguf):
     )
     assert_one_line_error(proc, "tokens")
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory):
+    """Empty, binary, huge (a 3 GiB sparse file), folder-instead-of-file and no-such-folder inputs."""
+    d = tmp_path_factory.mktemp("odd")
+    (d / "empty.txt").write_text("")
+    (d / "binary.txt").write_bytes(b"abc\x00def" * 100)
+    with open(d / "huge.bin", "wb") as f:
+        f.truncate(3 << 30)  # sparse: takes no disk space; must be refused without being read whole
+    (d / "folder").mkdir()
+    (d / "notes.gguf").write_text("just some text, not a model\n")
+    return d
+
+
+PPL = ["perplexity", "--memdec", "{mem}", "-f", "{d}/legal.txt", "-c", "64"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["perplexity", "--memdec", "{mem}", "-f", "{o}/empty.txt"], "text is empty"),
+        (["perplexity", "--memdec", "{mem}", "-f", "{o}/binary.txt"], "looks binary"),
+        (["perplexity", "--memdec", "{mem}", "-f", "{o}/huge.bin"], "looks binary"),
+        (["perplexity", "--memdec", "{mem}", "-f", "{mem}"], "looks binary"),  # a GGUF as text
+        (["perplexity", "--memdec", "{mem}", "-f", "{o}/folder"], "is not a file"),
+        (["perplexity", "-m", "{d}/legal.txt", "--no-memdec", "-f", "{d}/legal.txt"], "not a GGUF file"),
+        (["perplexity", "-m", "{o}/huge.bin", "--no-memdec", "-f", "{d}/legal.txt"], "not a GGUF file"),
+        (["perplexity", "--memdec", "{o}/notes.gguf", "-f", "{d}/legal.txt"], "not a GGUF file"),
+        (["perplexity", "--memdec", "{llama}", "-f", "{d}/legal.txt"], "does not fit the base model"),
+        ([*PPL, "--lambda", "1.5"], "lambda must be between 0 and 1"),
+        ([*PPL, "--lambda-sweep", "0,2"], "lambda must be between 0 and 1"),
+        ([*PPL, "--lambda-sweep", ","], "needs at least one lambda"),
+        ([*PPL, "-c", "1"], "-c must be at least 2"),
+        ([*PPL, "--stride", "0"], "--stride must be between 1 and -c"),
+        ([*PPL, "--chunks", "0"], "--chunks must be at least 1"),
+        ([*PPL, "--json", "{o}/no-such-folder/report.json"], "does not exist"),
+        ([*PPL, "--json", "{o}/folder"], "is a folder"),
+        ([*PPL, "--plot", "{o}/lambda.png", "--no-memdec"], "needs a memory decoder"),
+        ([*PPL, "--state", "{d}/legal.txt"], "not a perplexity progress file"),
+        ([*PPL, "--knn", "{o}/folder"], "not a datastore folder"),
+        ([*PPL, "--knn", "{o}/folder", "--knn-lambda", "2"], "lambda must be between 0 and 1"),
+        ([*PPL, "--knn", "{o}/folder", "-k", "0"], "-k must be at least 1"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "-c", "100000"], "training context 8192"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "--top-p", "2"], "top-p"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "-n", "0"], "max tokens"),
+        (["chat", "--memdec", "{o}/folder", "-p", "hi"], "is not a file"),
+        (["serve", "--memdec", "{mem}", "--port", "99999"], "--port must be between 0 and 65535"),
+        (["inspect", "{o}/huge.bin"], "not a GGUF file"),
+        (["inspect", "{o}/folder"], "is not a file"),
+        (["knn-targets", "{o}/folder"], "not a datastore folder"),
+        (["knn-targets", "{o}/missing"], "not a datastore folder"),
+        (["datastore", "trim", "{o}/folder"], "not a datastore folder"),
+        (
+            ["datastore", "build", "--corpus", "{d}/legal.txt", "-o", "{o}/ds", "-m", "{o}/notes.gguf"],
+            "not a GGUF",
+        ),
+        (["datastore", "build", "--corpus", "{d}/legal.txt", "-o", "{o}/ds", "--stride", "0"], "--stride"),
+    ],
+)
+def test_more_bad_input_gets_one_sentence(
+    args, needle, bad_files, odd_files, tiny_memdec_gguf, tiny_llama_gguf
+):
+    filled = [a.format(d=bad_files, o=odd_files, mem=tiny_memdec_gguf, llama=tiny_llama_gguf) for a in args]
+    proc = run_cli(*filled)
+    assert_one_line_error(proc, needle)
+    assert sorted(p.name for p in odd_files.iterdir()) == [
+        "binary.txt",
+        "empty.txt",
+        "folder",
+        "huge.bin",
+        "notes.gguf",
+    ]
+
+
+def test_datastore_build_refuses_a_window_longer_than_the_base_context(bad_files, tiny_llama_ckpt, tmp_path):
+    out = tmp_path / "ds"
+    proc = run_cli(
+        "datastore", "build", "--corpus", str(bad_files / "legal.txt"), "-o", str(out), "-m", str(tiny_llama_ckpt),
+        "--n-ctx", "4096",
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after transformers' own "Loading weights" bar
+    assert last == "error: --n-ctx 4096 is longer than the base model's context of 2048 tokens; lower it"
+    assert not out.exists()

@@ -28,6 +28,9 @@ def gguf_tokenizer(gguf_path: Path) -> Tokenizer:
     """A byte-level BPE tokenizer with the GGUF's tokens, merges and control tokens (gpt2-style vocab only)."""
     from gguf import GGUFReader
 
+    from edge_memdec.gguf_file import read_gguf
+
+    read_gguf(gguf_path)  # our bounds-checked parser names a missing, truncated or non-GGUF file in one sentence
     reader = GGUFReader(str(gguf_path))
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
         raise UserError(f"{gguf_path} does not use a byte-level BPE (gpt2) tokenizer, which training needs")
@@ -85,6 +88,9 @@ def load_base(source: Path, dtype: torch.dtype = torch.float32, tokenizer_gguf: 
     """
     source = Path(source)
     if source.is_file() and source.suffix == ".gguf":
+        from edge_memdec.gguf_file import read_gguf
+
+        read_gguf(source)  # a broken or non-GGUF file: one sentence, not the gguf package's ValueError
         model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=dtype)
         tokenizer = gguf_tokenizer(tokenizer_gguf or source)
     elif source.is_dir() and (source / "config.json").is_file():

@@ -136,6 +136,9 @@ def build_datastore(
         raise UserError(f"--n-ctx must be at least 2 and --stride between 1 and --n-ctx, got {n_ctx} and {stride}")
     if shard_windows < 1:
         raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
+    longest = getattr(base.model.config, "max_position_embeddings", None)
+    if longest and n_ctx > longest:
+        raise UserError(f"--n-ctx {n_ctx} is longer than the base model's context of {longest} tokens; lower it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from edge_memdec.corpus import Document, load_corpus, read_split
+from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
 
@@ -22,6 +23,8 @@ def split_documents_of(corpus: Path, split: str) -> list[Document]:
 
 def open_base(model: Path | None, threads: int) -> Base:
     """The base in fp32 PyTorch (the default is the SmolLM2 GGUF), with `threads` torch threads."""
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     return load_base(model or default_base_gguf())
 
@@ -42,6 +45,11 @@ def datastore_command(
     from edge_memdec.train.datastore import build_datastore
     from edge_memdec.train.stream import token_stream
 
+    if n_ctx < 2 or not 1 <= stride <= n_ctx or shard_windows < 1 or threads < 1:
+        raise UserError(
+            "datastore build needs --n-ctx >= 2, --stride between 1 and --n-ctx, --shard-windows >= 1 and "
+            f"--threads >= 1; got {n_ctx}, {stride}, {shard_windows} and {threads}"
+        )
     docs = split_documents_of(corpus, split)
     base = open_base(model, threads)
     tokens = token_stream(base.tokenizer, docs, max_tokens, seed)
