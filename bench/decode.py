@@ -55,16 +55,25 @@ def main() -> None:
     ]
     for other in args.also:
         settings.append((f"base + {other.stem[-14:]}, seq, 2 thr", dict(memdec=other, n_threads=2)))
-    rows = []
+    # All settings stay loaded and are measured in turns, round after round, so that a slow spell on this
+    # shared machine hits every setting alike instead of whichever ran during it.
+    models = []
     for name, kwargs in settings:
-        with MemoryDecoderLM(kwargs.pop("base", base), n_ctx=512, **kwargs) as lm:
-            time_decode(lm, 8, 1)
-            rows.append((name, time_decode(lm, args.n, args.repeats)))
+        lm = MemoryDecoderLM(kwargs.pop("base", base), n_ctx=512, **kwargs)
+        time_decode(lm, 8, 1)
+        models.append((name, lm))
+    samples: dict[str, list[float]] = {name: [] for name, _ in models}
+    for _ in range(args.repeats):
+        for name, lm in models:
+            samples[name].append(time_decode(lm, args.n, 1))
+    for _, lm in models:
+        lm.close()
+    rows = [(name, statistics.median(values)) for name, values in samples.items()]
     best_base = min(sec for name, sec in rows if name.startswith("base alone"))
     print(f"{'setting':<44}{'ms/token':>10}{'tok/s':>9}{'x base':>9}")
     for name, sec in rows:
         print(f"{name:<44}{sec * 1e3:>10.2f}{1 / sec:>9.1f}{sec / best_base:>9.2f}")
-    print(f"base {base.name}, memory decoder {memdec.name}, {args.n} tokens x {args.repeats} repeats (median)")
+    print(f"base {base.name}, memory decoder {memdec.name}, {args.n} tokens, median of {args.repeats} rounds")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,7 +75,8 @@ def open_lm(base: Path, memdec: Path | None, n_ctx: int, threads: int) -> Memory
 def rss_child(args: argparse.Namespace, base: Path, memdec: Path) -> None:
     """Fresh-process measurement: load, score --rss-child tokens, print one JSON line."""
     lm = open_lm(base, memdec, args.c, args.threads)
-    text, n_tokens = legal_text(lm.pair.base, args.rss_child)
+    text = Path(args.rss_text).read_text(encoding="utf-8")  # cut by the parent: reading the corpus is not ours
+    n_tokens = len(lm.pair.base.tokenize(text, add_bos=None, special=False))
     after_load = peak_rss_mib()
     report = lm.perplexity(text, "paper", args.c, lambdas=DEFAULT_LAMBDAS)
     end = peak_rss_mib()
@@ -136,10 +138,18 @@ def peak_rss_table(args: argparse.Namespace, base: Path, memdec: Path, lengths: 
     """One fresh process per text length: peak RSS after loading and after scoring."""
     title = "peak RSS, fresh process (pair + 11 lambdas)"
     print(f"\n{title:<48}{'tokens':>9}{'load MiB':>10}{'end MiB':>10}{'growth':>9}")
+    with open_lm(base, None, args.c, args.threads) as lm:
+        texts = {length: legal_text(lm.pair.base, length)[0] for length in lengths}
     for length in lengths:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as handle:
+            handle.write(texts[length])
         cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(length), "-c", str(args.c)]
+        cmd += ["--rss-text", handle.name]
         cmd += ["-m", str(base), "--memdec", str(memdec), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        try:
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        finally:
+            Path(handle.name).unlink()
         child = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
         growth = child["peak"] - child["load"]
         print(f"{'':<48}{child['tokens']:>9}{child['load']:>10.1f}{child['peak']:>10.1f}{growth:>9.1f}")
@@ -163,6 +173,7 @@ def main() -> None:
         "--rss-tokens", default="4096,16384", help="text lengths for the peak-RSS processes ('' skips them)"
     )
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-text", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     base = args.model or default_base_gguf()
     memdec = args.memdec or default_memdec_gguf()

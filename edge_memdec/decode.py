@@ -11,7 +11,6 @@ import numpy as np
 
 from edge_memdec.detok import TextStream
 from edge_memdec.errors import UserError
-from edge_memdec.kernels import make_scratch, sample_token
 from edge_memdec.pair import ModelPair
 
 
@@ -82,6 +81,8 @@ class Generation:
         return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def __iter__(self) -> Iterator[str]:
+        from edge_memdec.kernels import make_scratch, sample_token  # numba: loaded by the warmup thread
+
         pair, params = self.pair, self.params
         lam = pair.lam if params.lam is None else params.lam
         mem = pair.memdec

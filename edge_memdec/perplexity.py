@@ -26,7 +26,6 @@ import numpy as np
 
 from edge_memdec.atomic import write_text_atomic
 from edge_memdec.errors import UserError
-from edge_memdec.kernels import score_rows
 from edge_memdec.pair import ModelPair, check_lambda
 
 PROTOCOLS = ("paper", "llama")
@@ -233,6 +232,8 @@ def perplexity(
         if max_windows < 1:
             raise UserError(f"--chunks must be at least 1, got {max_windows}")
         total = min(total, max_windows)
+
+    from edge_memdec.kernels import score_rows  # numba: imported by the pair's warmup thread
 
     has_memdec = pair.memdec is not None
     n_batch = min(model.n_batch for model in pair.models)

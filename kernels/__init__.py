@@ -8,6 +8,8 @@ kernels that call the edited one keep running the old code.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .api import make_scratch, mix_logprobs, sample_token, score_rows
@@ -16,7 +18,26 @@ __all__ = ["make_scratch", "mix_logprobs", "sample_token", "score_rows", "warmup
 
 
 def warmup() -> None:
-    """Compile (or load from the cache) every kernel for the argument types the runtime passes."""
+    """Compile (or load from the cache) every kernel for the argument types the runtime passes.
+
+    In the CLI's own process, numba's first dispatch is kept from probing for BLAS by importing scipy.linalg
+    (~0.4 s of a ~2.4 s start): the probe fails fast while the kernels load, numba falls back to its plain-loop
+    inner product (used only by np.cov-style helpers, which no kernel calls), and later scipy imports work
+    normally. Library users keep numba's default: another thread of theirs might import scipy.linalg meanwhile.
+    """
+    import edge_memdec
+
+    blocked = edge_memdec.IN_CLI and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
+    if blocked:
+        sys.modules.setdefault("scipy.linalg.cython_blas", None)  # an import of it raises ModuleNotFoundError
+    try:
+        _compile_all()
+    finally:
+        if blocked and sys.modules.get("scipy.linalg.cython_blas", 0) is None:
+            del sys.modules["scipy.linalg.cython_blas"]
+
+
+def _compile_all() -> None:
     rng = np.random.default_rng(0)
     base = rng.standard_normal(130).astype(np.float32)
     mem = rng.standard_normal(128).astype(np.float32)
