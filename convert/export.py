@@ -17,6 +17,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWr
 from gguf.quants import quant_shape_to_byte_shape
 from tqdm import tqdm
 
+from edge_memdec.atomic import process_alive
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 
@@ -93,7 +94,7 @@ def _atomic(final: Path) -> Iterator[Path]:
     """
     for stale in final.parent.glob(f".{final.name}.*.part*"):
         pid = stale.name.removeprefix(f".{final.name}.").split(".")[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
     temp = final.with_name(f".{final.name}.{os.getpid()}.part")
     try:
@@ -101,16 +102,6 @@ def _atomic(final: Path) -> Iterator[Path]:
         os.replace(temp, final)
     finally:
         temp.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write(

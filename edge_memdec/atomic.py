@@ -36,3 +36,14 @@ def check_output_path(path: str | Path) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs: temp files named after a dead writer's pid are stale and may go."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

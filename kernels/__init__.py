@@ -27,7 +27,7 @@ def warmup() -> None:
     """
     import edge_memdec
 
-    blocked = edge_memdec.IN_CLI and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
+    blocked = getattr(edge_memdec, "IN_CLI", False) and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
     if blocked:
         sys.modules.setdefault("scipy.linalg.cython_blas", None)  # an import of it raises ModuleNotFoundError
     try:

@@ -48,8 +48,9 @@ def licence_text(path: Path) -> str:
     return text.strip() + "\n"
 
 
-def train_tokenizer(pre: str, texts: list[str]):
-    """A byte-level BPE tokenizer of TINY_VOCAB tokens; pre is "gpt2" (plain ByteLevel) or "qwen2" (Split)."""
+def train_tokenizer(pre: str, texts: list[str], vocab: int = 0):
+    """A byte-level BPE tokenizer of `vocab` (default TINY_VOCAB) tokens; pre is "gpt2" (plain ByteLevel) or
+    "qwen2" (Split)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -64,7 +65,7 @@ def train_tokenizer(pre: str, texts: list[str]):
         )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
+        vocab_size=vocab or TINY_VOCAB,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

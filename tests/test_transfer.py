@@ -17,12 +17,11 @@ pytest.importorskip("torch")
 pytest.importorskip("faiss")
 
 from conftest import (  # noqa: E402
-    QWEN2_SPLIT,
-    SPECIAL_TOKENS,
     _tiny_settings,
     licence_folder,
     licence_text,
     save_checkpoint,
+    train_tokenizer,
 )
 from safetensors.numpy import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -50,26 +49,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def tokenizer_b():
     """A byte-level BPE unlike base A's: 400 tokens, Qwen2's split regex, trained on other licence files."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     files = sorted(licence_folder().glob("*.LICENSE"))[5::10]
     texts = [t for t in (licence_text(f) for f in files) if t.strip()]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_B,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    return tokenizer
+    return train_tokenizer("qwen2", texts, VOCAB_B)
 
 
 @pytest.fixture(scope="module")

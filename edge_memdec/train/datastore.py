@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from edge_memdec.atomic import process_alive
 from edge_memdec.errors import UserError
 from edge_memdec.train.windows import Window, sliding_windows
 
@@ -65,21 +66,11 @@ def atomic_save_json(path: Path, data: dict) -> None:
     _save_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(folder: Path) -> None:
     """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; live runs keep theirs."""
     for tmp in Path(folder).glob(".*.tmp*"):
         pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
