@@ -86,7 +86,7 @@ class ChatSession:
                 f"[{len(generation.tokens)} tokens in {generation.decode_seconds:.2f} s, "
                 f"{generation.tokens_per_second:.1f} tok/s; prompt {len(generation.prompt_tokens)} tokens "
                 f"({generation.n_cached} cached) in {generation.prompt_seconds:.2f} s; "
-                f"lambda {self.lm.lam if self.lm.pair.memdec else 'none'}]",
+                f"lambda {format(self.lm.lam, 'g') if self.lm.pair.memdec else 'none'}]",
                 file=self.err,
             )
         return generation
