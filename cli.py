@@ -125,6 +125,20 @@ MemNglOpt = Annotated[
     Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Print llama.cpp's log and speed figures.")]
+FlashAttnOpt = Annotated[
+    str,
+    typer.Option(
+        "-fa", "--flash-attn", help="Flash attention: on, off (exact attention logits) or auto (llama.cpp decides)."
+    ),
+]
+
+
+def _flash_attn(value: str) -> Optional[bool]:
+    """-fa on|off|auto as ModelOptions.flash_attn (auto = None: llama.cpp's choice, on for CPU)."""
+    choices = {"on": True, "off": False, "auto": None}
+    if value not in choices:
+        raise UserError(f"--flash-attn must be on, off or auto, got {value!r}")
+    return choices[value]
 
 
 def _model_paths(
@@ -164,6 +178,7 @@ def chat(
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
+    flash_attn: FlashAttnOpt = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -183,6 +198,7 @@ def chat(
         n_ctx=ctx_size,
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
+        flash_attn=_flash_attn(flash_attn),
         verbose=verbose,
     )
     session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose)
@@ -237,6 +253,7 @@ def perplexity(
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
+    flash_attn: FlashAttnOpt = "off",
     verbose: VerboseOpt = False,
 ) -> None:
     """Perplexity of base, memory decoder and their mixture on a text, in one pass."""
@@ -282,6 +299,7 @@ def perplexity(
         n_batch=ctx_size,
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
+        flash_attn=_flash_attn(flash_attn),
         verbose=verbose,
     )
     on_window = None
@@ -523,6 +541,7 @@ def serve(
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
+    flash_attn: FlashAttnOpt = "auto",
     verbose: VerboseOpt = False,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
@@ -536,7 +555,7 @@ def serve(
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, verbose=verbose)
+                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), verbose=verbose)
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens)
         server.warm_up()

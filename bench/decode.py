@@ -48,7 +48,10 @@ def main() -> None:
     settings = [
         ("base alone, 1 thread", dict(memdec=None, n_threads=1)),
         ("base alone, 2 threads", dict(memdec=None, n_threads=2)),
+        ("base alone, 2 threads, no thread pool", dict(memdec=None, n_threads=2, cpu_threadpool=False)),
+        ("base alone, 2 threads, no flash attention", dict(memdec=None, n_threads=2, flash_attn=False)),
         ("base + memdec, sequential, 2 threads each", dict(memdec=memdec, n_threads=2, overlap=False)),
+        ("base + memdec, seq, 2 thr, no thread pool", dict(memdec=memdec, n_threads=2, cpu_threadpool=False)),
         ("base + memdec, sequential, 1 thread each", dict(memdec=memdec, n_threads=1, overlap=False)),
         ("base + memdec, overlapped, 1 thread each", dict(memdec=memdec, n_threads=2, overlap=True)),
         ("memdec alone, 2 threads", dict(base=memdec, memdec=None, n_threads=2)),

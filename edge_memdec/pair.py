@@ -12,6 +12,7 @@ from edge_memdec.compat import check_pair
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
+from edge_memdec.threadpool import CpuThreadPool
 
 
 def check_lambda(lam: float) -> float:
@@ -73,6 +74,12 @@ class ModelPair:
         self.n_shared = min(self.base.n_vocab, self.memdec.n_vocab) if self.memdec else self.base.n_vocab
         self.lock = threading.RLock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if self.overlap else None
+        # Sequential steps share one persistent ggml pool (two polling pools would fight over the cores).
+        self._threadpool = None
+        if options.cpu_threadpool and not self.overlap:
+            self._threadpool = CpuThreadPool.create(max(threads, base_opts.n_threads_batch))
+            for model in self.models if self._threadpool is not None else []:
+                model.use_threadpool(self._threadpool)
         warm.join()
 
     @property
@@ -119,6 +126,8 @@ class ModelPair:
             self._worker.shutdown(wait=True)
         for model in self.models:
             model.close()
+        if self._threadpool is not None:
+            self._threadpool.free()
 
 
 def _warm_kernels() -> None:

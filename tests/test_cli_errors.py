@@ -126,6 +126,8 @@ PPL = ["perplexity", "--memdec", "{mem}", "-f", "{d}/legal.txt", "-c", "64"]
         (["chat", "--memdec", "{mem}", "-p", "hi", "-n", "0"], "max tokens"),
         (["chat", "--memdec", "{o}/folder", "-p", "hi"], "is not a file"),
         (["serve", "--memdec", "{mem}", "--port", "99999"], "--port must be between 0 and 65535"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "-fa", "maybe"], "--flash-attn must be on, off or auto"),
+        ([*PPL, "--flash-attn", "yes"], "--flash-attn must be on, off or auto"),
         (["inspect", "{o}/huge.bin"], "not a GGUF file"),
         (["inspect", "{o}/folder"], "is not a file"),
         (["knn-targets", "{o}/folder"], "not a datastore folder"),

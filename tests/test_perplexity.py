@@ -19,7 +19,10 @@ N_CTX = 128
 
 @pytest.fixture(scope="module")
 def pair_lm(smollm2_gguf, tiny_memdec_gguf):
-    lm = MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2)
+    # flash_attn off like the reference `Llama` below: these tests compare protocols, not attention kernels.
+    lm = MemoryDecoderLM(
+        smollm2_gguf, tiny_memdec_gguf, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2, flash_attn=False
+    )
     yield lm
     lm.close()
 
@@ -33,7 +36,7 @@ def log_softmax64(rows: np.ndarray) -> np.ndarray:
 def test_windows_longer_than_n_batch_are_scored_in_pieces(pair_lm, smollm2_gguf, tiny_memdec_gguf, legal_text):
     """A model opened with a small n_batch (the API's default) scores the same as one evaluating whole windows."""
     whole = pair_lm.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5], max_windows=3)
-    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=N_CTX, n_batch=48, n_threads=2) as small:
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=N_CTX, n_batch=48, n_threads=2, flash_attn=False) as small:
         pieces = small.perplexity(legal_text, n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5], max_windows=3)
     assert pieces["tokens_scored"] == whole["tokens_scored"]
     for key in ("base", "memdec"):
@@ -68,7 +71,7 @@ def test_paper_protocol_equals_an_independent_sliding_window_computation(pair_lm
 
 
 def test_llama_protocol_equals_an_independent_computation_from_raw_logits(smollm2_gguf, legal_text):
-    with MemoryDecoderLM(smollm2_gguf, None, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2) as lm:
+    with MemoryDecoderLM(smollm2_gguf, None, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2, flash_attn=False) as lm:
         report = lm.perplexity(legal_text, protocol="llama", n_ctx=N_CTX, max_windows=3)
     ref = Llama(str(smollm2_gguf), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, verbose=False, n_threads=2)
     tokens = ref.tokenize(

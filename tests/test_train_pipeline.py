@@ -3,6 +3,7 @@ plus exact resume after SIGKILL and 2-rank torchrun against 1 rank."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -186,3 +187,12 @@ def test_two_ranks_match_one(stores, tiny_llama_ckpt, tmp_path):
     a, b = weights(one), weights(two)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=2e-5, err_msg=name)
+    # Each rank reports its own share: together they trained every position once, and the 2-rank run
+    # spent a measurable part of its steps in the all-reduce (the 1-rank run none).
+    ranks_one = json.loads((one / "train.json").read_text())["ranks"]
+    ranks_two = json.loads((two / "train.json").read_text())["ranks"]
+    assert len(ranks_one) == 1 and ranks_one[0]["all_reduce_s"] == 0.0
+    assert len(ranks_two) == 2
+    trained = json.loads((two / "train.json").read_text())["positions_trained"]
+    assert sum(r["positions"] for r in ranks_two) == trained
+    assert all(r["steps"] == 3 and r["all_reduce_s"] > 0 and 0 < r["all_reduce_share"] < 1 for r in ranks_two)

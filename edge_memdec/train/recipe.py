@@ -54,10 +54,13 @@ class Budget:
         )
 
 
-def run_stage(name: str, args: list[str], log: dict) -> None:
-    """Run `edge-memdec ARGS` as a child process; record its wall seconds and peak RSS (MiB) under `name`."""
+def run_stage(name: str, args: list[str], log: dict, launcher: list[str] | None = None) -> None:
+    """Run `edge-memdec ARGS` as a child process; record its wall seconds and peak RSS (MiB) under `name`.
+
+    `launcher` replaces `python` in front of `-m edge_memdec.cli` (e.g. a torchrun command line); peak RSS is
+    then the largest of its processes."""
     t0 = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "edge_memdec.cli", *args])
+    child = subprocess.Popen([*(launcher or [sys.executable]), "-m", "edge_memdec.cli", *args])
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     log[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": usage.ru_maxrss / 1024, "command": args}

@@ -103,6 +103,17 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
         offset += p.numel()
 
 
+def rank_rates(timing: dict) -> dict:
+    """One rank's throughput (its own positions per second of step time) and the share of each part of a step."""
+    total = timing["compute_s"] + timing["wait_s"] + timing["all_reduce_s"]
+    return {
+        **timing,
+        "positions_per_second": timing["positions"] / max(total, 1e-9),
+        "all_reduce_share": timing["all_reduce_s"] / max(total, 1e-9),
+        "wait_share": timing["wait_s"] / max(total, 1e-9),
+    }
+
+
 class Validator:
     """Mixed PPL on validation text: base target log-probs cached once in the run folder."""
 
@@ -164,6 +175,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
     ckpt_path = out / CHECKPOINT
     step, history, seconds, positions_seen = 0, [], 0.0, 0
+    # This process's own time split (not checkpointed: it describes the run since this process started).
+    timing = {"steps": 0, "positions": 0, "compute_s": 0.0, "wait_s": 0.0, "all_reduce_s": 0.0}
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=False)
         if state["config"] != cfg.fingerprint():
@@ -224,9 +237,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             )
             (loss / count).backward()
             sums += torch.stack([loss.detach(), kl.detach(), ce.detach()])
+            timing["positions"] += b - a
+        t1 = time.perf_counter()
+        timing["compute_s"] += t1 - t0
         if world > 1:
+            dist.barrier()  # separates waiting for the slowest rank from the all-reduce itself
+            t2 = time.perf_counter()
             all_reduce_grads(params)
             dist.all_reduce(sums)
+            timing["wait_s"] += t2 - t1
+            timing["all_reduce_s"] += time.perf_counter() - t2
+        timing["steps"] += 1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -250,6 +271,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if step % cfg.checkpoint_every == 0 or step == total:
             checkpoint()
     bar.close()
+    ranks = [timing]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, timing)
     summary = {}
     if rank == 0:
         hf_dir = out / "hf"
@@ -263,6 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             "datastore_positions": n_positions,
             "seconds": seconds,
             "positions_per_second": positions_seen / max(seconds, 1e-9),
+            "ranks": [rank_rates(r) for r in ranks],
             "knn": tmeta["params"],
             "config": cfg.fingerprint(),
             "validation": valid[-1] if valid else None,
