@@ -130,3 +130,24 @@ def test_incompatible_memory_decoder_names_the_failed_check(smollm2_gguf, tiny_l
     with pytest.raises(UserError) as err:
         MemoryDecoderLM(smollm2_gguf, tiny_llama_gguf, n_ctx=64)
     assert "token" in str(err.value) or "vocab" in str(err.value)
+
+
+def test_the_pair_shares_one_thread_pool_and_it_changes_no_logit(smollm2_gguf, tiny_memdec_gguf):
+    """Both models run on one persistent ggml pool; the same threads without it give bit-identical logits."""
+    rows = []
+    for pooled in (True, False):
+        with MemoryDecoderLM(
+            smollm2_gguf, tiny_memdec_gguf, n_ctx=128, n_threads=2, cpu_threadpool=pooled
+        ) as model:
+            pair = model.pair
+            pool = pair._threadpool
+            assert (pool is not None) == pooled  # this Linux build ships libggml-cpu next to libllama
+            if pooled:
+                assert pair.base._threadpool is pool and pair.memdec._threadpool is pool
+            tokens = model.tokenize(PROMPT)
+            pair.eval(tokens)
+            for token in (11, 42, 7):
+                pair.eval([token])
+            rows.append([m.last_logits().copy() for m in pair.models])
+    for pooled_row, plain_row in zip(*rows, strict=True):
+        np.testing.assert_array_equal(pooled_row, plain_row)
