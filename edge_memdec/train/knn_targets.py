@@ -94,30 +94,21 @@ def knn_distribution(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sparse next-token distributions from neighbours: softmax(-d/T) summed per value token, the `top` heaviest
     tokens kept and renormalised. Inputs [n, k] (distances squared L2; values -1 for missing neighbours);
-    returns ids int32 [n, top] and probabilities float32 [n, top], heaviest first."""
-    n, k = distances.shape
-    valid = neighbour_values >= 0
-    logits = np.where(valid, -distances.astype(np.float64) / temperature, -np.inf)
-    peak = logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
-    vocab = int(neighbour_values.max(initial=0)) + 1
-    rows = np.repeat(np.arange(n, dtype=np.int64), k)
-    token_key = rows * vocab + np.where(valid, neighbour_values, 0).ravel()
-    order = np.argsort(token_key, kind="stable")
-    sorted_key, sorted_w = token_key[order], weights.ravel()[order]
-    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
-    sums = np.add.reduceat(sorted_w, starts)
-    row, token = np.divmod(sorted_key[starts], vocab)
-    by_weight = np.lexsort((-sums, row))
-    row, token, sums = row[by_weight], token[by_weight], sums[by_weight]
-    rank = np.arange(len(row)) - np.searchsorted(row, np.arange(n))[row]
-    kept = (rank < top) & (sums > 0)
-    ids = np.zeros((n, top), dtype=np.int32)
-    probs = np.zeros((n, top), dtype=np.float64)
-    ids[row[kept], rank[kept]] = token[kept]
-    probs[row[kept], rank[kept]] = sums[kept]
-    total = probs.sum(axis=1, keepdims=True)
-    return ids, (probs / np.where(total > 0, total, 1.0)).astype(np.float32)
+    returns ids int32 [n, top] and probabilities float32 [n, top], heaviest first (numba, rows in parallel)."""
+    from edge_memdec.kernels.knn_targets import knn_distribution_core
+
+    n = distances.shape[0]
+    ids = np.empty((n, top), dtype=np.int32)
+    probs = np.empty((n, top), dtype=np.float32)
+    knn_distribution_core(
+        np.ascontiguousarray(distances, dtype=np.float32),
+        np.ascontiguousarray(neighbour_values, dtype=np.int64),
+        float(temperature),
+        int(top),
+        ids,
+        probs,
+    )
+    return ids, probs
 
 
 def build_targets(
