@@ -1,14 +1,20 @@
 """Decode speed: base alone vs base + memory decoder (sequential and overlapped), measured in one run.
 
     python bench/decode.py [--memdec MEM.gguf] [-m BASE.gguf] [-n 128] [--repeats 3] [--also OTHER_MEM.gguf ...]
+                           [--llama-bench PATH/TO/llama-bench]
 
-Prints ms/token and tokens/s for each setting, and the ratio of each to the best base-alone setting.
+Prints ms/token and tokens/s for each setting, and the ratio of each to the best base-alone setting. With
+--llama-bench (llama.cpp's own benchmark binary, built from the llama.cpp that llama-cpp-python vendors), every
+round also times llama-bench's tg test on each model (2 threads, flash attention on): the hardware's speed for
+these two models without any of our code.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -39,6 +45,7 @@ def main() -> None:
     parser.add_argument(
         "--also", type=Path, nargs="*", default=[], help="more memory decoders (e.g. other quantizations)"
     )
+    parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary")
     args = parser.parse_args()
     base = args.model or default_base_gguf()
     memdec = args.memdec or default_memdec_gguf()
@@ -69,14 +76,31 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, lm in models:
             samples[name].append(time_decode(lm, args.n, 1))
+        if args.llama_bench is not None:
+            for name, sec in llama_bench(args.llama_bench, [base, memdec], args.n).items():
+                samples.setdefault(name, []).append(sec)
     for _, lm in models:
         lm.close()
     rows = [(name, statistics.median(values)) for name, values in samples.items()]
+    if args.llama_bench is not None:
+        sums = [b + m for b, m in zip(samples["llama-bench, base"], samples["llama-bench, memdec"], strict=True)]
+        rows.append(("llama-bench, base + memdec (sum)", statistics.median(sums)))
     best_base = min(sec for name, sec in rows if name.startswith("base alone"))
     print(f"{'setting':<44}{'ms/token':>10}{'tok/s':>9}{'x base':>9}")
     for name, sec in rows:
         print(f"{name:<44}{sec * 1e3:>10.2f}{1 / sec:>9.1f}{sec / best_base:>9.2f}")
     print(f"base {base.name}, memory decoder {memdec.name}, {args.n} tokens, median of {args.repeats} rounds")
+
+
+def llama_bench(binary: Path, models: list[Path], n: int) -> dict[str, float]:
+    """Seconds per token of llama-bench's tg test (one repetition) for the base and the memory decoder."""
+    out = subprocess.run(
+        [str(binary), *[a for m in models for a in ("-m", str(m))], "-t", "2", "-p", "0", "-n", str(n), "-r", "1",
+         "-fa", "1", "-o", "json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    runs = json.loads(out)
+    return {f"llama-bench, {name}": 1.0 / run["avg_ts"] for name, run in zip(("base", "memdec"), runs, strict=True)}
 
 
 if __name__ == "__main__":
