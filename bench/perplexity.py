@@ -69,7 +69,8 @@ def peak_rss_mib() -> float:
 
 
 def open_lm(base: Path, memdec: Path | None, n_ctx: int, threads: int) -> MemoryDecoderLM:
-    return MemoryDecoderLM(base, memdec, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads)
+    # flash attention off, as `edge-memdec perplexity` runs by default
+    return MemoryDecoderLM(base, memdec, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, flash_attn=False)
 
 
 def rss_child(args: argparse.Namespace, base: Path, memdec: Path) -> None:
