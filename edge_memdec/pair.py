@@ -78,7 +78,8 @@ class ModelPair:
         self._threadpool = None
         if options.cpu_threadpool and not self.overlap:
             self._threadpool = CpuThreadPool.create(max(threads, base_opts.n_threads_batch))
-            for model in self.models if self._threadpool is not None else []:
+        if self._threadpool is not None:
+            for model in self.models:
                 model.use_threadpool(self._threadpool)
         warm.join()
 

@@ -13,6 +13,7 @@ simply runs without a pool: `CpuThreadPool.create` returns None.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import llama_cpp
 _PARAMS_BYTES = 4096
 
 
+@functools.cache
 def _ggml_cpu() -> ctypes.CDLL | None:
     """The ggml CPU backend library next to llama-cpp-python's libllama, or None."""
     lib_dir = Path(llama_cpp.__file__).parent / "lib"

@@ -90,9 +90,12 @@ def load_base(source: Path, dtype: torch.dtype = torch.float32, tokenizer_gguf: 
     if source.is_file() and source.suffix == ".gguf":
         from edge_memdec.gguf_file import read_gguf
 
-        read_gguf(source)  # a broken or non-GGUF file: one sentence, not the gguf package's ValueError
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=dtype)
+        # Both files are checked by our parser before the gguf package or transformers reads them (a broken or
+        # non-GGUF file: one sentence, not their ValueError); gguf_tokenizer checks the one it reads.
+        if tokenizer_gguf is not None:
+            read_gguf(source)
         tokenizer = gguf_tokenizer(tokenizer_gguf or source)
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=dtype)
     elif source.is_dir() and (source / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
         if tokenizer_gguf is not None:

@@ -109,6 +109,14 @@ def shard_plan(windows: list[Window], shard_windows: int, n_positions: int) -> l
     return plan
 
 
+def check_window_options(n_ctx: int, stride: int, shard_windows: int) -> None:
+    """Window length and step (tokens) and windows per shard, checked before any model is loaded."""
+    if n_ctx < 2 or not 1 <= stride <= n_ctx:
+        raise UserError(f"--n-ctx must be at least 2 and --stride between 1 and --n-ctx, got {n_ctx} and {stride}")
+    if shard_windows < 1:
+        raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
+
+
 def build_datastore(
     base: Base,
     tokens: np.ndarray,
@@ -123,10 +131,7 @@ def build_datastore(
     Positions 0..n_tokens-2 get keys (the last token has no next token). Returns the manifest.
     """
     out_dir = Path(out_dir)
-    if n_ctx < 2 or not 1 <= stride <= n_ctx:
-        raise UserError(f"--n-ctx must be at least 2 and --stride between 1 and --n-ctx, got {n_ctx} and {stride}")
-    if shard_windows < 1:
-        raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
+    check_window_options(n_ctx, stride, shard_windows)
     longest = getattr(base.model.config, "max_position_embeddings", None)
     if longest and n_ctx > longest:
         raise UserError(f"--n-ctx {n_ctx} is longer than the base model's context of {longest} tokens; lower it")

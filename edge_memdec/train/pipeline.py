@@ -21,10 +21,15 @@ def split_documents_of(corpus: Path, split: str) -> list[Document]:
     return load_corpus(str(corpus))
 
 
-def open_base(model: Path | None, threads: int) -> Base:
-    """The base in fp32 PyTorch (the default is the SmolLM2 GGUF), with `threads` torch threads."""
+def check_threads(threads: int) -> None:
+    """torch threads for a training command: at least one."""
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
+
+
+def open_base(model: Path | None, threads: int) -> Base:
+    """The base in fp32 PyTorch (the default is the SmolLM2 GGUF), with `threads` torch threads."""
+    check_threads(threads)
     torch.set_num_threads(threads)
     return load_base(model or default_base_gguf())
 
@@ -42,14 +47,11 @@ def datastore_command(
     seed: int,
 ) -> dict:
     """`edge-memdec datastore build`: tokenize the chosen documents and build (or resume) the datastore."""
-    from edge_memdec.train.datastore import build_datastore
+    from edge_memdec.train.datastore import build_datastore, check_window_options
     from edge_memdec.train.stream import token_stream
 
-    if n_ctx < 2 or not 1 <= stride <= n_ctx or shard_windows < 1 or threads < 1:
-        raise UserError(
-            "datastore build needs --n-ctx >= 2, --stride between 1 and --n-ctx, --shard-windows >= 1 and "
-            f"--threads >= 1; got {n_ctx}, {stride}, {shard_windows} and {threads}"
-        )
+    check_window_options(n_ctx, stride, shard_windows)  # before the corpus is read and the base loaded
+    check_threads(threads)
     docs = split_documents_of(corpus, split)
     base = open_base(model, threads)
     tokens = token_stream(base.tokenizer, docs, max_tokens, seed)
