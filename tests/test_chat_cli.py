@@ -95,6 +95,8 @@ def test_ctrl_c_stops_the_answer_but_not_the_session(smollm2_gguf, tiny_memdec_g
                 "0",
                 "--top-k",
                 "0",
+                "--seed",
+                "1",  # a seeded draw: an unseeded one could sample end-of-text before Ctrl-C arrives
             ),
         ],
         stdin=subprocess.PIPE,
