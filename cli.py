@@ -339,14 +339,17 @@ def perplexity(
 
 
 def _parse_lambdas(text: str) -> list[float]:
+    return _parse_numbers(text, float, "--lambda-sweep", "0,0.25,0.5")
+
+
+def _parse_numbers(text: str, kind: type, option: str, example: str) -> list:
+    """A comma-separated list of numbers given to `option`, or one sentence naming it."""
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(
-            f"--lambda-sweep takes comma-separated numbers such as 0,0.25,0.5, got {text!r}"
-        ) from None
+        raise UserError(f"{option} takes comma-separated numbers such as {example}, got {text!r}") from None
     if not values:
-        raise UserError("--lambda-sweep needs at least one lambda")
+        raise UserError(f"{option} needs at least one number")
     return values
 
 
@@ -369,11 +372,14 @@ def corpus_split(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for train/validation/test.jsonl")],
     seed: Annotated[int, typer.Option(help="Shuffle seed")] = 0,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Keep the text as it is (default: reflow hard-wrapped paragraphs)")
+    ] = False,
 ) -> None:
     """Split a corpus by document (90/5/5) and write the splits and a manifest."""
     from edge_memdec.corpus import write_split
 
-    manifest = write_split(source, out, seed)
+    manifest = write_split(source, out, seed, normalize=not raw)
     counts = {name: len(ids) for name, ids in manifest["documents"].items()}
     print(f"{source}: {counts} documents -> {out}")
 
@@ -389,14 +395,42 @@ def datastore_build(
     ] = None,
     n_ctx: Annotated[int, typer.Option(help="Window length in tokens")] = 1024,
     stride: Annotated[int, typer.Option(help="Window stride in tokens")] = 512,
-    shard_windows: Annotated[int, typer.Option(help="Windows per shard file")] = 32,
+    shard_windows: Annotated[int, typer.Option(help="Windows (or stride-sized chunks) per shard file")] = 32,
     threads: Annotated[int, typer.Option(help="Torch threads")] = 2,
     seed: Annotated[int, typer.Option(help="Document sampling seed")] = 0,
+    pass_mode: Annotated[
+        str,
+        typer.Option(
+            "--pass",
+            help="carry: one pass, each position computed once with the previous n_ctx - stride tokens as "
+            "context; windows: one forward per window",
+        ),
+    ] = "carry",
+    hidden_blocks: Annotated[
+        Optional[str],
+        typer.Option(help="Also store the residual stream entering these blocks, e.g. 24 (for --frozen-blocks)"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
 ) -> None:
     """Run the base over a split and store keys (last FFN input) and values (next token)."""
+    from edge_memdec.train.memdec_model import parse_layers
     from edge_memdec.train.pipeline import datastore_command
 
-    datastore_command(model, corpus, split, out, max_tokens, n_ctx, stride, shard_windows, threads, seed)
+    datastore_command(
+        model,
+        corpus,
+        split,
+        out,
+        max_tokens,
+        n_ctx,
+        stride,
+        shard_windows,
+        threads,
+        seed,
+        mode=pass_mode,
+        hidden_blocks=parse_layers(hidden_blocks) if hidden_blocks else (),
+        device=device,
+    )
 
 
 @datastore_app.command("trim")
@@ -416,25 +450,67 @@ def knn_targets(
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Targets folder (default DATASTORE/targets)")
     ] = None,
-    k: Annotated[int, typer.Option("-k", help="Neighbours per position")] = 1024,
-    temperature: Annotated[float, typer.Option(help="T in softmax(-d/T) over squared-L2 distances")] = 1.0,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per position (with a fixed --temperature)")] = 1024,
+    temperature: Annotated[
+        str,
+        typer.Option(
+            help="T in softmax(-d/T) over squared-L2 distances, or auto: the (T, k) of --temperatures x --ks "
+            "whose kNN-LM is best on the validation split"
+        ),
+    ] = "auto",
+    temperatures: Annotated[str, typer.Option(help="T values tried by --temperature auto")] = "0.25,0.5,1,2,4,8,16",
+    ks: Annotated[
+        Optional[str], typer.Option(help="k values tried by --temperature auto (default: -k alone)")
+    ] = None,
+    valid_corpus: Annotated[
+        Optional[Path], typer.Option(help="Split folder for --temperature auto (default: the datastore's corpus)")
+    ] = None,
+    valid_tokens: Annotated[int, typer.Option(help="Validation tokens for --temperature auto")] = 10_000,
     top: Annotated[int, typer.Option(help="Tokens kept per position (sparse targets)")] = 32,
-    index: Annotated[str, typer.Option(help="flat, ivfpq, or auto (flat up to --threshold keys)")] = "auto",
+    index: Annotated[
+        str, typer.Option(help="flat, ivfflat, ivfpq, or auto (flat up to --threshold keys, else ivfpq)")
+    ] = "auto",
     threshold: Annotated[int, typer.Option(help="auto switches to IVF-PQ above this many keys")] = 2_000_000,
     nprobe: Annotated[int, typer.Option(help="IVF lists searched per query")] = 32,
     chunk: Annotated[int, typer.Option(help="Queries per resumable chunk")] = 2048,
     threads: Annotated[int, typer.Option(help="faiss threads")] = 2,
-    ivf_lists: Annotated[int, typer.Option(help="IVF-PQ inverted lists (0 = up to 4096, >= 39 keys each)")] = 0,
+    ivf_lists: Annotated[int, typer.Option(help="IVF inverted lists (0: chosen from the number of keys)")] = 0,
     pq_bytes: Annotated[int, typer.Option(help="IVF-PQ code bytes per key (must divide the key size)")] = 64,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or mps: where the search (and the validation forward) runs")
+    ] = "auto",
 ) -> None:
     """Search every datastore key's neighbours and store its sparse kNN next-token distribution."""
-    from edge_memdec.train.knn_targets import build_targets
+    from edge_memdec.train.pipeline import knn_targets_command
 
-    m = build_targets(
-        datastore, out, k, temperature, top, index, nprobe, chunk, threads, threshold, ivf_lists, pq_bytes
+    m = knn_targets_command(
+        datastore,
+        out,
+        temperature,
+        valid_corpus,
+        valid_tokens,
+        _parse_numbers(temperatures, float, "--temperatures", "0.5,1,2"),
+        _parse_numbers(ks, int, "--ks", "64,1024") if ks else [k],
+        threads,
+        k=k,
+        top=top,
+        index_kind=index,
+        nprobe=nprobe,
+        chunk=chunk,
+        threshold=threshold,
+        lists=ivf_lists,
+        pq_bytes=pq_bytes,
+        device=device,
     )
+    agree = m.get("exact_agreement")
+    if agree:
+        print(
+            f"{m['index_used']} vs exact search on {agree['sample']} keys: nearest neighbour the same "
+            f"{agree['nearest_same']:.3f}, recall@{agree['k']} {agree['recall_at_k']:.3f}"
+        )
     print(
-        f"knn targets: {m['n_positions']} positions, average top-1 probability {m['avg_top1_prob']:.3f}, "
+        f"knn targets: {m['n_positions']} positions, k {m['params']['k']}, T {m['params']['temperature']:g}, "
+        f"average top-1 probability {m['avg_top1_prob']:.3f}, "
         f"next token in support {m['next_token_in_support']:.3f}, {m['seconds']:.0f} s"
     )
 
@@ -469,11 +545,57 @@ def train_memdec(
     domain: Annotated[str, typer.Option(help="Domain name stored in the GGUF")] = "custom",
     threads: Annotated[int, typer.Option(help="Torch threads per process")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for data order and init")] = 0,
+    frozen_blocks: Annotated[
+        int,
+        typer.Option(
+            help="Start from the whole base and keep its first N blocks frozen, reading their output from the "
+            "datastore (built with --hidden-blocks N); 0 trains every block"
+        ),
+    ] = 0,
+    head: Annotated[str, typer.Option(help="tied (LM head = embeddings) or untied (a trained copy)")] = "tied",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    valid_every: Annotated[
+        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
+    ] = 0,
 ) -> None:
     """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
     from edge_memdec.train.pipeline import train_command
 
     train_command(locals())
+
+
+parts_app = typer.Typer(
+    help="A trained decoder as small files: the tensors training changed, in parts of at most 16 MiB.",
+    no_args_is_help=True,
+)
+app.add_typer(parts_app, name="parts")
+
+
+@parts_app.command("pack")
+def parts_pack(
+    run: Annotated[Path, typer.Argument(help="Training run folder (with hf/ and train.json)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for parts.json and part-*.safetensors")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF (default: the run's)")] = None,
+) -> None:
+    """Write the tensors a run changed relative to its base, in parts small enough to move."""
+    from edge_memdec.train.parts import pack_run
+
+    m = pack_run(run, out, model)
+    size = sum(p["bytes"] for p in m["parts"]) / 2**20
+    print(f"packed {len(m['tensors'])} tensors ({m['dtype']}) in {len(m['parts'])} parts, {size:.1f} MiB -> {out}")
+
+
+@parts_app.command("unpack")
+def parts_unpack(
+    parts: Annotated[Path, typer.Argument(help="Folder written by `parts pack`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Hugging Face folder to write (for `convert`)")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="The base GGUF the run trained on")] = None,
+) -> None:
+    """Rebuild a packed decoder's Hugging Face folder on its base, ready for `edge-memdec convert`."""
+    from edge_memdec.paths import default_base_gguf
+    from edge_memdec.train.parts import unpack_parts
+
+    print(f"unpacked -> {unpack_parts(parts, out, model or default_base_gguf())}")
 
 
 @app.command("transfer")
@@ -517,11 +639,14 @@ def recipe(
     budget: Annotated[float, typer.Option(help="Scale the datastore token budget by this factor")] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     threads: Annotated[int, typer.Option(help="Threads per stage")] = 2,
+    name: Annotated[
+        Optional[str], typer.Option(help="Name of the outputs and the GGUF's domain (default: the corpus's stem)")
+    ] = None,
 ) -> None:
-    """Split -> datastore -> kNN targets -> train -> q8_0 GGUF -> test-split report with a lambda plot."""
+    """Split -> datastore -> kNN targets -> train -> GGUF -> test-split report with a lambda plot."""
     from edge_memdec.train.pipeline import recipe_command
 
-    recipe_command(domain, work, model, budget, json_out, threads)
+    recipe_command(domain, work, model, budget, json_out, threads, name)
 
 
 # ---- serve ----

@@ -1,6 +1,6 @@
 """Output types: how each tensor is encoded for an `--outtype`, and llama.cpp's quantizer for the K-quants.
 
-The gguf package encodes f32, f16, bf16, q8_0 and q4_0 directly; K-quants (q4_k_m, q5_k_m, q6_k) need
+The gguf package encodes f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 and q4_0 directly; K-quants (q4_k_m, q5_k_m, q6_k) need
 llama.cpp's own quantizer with its per-tensor type mix, so those are made from an f32 GGUF written first.
 1-D tensors (norms, biases, rope factors) stay f32, as llama.cpp expects.
 """
@@ -35,6 +35,9 @@ OUTTYPES = {
     "f16": OutType(Q.F16, LlamaFileType.MOSTLY_F16),
     "bf16": OutType(Q.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": OutType(Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": OutType(Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": OutType(Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": OutType(Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "q4_0": OutType(Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q4_k_m": OutType(Q.F32, LlamaFileType.MOSTLY_Q4_K_M, int(LlamaFileType.MOSTLY_Q4_K_M)),
     "q5_k_m": OutType(Q.F32, LlamaFileType.MOSTLY_Q5_K_M, int(LlamaFileType.MOSTLY_Q5_K_M)),

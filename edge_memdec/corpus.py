@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_memdec.errors import UserError
+from edge_memdec.normalize import normalize_text
 
 SPLITS = ("train", "validation", "test")
 FRACTIONS = (0.90, 0.05, 0.05)
@@ -85,11 +86,12 @@ def read_jsonl(path: Path) -> list[Document]:
     return docs
 
 
-def load_corpus(source: str) -> list[Document]:
+def load_corpus(source: str, normalize: bool = True) -> list[Document]:
     """Documents of a built-in corpus (`legal`, `finance`), a folder of .txt files, or a .txt/.jsonl file.
 
     A .txt file is one document per blank-line-separated block only if it is the only input; here it is
-    split into paragraphs so that it can still be divided by document.
+    split into paragraphs so that it can still be divided by document. With `normalize`, hard-wrapped
+    paragraphs are reflowed (`edge_memdec.normalize`); documents left empty are dropped.
     """
     if source in BUILT_IN:
         package, sub, pattern = BUILT_IN[source]
@@ -107,9 +109,16 @@ def load_corpus(source: str) -> list[Document]:
             raise UserError(
                 f"unknown corpus {source!r}; give legal, finance, a folder of .txt files, or a .txt/.jsonl file"
             )
+    if normalize:
+        docs = normalize_documents(docs)
     if len(docs) < 3:
         raise UserError(f"corpus {source!r} has {len(docs)} documents; at least 3 are needed to split it")
     return docs
+
+
+def normalize_documents(docs: list[Document]) -> list[Document]:
+    """The documents with their text normalised (`normalize_text`); those left empty are dropped."""
+    return [Document(d.doc_id, text) for d in docs if (text := normalize_text(d.text))]
 
 
 def split_documents(docs: list[Document], seed: int = 0) -> dict[str, list[Document]]:
@@ -134,10 +143,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_split(source: str, out_dir: Path, seed: int = 0) -> dict[str, object]:
-    """Split corpus `source` and write `{split}.jsonl` files and `manifest.json` into `out_dir`; returns the manifest."""
-    docs = load_corpus(source)
-    splits = split_documents(docs, seed)
+def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = True) -> dict[str, object]:
+    """Split corpus `source` and write `{split}.jsonl` files and `manifest.json` into `out_dir`; returns the manifest.
+
+    The split is decided on the raw documents, so `normalize` changes their text, never which split they are in.
+    """
+    splits = split_documents(load_corpus(source, normalize=False), seed)
+    if normalize:
+        splits = {name: normalize_documents(part) for name, part in splits.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
         lines = "".join(json.dumps({"id": d.doc_id, "text": d.text}, ensure_ascii=False) + "\n" for d in part)
@@ -145,6 +158,7 @@ def write_split(source: str, out_dir: Path, seed: int = 0) -> dict[str, object]:
     manifest = {
         "source": source,
         "seed": seed,
+        "normalized": normalize,
         "fractions": dict(zip(SPLITS, FRACTIONS, strict=True)),
         "documents": {name: [d.doc_id for d in part] for name, part in splits.items()},
         "characters": {name: sum(len(d.text) for d in part) for name, part in splits.items()},

@@ -120,6 +120,11 @@ class GGUFInfo:
         return int(self.metadata[f"{self.arch}.context_length"])
 
     @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return int(self.metadata[f"{self.arch}.block_count"])
+
+    @property
     def n_bytes(self) -> int:
         """Size of the file in bytes."""
         return self.path.stat().st_size

@@ -48,3 +48,65 @@ def test_jsonl_with_unicode_line_separators(tmp_path):
 def test_unknown_corpus_is_a_user_error(tmp_path):
     with pytest.raises(UserError):
         load_corpus(str(tmp_path / "missing"))
+
+
+def test_normalize_reflows_wrapped_paragraphs_and_keeps_structure():
+    from edge_memdec.normalize import normalize_text
+
+    text = (
+        "                         EXAMPLE PUBLIC LICENSE\n"
+        "                          Version 1, May 2001\n"
+        " \n"
+        "1. Definitions.\n"
+        "\n"
+        "   The licensor grants you a worldwide, royalty-free, non-exclusive\n"
+        "   licence to use, copy and modify the software, subject to the  terms\n"
+        "   below, if you (1) keep this notice in every copy you make, and\n"
+        "   (2) state your changes.\n"
+        "*******************************************************************\n"
+        "Conditions:\n"
+        "- you keep the copyright notice in every copy of the software that\n"
+        "  you distribute to anyone;\n"
+        "- you do not use the names of the authors.\n"
+        "\n\n\n"
+        "Copyright (c) 2001 Example\n"
+        "All rights reserved.\n"
+    )
+    assert normalize_text(text).split("\n") == [
+        "EXAMPLE PUBLIC LICENSE",
+        "Version 1, May 2001",
+        "",
+        "1. Definitions.",
+        "",
+        "The licensor grants you a worldwide, royalty-free, non-exclusive licence to use, copy and modify the "
+        "software, subject to the terms below, if you (1) keep this notice in every copy you make, and (2) state "
+        "your changes.",
+        "",
+        "Conditions:",
+        "- you keep the copyright notice in every copy of the software that you distribute to anyone;",
+        "- you do not use the names of the authors.",
+        "",
+        "Copyright (c) 2001 Example",
+        "All rights reserved.",
+    ]
+
+
+def test_normalize_leaves_unwrapped_text_alone():
+    from edge_memdec.normalize import normalize_text
+
+    long = "A paragraph on one line that runs well past any typewriter margin. " * 4
+    text = f"Title\n\n{long.strip()}\n{long.strip()}\n\nThe end."
+    assert normalize_text(text) == text
+
+
+def test_split_normalises_unless_raw(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    wrapped = "\n".join(["word " * 12] * 4)  # a 60-column paragraph wrapped over four lines
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(wrapped, encoding="utf-8")
+    write_split(str(folder), tmp_path / "norm", seed=0)
+    write_split(str(folder), tmp_path / "raw", seed=0, normalize=False)
+    norm, raw = read_split(tmp_path / "norm", "train"), read_split(tmp_path / "raw", "train")
+    assert [d.doc_id for d in norm] == [d.doc_id for d in raw]
+    assert all("\n" not in d.text for d in norm) and all(d.text.count("\n") == 3 for d in raw)

@@ -2,10 +2,12 @@
 its last feed-forward block, after that block's norm) and a value (the next token id).
 
 Layout of a datastore folder:
-  datastore.json         manifest (base, windows, dim, n_positions, shards and which are finished)
+  datastore.json         manifest (base, pass, windows, dim, n_positions, shards and which are finished)
   tokens.npy             int32 [n_tokens], the token stream; values are tokens[1:]
-  keys-NNNNN.npy         float16 [positions in shard, dim], one file per shard of windows, written atomically
-Shards are independent, so a killed build resumes at the first unfinished shard.
+  keys-NNNNN.npy         float16 [positions in shard, dim], one file per shard, written atomically
+  hidden-BBB-NNNNN.npy   float16 [positions in shard, dim]: the base's residual stream entering block BBB, the
+                         input of a memory decoder whose blocks below BBB are the base's own (frozen)
+Shards are computed independently, so a killed build resumes at the first unfinished shard.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,16 +24,14 @@ from tqdm import tqdm
 
 from edge_memdec.atomic import process_alive
 from edge_memdec.errors import UserError
-from edge_memdec.train.windows import Window, sliding_windows
+from edge_memdec.train.windows import sliding_windows
 
 if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a datastore does without them
     from edge_memdec.train.base import Base
+    from edge_memdec.train.carry import ChunkStates
 
 MANIFEST = "datastore.json"
-
-
-class _KeysReady(Exception):
-    """Raised by the key hook to skip the rest of the forward pass (last MLP and LM head are not needed)."""
+PASS_MODES = ("carry", "windows")
 
 
 def _save_atomic(path: Path, write) -> None:
@@ -74,39 +75,42 @@ def remove_stale_temps(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def window_keys(base: Base, tokens: np.ndarray, window: Window) -> np.ndarray:
-    """Keys of the positions a window owns, float16 [end - first_new, dim]."""
-    import torch
+def shard_plan(n_positions: int, n_ctx: int, stride: int, shard_windows: int, mode: str) -> list[dict]:
+    """Shards of consecutive positions, [{"index", "start", "stop"}], each computed on its own.
 
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _inputs, output):
-        captured.append(output)
-        raise _KeysReady
-
-    handle = base.key_layer.register_forward_hook(hook)
-    try:
-        ids = torch.from_numpy(tokens[window.begin : window.end].astype(np.int64))[None]
-        with torch.no_grad():
-            base.model.model(input_ids=ids, use_cache=False)
-    except _KeysReady:
-        pass
-    finally:
-        handle.remove()
-    hidden = captured[0][0, window.first_new - window.begin :]
-    return hidden.float().numpy().astype(np.float16)
+    `carry`: `shard_windows` chunks of `stride` positions per shard; `windows`: the positions owned by
+    `shard_windows` consecutive 1024/512-style windows (the first window owns all of its positions)."""
+    if mode == "carry":
+        size = shard_windows * stride
+        bounds = [(a, min(a + size, n_positions)) for a in range(0, n_positions, size)]
+    else:
+        windows = sliding_windows(n_positions + 1, n_ctx, stride)
+        bounds = []
+        for first in range(0, len(windows), shard_windows):
+            last = min(first + shard_windows, len(windows))
+            bounds.append((windows[first].first_new, min(windows[last - 1].end, n_positions)))
+    return [{"index": i, "start": a, "stop": b} for i, (a, b) in enumerate(bounds) if a < b]
 
 
-def shard_plan(windows: list[Window], shard_windows: int, n_positions: int) -> list[dict]:
-    """Shards of consecutive windows: [{"index", "start", "stop", "windows": [first, last+1]}] in positions."""
-    plan = []
-    for i, first in enumerate(range(0, len(windows), shard_windows)):
-        last = min(first + shard_windows, len(windows))
-        start = windows[first].first_new
-        stop = min(windows[last - 1].end, n_positions)
-        if start < stop:
-            plan.append({"index": i, "start": start, "stop": stop, "windows": [first, last]})
-    return plan
+def shard_states(
+    model, tokens: np.ndarray, shard: dict, n_ctx: int, stride: int, mode: str, hidden_blocks, device
+) -> Iterator[ChunkStates]:
+    """The states of a shard's positions, chunk by chunk: one carried pass (`carry`), or one forward per
+    sliding window with its first `n_ctx - stride` tokens as context (`windows`, the paper's protocol)."""
+    from edge_memdec.train.carry import CarriedForward
+
+    if mode == "carry":
+        yield from CarriedForward(model, n_ctx - stride, stride, hidden_blocks).chunks(
+            tokens, shard["start"], shard["stop"], device
+        )
+        return
+    for w in sliding_windows(len(tokens), n_ctx, stride):
+        a, b = max(w.first_new, shard["start"]), min(w.end, shard["stop"])
+        if a < b:
+            forward = CarriedForward(model, a - w.begin, b - a, hidden_blocks)
+            for states in forward.chunks(tokens[w.begin : w.end], a - w.begin, b - w.begin, device):
+                states.start += w.begin
+                yield states
 
 
 def check_window_options(n_ctx: int, stride: int, shard_windows: int) -> None:
@@ -125,13 +129,27 @@ def build_datastore(
     stride: int = 512,
     shard_windows: int = 32,
     info: dict | None = None,
+    mode: str = "carry",
+    hidden_blocks: tuple[int, ...] = (),
+    device=None,
 ) -> dict:
-    """Run the base over `tokens` and write keys shard by shard into `out_dir`; resumes a partial build.
+    """Run the base over `tokens` and write keys (and the residual stream entering `hidden_blocks`) shard by
+    shard into `out_dir`; resumes a partial build.
 
-    Positions 0..n_tokens-2 get keys (the last token has no next token). Returns the manifest.
+    Positions 0..n_tokens-2 get keys (the last token has no next token). `mode` is `carry` (one pass, each
+    position computed once, see `carry.py`) or `windows` (one forward per 1024/512 window). Returns the manifest.
     """
+    from edge_memdec.train.device import autocast
+
+    device = device or next(base.model.parameters()).device
     out_dir = Path(out_dir)
     check_window_options(n_ctx, stride, shard_windows)
+    if mode not in PASS_MODES:
+        raise UserError(f"--pass must be one of {', '.join(PASS_MODES)}, got {mode!r}")
+    n_layers = base.model.config.num_hidden_layers
+    hidden_blocks = tuple(sorted(set(hidden_blocks)))
+    if any(not 0 < b < n_layers for b in hidden_blocks):
+        raise UserError(f"--hidden-blocks must be between 1 and {n_layers - 1} for this base, got {hidden_blocks}")
     longest = getattr(base.model.config, "max_position_embeddings", None)
     if longest and n_ctx > longest:
         raise UserError(f"--n-ctx {n_ctx} is longer than the base model's context of {longest} tokens; lower it")
@@ -145,26 +163,28 @@ def build_datastore(
     if len(tokens) < 2:
         raise UserError("the datastore text has fewer than 2 tokens; give it more text")
     n_positions = len(tokens) - 1
-    windows = sliding_windows(len(tokens), n_ctx, stride)
     dim = base.model.config.hidden_size
     fresh = {
-        "format": 1,
+        "format": 2,
         "base": str(base.source),
         "n_ctx": n_ctx,
         "stride": stride,
+        "pass": mode,
         "dim": dim,
         "key": "last layer FFN input (post_attention_layernorm output)",
+        "hidden_blocks": list(hidden_blocks),
         "forward_dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
         "n_tokens": len(tokens),
         "n_positions": n_positions,
-        "shards": shard_plan(windows, shard_windows, n_positions),
+        "shards": shard_plan(n_positions, n_ctx, stride, shard_windows, mode),
         "finished": [],
         "seconds": 0.0,
         **(info or {}),
     }
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        same = all(manifest.get(k) == fresh[k] for k in ("n_ctx", "stride", "dim", "n_tokens", "shards"))
+        fixed = ("n_ctx", "stride", "pass", "dim", "hidden_blocks", "n_tokens", "shards")
+        same = all(manifest.get(k) == fresh[k] for k in fixed)
         old_tokens = (
             np.load(out_dir / "tokens.npy", mmap_mode="r") if (out_dir / "tokens.npy").is_file() else None
         )
@@ -180,19 +200,29 @@ def build_datastore(
     try:
         for shard in todo:
             t0 = time.perf_counter()
-            parts = []
-            for window in windows[shard["windows"][0] : shard["windows"][1]]:
-                keys = window_keys(base, tokens, window)
-                parts.append(keys)
-                bar.update(min(len(keys), n_positions - window.first_new))
-            keys = np.concatenate(parts)[: shard["stop"] - shard["start"]]
-            atomic_save_npy(out_dir / f"keys-{shard['index']:05d}.npy", keys)
+            keys, hidden = [], {b: [] for b in hidden_blocks}
+            with autocast(device):
+                for states in shard_states(
+                    base.model, tokens, shard, n_ctx, stride, mode, hidden_blocks, device
+                ):
+                    keys.append(states.keys.cpu().numpy().astype(np.float16))
+                    for b in hidden_blocks:
+                        hidden[b].append(states.hidden[b].cpu().numpy().astype(np.float16))
+                    bar.update(len(keys[-1]))
+            for b in hidden_blocks:
+                atomic_save_npy(out_dir / hidden_file(b, shard["index"]), np.concatenate(hidden[b]))
+            atomic_save_npy(out_dir / f"keys-{shard['index']:05d}.npy", np.concatenate(keys))
             manifest["finished"].append(shard["index"])
             manifest["seconds"] += time.perf_counter() - t0
             atomic_save_json(manifest_path, manifest)
     finally:
         bar.close()
     return manifest
+
+
+def hidden_file(block: int, shard: int) -> str:
+    """File name of one shard's residual stream entering `block`, float16 [positions in shard, dim]."""
+    return f"hidden-{block:03d}-{shard:05d}.npy"
 
 
 def read_manifest(ds_dir: Path) -> dict:
@@ -215,6 +245,21 @@ def load_keys(ds_dir: Path) -> np.ndarray:
     for shard in manifest["shards"]:
         keys[shard["start"] : shard["stop"]] = np.load(Path(ds_dir) / f"keys-{shard['index']:05d}.npy")
     return keys
+
+
+def load_hidden(ds_dir: Path, block: int) -> np.ndarray:
+    """The residual stream entering `block` at every position, float16 [n_positions, dim] (in memory)."""
+    manifest = read_manifest(ds_dir)
+    if block not in manifest.get("hidden_blocks", []):
+        stored = ", ".join(map(str, manifest.get("hidden_blocks", []))) or "none"
+        raise UserError(
+            f"the datastore in {ds_dir} stores no hidden states entering block {block} (stored: {stored}); "
+            f"rebuild it with --hidden-blocks {block} or train with --frozen-blocks 0"
+        )
+    hidden = np.empty((manifest["n_positions"], manifest["dim"]), dtype=np.float16)
+    for shard in manifest["shards"]:
+        hidden[shard["start"] : shard["stop"]] = np.load(Path(ds_dir) / hidden_file(block, shard["index"]))
+    return hidden
 
 
 def load_values(ds_dir: Path) -> np.ndarray:
@@ -247,6 +292,8 @@ def trim_to_finished(ds_dir: Path) -> dict:
     atomic_save_npy(ds_dir / "tokens.npy", tokens)
     for shard in manifest["shards"][len(kept) :]:
         (ds_dir / f"keys-{shard['index']:05d}.npy").unlink(missing_ok=True)
+        for block in manifest.get("hidden_blocks", []):
+            (ds_dir / hidden_file(block, shard["index"])).unlink(missing_ok=True)
     manifest.update(
         shards=kept,
         finished=[s["index"] for s in kept],

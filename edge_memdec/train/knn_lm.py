@@ -48,6 +48,29 @@ def base_keys_and_logprobs(base: Base, tokens: np.ndarray, n_ctx: int, stride: i
     return keys, logprobs
 
 
+def search(index, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest datastore entries of each query: squared-L2 distances float32 [n, k], ids int64 [n, k]
+    (-1 where the index found fewer)."""
+    distances = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in tqdm(range(0, len(queries), chunk), desc="kNN-LM search", unit="chunk"):
+        distances[start : start + chunk], ids[start : start + chunk] = index.search(queries[start : start + chunk], k)
+    return distances, ids
+
+
+def knn_logprob_of(
+    distances: np.ndarray, ids: np.ndarray, values: np.ndarray, targets: np.ndarray, temperature: float
+) -> np.ndarray:
+    """log p_kNN(target) per query from its neighbours: the softmax(-d/T) weight of those whose value is the
+    target (-inf when none holds it), float64 [n]."""
+    logits = np.where(ids >= 0, -distances.astype(np.float64) / temperature, -np.inf)
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    hit = (values[np.maximum(ids, 0)] == targets[:, None]) & (ids >= 0)
+    with np.errstate(divide="ignore"):
+        return np.log((w * hit).sum(axis=1)) - np.log(w.sum(axis=1))
+
+
 def knn_target_logprobs(
     index,
     values: np.ndarray,
@@ -57,18 +80,33 @@ def knn_target_logprobs(
     temperature: float,
     chunk: int = 1024,
 ) -> np.ndarray:
-    """log p_kNN(target) per query: the softmax(-d/T) weight of neighbours whose value is the target
-    (-inf when no neighbour holds it), float64 [n]."""
-    out = np.empty(len(queries), dtype=np.float64)
-    for start in tqdm(range(0, len(queries), chunk), desc="kNN-LM search", unit="chunk"):
-        d, i = index.search(queries[start : start + chunk], k)
-        logits = np.where(i >= 0, -d.astype(np.float64) / temperature, -np.inf)
-        logits -= logits.max(axis=1, keepdims=True)
-        w = np.exp(logits)
-        hit = (values[np.maximum(i, 0)] == targets[start : start + chunk, None]) & (i >= 0)
-        with np.errstate(divide="ignore"):
-            out[start : start + chunk] = np.log((w * hit).sum(axis=1)) - np.log(w.sum(axis=1))
-    return out
+    """log p_kNN(target) per query (see `knn_logprob_of`), float64 [n]."""
+    distances, ids = search(index, queries, k, chunk)
+    return knn_logprob_of(distances, ids, values, targets, temperature)
+
+
+def knn_sweep(
+    distances: np.ndarray,
+    ids: np.ndarray,
+    values: np.ndarray,
+    targets: np.ndarray,
+    base_lp: np.ndarray,
+    temperatures: list[float],
+    ks: list[int],
+    lambdas: list[float],
+) -> list[dict]:
+    """kNN-LM PPL at its best lambda for every (T, k), from one search of max(ks) neighbours per position:
+    [{"temperature", "k", "lambda", "ppl"}], best first. Distances come sorted, so the first k are the k nearest."""
+    from edge_memdec.train.mix_ppl import mixed_ppl
+
+    rows = []
+    for k in ks:
+        for t in temperatures:
+            knn_lp = knn_logprob_of(distances[:, :k], ids[:, :k], values, targets, t)
+            table = mixed_ppl(base_lp, knn_lp, lambdas)
+            lam = min(table, key=table.get)
+            rows.append({"temperature": t, "k": k, "lambda": lam, "ppl": table[lam]})
+    return sorted(rows, key=lambda r: r["ppl"])
 
 
 def knn_lm_scores(

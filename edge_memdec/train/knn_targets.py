@@ -44,15 +44,40 @@ def build_index(
     seed: int = 0,
     lists: int = 0,
     pq_bytes: int = PQ_BYTES,
+    device: str = "cpu",
 ):
-    """A faiss index over `keys` (float32 [n, dim]): exact `flat`, `ivfpq` (`lists` inverted lists, 0 = up to
-    4096 with >= 39 training keys each; `pq_bytes`-byte codes of 8-bit sub-quantizers), or `auto` (flat up to
-    `threshold` keys); `index_description` says which was built."""
+    """A faiss index over `keys` (float32 [n, dim]): exact `flat`; `ivfflat` (`lists` inverted lists holding
+    the keys themselves, so distances are exact within the lists searched; 0 = about 2 sqrt(n) lists trained
+    on 64 keys each); `ivfpq` (`lists` lists, 0 = up to 4096 with >= 39 training keys each; `pq_bytes`-byte
+    codes of 8-bit sub-quantizers); `torch`, exact search as matrix products on `device`; or `auto` (on CUDA:
+    faiss's GPU flat index if this faiss has one, else `torch`; elsewhere flat up to `threshold` keys, else
+    ivfpq). `index_description` says which was built."""
     n, dim = keys.shape
+    on_gpu = str(device).startswith("cuda")
+    if kind == "auto" and on_gpu:
+        if hasattr(faiss, "StandardGpuResources"):
+            index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim)
+            index.add(keys)
+            return index
+        kind = "torch"
     if kind == "auto":
         kind = "flat" if n <= threshold else "ivfpq"
+    if kind == "torch":
+        import torch
+
+        from edge_memdec.train.torch_index import TorchFlatIndex
+
+        return TorchFlatIndex(keys, torch.device(device))
     if kind == "flat":
         index = faiss.IndexFlatL2(dim)
+    elif kind == "ivfflat":
+        centroids = lists or int(min(IVF_CENTROIDS, max(1, 2 * np.sqrt(n))))
+        if not 1 <= centroids <= n:
+            raise UserError(f"--ivf-lists must be between 1 and the {n} datastore keys, got {lists}")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, centroids)
+        sample = np.random.default_rng(seed).choice(n, size=min(n, 64 * centroids), replace=False)
+        index.train(keys[np.sort(sample)])
+        index.nprobe = nprobe
     elif kind == "ivfpq":
         if pq_bytes < 1 or dim % pq_bytes:
             raise UserError(
@@ -67,16 +92,42 @@ def build_index(
         index.train(keys[np.sort(sample)])
         index.nprobe = nprobe
     else:
-        raise UserError(f"unknown index {kind!r}; use flat, ivfpq or auto")
+        raise UserError(f"unknown index {kind!r}; use flat, ivfflat, ivfpq, torch or auto")
     index.add(keys)
     return index
 
 
 def index_description(index) -> str:
-    """`flat`, or the IVF-PQ shape: lists, code bytes, nprobe."""
+    """`flat`, or the IVF shape: lists, code bytes (PQ), nprobe."""
     if isinstance(index, faiss.IndexIVFPQ):
         return f"ivfpq: {index.nlist} lists, {index.pq.M}-byte codes, nprobe {index.nprobe}"
-    return "flat"
+    if isinstance(index, faiss.IndexIVFFlat):
+        return f"ivfflat: {index.nlist} lists, nprobe {index.nprobe}"
+    if not isinstance(index, faiss.Index):
+        return f"torch exact on {index.device}"
+    return "flat" if isinstance(index, faiss.IndexFlat) else type(index).__name__
+
+
+def exact_agreement(index, keys: np.ndarray, k: int, sample: int = 500, seed: int = 0) -> dict | None:
+    """How an approximate index's neighbours compare with exact search on `sample` datastore keys: the share
+    of queries whose nearest other key is the same, and the mean share of the exact k neighbours found
+    (recall@k). None for an exact index."""
+    if isinstance(index, faiss.IndexFlat) or not isinstance(index, faiss.Index):
+        return None  # exact search
+    n = len(keys)
+    queries = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
+    kk = min(k, n - 1)
+    _, truth = faiss.knn(keys[queries], keys, kk + 1)
+    _, found = index.search(keys[queries], kk + 1)
+    truth = drop_self(np.zeros(truth.shape, np.float32), truth, queries, kk)[1]
+    found = drop_self(np.zeros(found.shape, np.float32), found, queries, kk)[1]
+    recall = np.mean([len(np.intersect1d(t, f)) / kk for t, f in zip(truth, found, strict=True)])
+    return {
+        "sample": len(queries),
+        "k": kk,
+        "nearest_same": float(np.mean(truth[:, 0] == found[:, 0])),
+        "recall_at_k": float(recall),
+    }
 
 
 def drop_self(distances: np.ndarray, neighbours: np.ndarray, query_ids: np.ndarray, k: int):
@@ -124,8 +175,14 @@ def build_targets(
     threshold: int = 2_000_000,
     lists: int = 0,
     pq_bytes: int = PQ_BYTES,
+    searcher: tuple | None = None,
+    extra: dict | None = None,
+    device: str = "cpu",
 ) -> dict:
-    """Compute (or resume) the kNN targets of every datastore position; returns targets.json's content."""
+    """Compute (or resume) the kNN targets of every datastore position; returns targets.json's content.
+
+    `searcher` is (keys, values, index) already loaded and built (by a temperature sweep), else they are made
+    here; `extra` goes into targets.json (the sweep's table)."""
     ds_dir = Path(ds_dir)
     out_dir = Path(out_dir) if out_dir else ds_dir / "targets"
     if k < 1 or top < 1 or chunk < 1 or nprobe < 1 or threads < 1 or lists < 0:
@@ -196,10 +253,14 @@ def build_targets(
     atomic_save_json(manifest_path, manifest)
 
     t0 = time.perf_counter()
-    keys, values = load_keys(ds_dir), load_values(ds_dir)
-    index = build_index(keys, index_kind, nprobe, threshold, lists=lists, pq_bytes=pq_bytes)
+    keys, values, index = searcher or make_searcher(
+        ds_dir, index_kind, nprobe, threshold, lists, pq_bytes, device
+    )
     manifest["index_used"] = index_description(index)
     manifest["index_seconds"] = time.perf_counter() - t0
+    manifest.update(extra or {})
+    if "exact_agreement" not in manifest:
+        manifest["exact_agreement"] = exact_agreement(index, keys, k)
     finished = set(manifest["finished"])
     bar = tqdm(total=n, initial=min(n, len(finished) * chunk), unit="pos", desc="knn targets", smoothing=0.1)
     try:
@@ -233,6 +294,15 @@ def build_targets(
     manifest["complete"] = True
     atomic_save_json(manifest_path, manifest)
     return manifest
+
+
+def make_searcher(
+    ds_dir: Path, index_kind: str, nprobe: int, threshold: int, lists: int, pq_bytes: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, object]:
+    """The datastore's keys (float32 [n, dim]), values (int32 [n]) and an index over the keys."""
+    keys, values = load_keys(ds_dir), load_values(ds_dir)
+    index = build_index(keys, index_kind, nprobe, threshold, lists=lists, pq_bytes=pq_bytes, device=device)
+    return keys, values, index
 
 
 def _reserve_blocks(path: Path) -> None:

@@ -19,7 +19,7 @@ from edge_memdec.errors import UserError
 class MemdecShape:
     """Size of a memory decoder started from scratch (ignored for `base` and checkpoint starts except layers)."""
 
-    layers: int = 10  # decoder blocks; from the base: its first `layers` blocks
+    layers: int = 10  # decoder blocks; from the base: its first `layers` blocks (0: all of them)
     hidden: int = 576  # model width
     ffn: int = 1536  # feed-forward width
     heads: int = 9  # attention heads
@@ -103,7 +103,8 @@ def make_memdec(
 ) -> LlamaForCausalLM:
     """`init` is "base" (the base's first layers), "scratch", or a Hugging Face checkpoint folder."""
     if init == "base":
-        model = memdec_from_base(base_model, shape.base_layers or tuple(range(shape.layers)))
+        every = base_model.config.num_hidden_layers
+        model = memdec_from_base(base_model, shape.base_layers or tuple(range(shape.layers or every)))
     elif init == "scratch":
         model = memdec_from_scratch(base_model.config, shape, seed)
     elif Path(init).is_dir():

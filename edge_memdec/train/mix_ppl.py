@@ -16,8 +16,9 @@ from edge_memdec.train.windows import sliding_windows
 def target_logprobs(model: torch.nn.Module, tokens: np.ndarray, n_ctx: int, stride: int) -> np.ndarray:
     """log p(token[t+1] | window) for every position t owned by a sliding window, float64 [n_tokens - 1]."""
     out = np.empty(len(tokens) - 1, dtype=np.float64)
+    device = next(model.parameters()).device
     for w in sliding_windows(len(tokens), n_ctx, stride):
-        ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64))[None]
+        ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64)).to(device)[None]
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
         last = min(w.end, len(tokens) - 1)
         if last <= w.first_new:
@@ -25,7 +26,7 @@ def target_logprobs(model: torch.nn.Module, tokens: np.ndarray, n_ctx: int, stri
         logits = model.lm_head(hidden[w.first_new - w.begin : last - w.begin]).float()
         logp = torch.log_softmax(logits, dim=-1)
         nxt = torch.from_numpy(tokens[w.first_new + 1 : last + 1].astype(np.int64))
-        out[w.first_new : last] = logp.gather(1, nxt[:, None])[:, 0].double().numpy()
+        out[w.first_new : last] = logp.gather(1, nxt.to(device)[:, None])[:, 0].double().cpu().numpy()
     return out
 
 

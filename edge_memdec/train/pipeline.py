@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edge_memdec.corpus import Document, load_corpus, read_split
@@ -27,11 +28,16 @@ def check_threads(threads: int) -> None:
         raise UserError(f"--threads must be at least 1, got {threads}")
 
 
-def open_base(model: Path | None, threads: int) -> Base:
-    """The base in fp32 PyTorch (the default is the SmolLM2 GGUF), with `threads` torch threads."""
+def open_base(model: Path | None, threads: int, device: str = "cpu") -> Base:
+    """The base in fp32 PyTorch (the default is the SmolLM2 GGUF) on `device`, with `threads` torch threads."""
+    from edge_memdec.train.device import resolve_device
+
     check_threads(threads)
+    where = resolve_device(device)
     torch.set_num_threads(threads)
-    return load_base(model or default_base_gguf())
+    base = load_base(model or default_base_gguf())
+    base.model.to(where)
+    return base
 
 
 def datastore_command(
@@ -45,6 +51,9 @@ def datastore_command(
     shard_windows: int,
     threads: int,
     seed: int,
+    mode: str = "carry",
+    hidden_blocks: tuple[int, ...] = (),
+    device: str = "cpu",
 ) -> dict:
     """`edge-memdec datastore build`: tokenize the chosen documents and build (or resume) the datastore."""
     from edge_memdec.train.datastore import build_datastore, check_window_options
@@ -53,17 +62,19 @@ def datastore_command(
     check_window_options(n_ctx, stride, shard_windows)  # before the corpus is read and the base loaded
     check_threads(threads)
     docs = split_documents_of(corpus, split)
-    base = open_base(model, threads)
+    base = open_base(model, threads, device)
     tokens = token_stream(base.tokenizer, docs, max_tokens, seed)
     t0 = time.perf_counter()
     manifest = build_datastore(
         base,
         tokens,
         out,
-        n_ctx,
-        stride,
-        shard_windows,
+        n_ctx=n_ctx,
+        stride=stride,
+        shard_windows=shard_windows,
         info={"corpus": str(corpus), "split": split, "seed": seed},
+        mode=mode,
+        hidden_blocks=hidden_blocks,
     )
     seconds = time.perf_counter() - t0
     print(
@@ -84,7 +95,7 @@ def train_command(opts: dict) -> dict:
     base_path = Path(opts["model"] or ds["base"])
     blocks = parse_layers(opts["base_layers"]) if opts["base_layers"] else None
     shape = MemdecShape(
-        layers=len(blocks) if blocks else opts["layers"],
+        layers=len(blocks) if blocks else 0 if opts["frozen_blocks"] else opts["layers"],
         hidden=opts["hidden"],
         ffn=opts["ffn"],
         heads=opts["heads"],
@@ -114,6 +125,10 @@ def train_command(opts: dict) -> dict:
         valid_tokens=valid,
         seed=opts["seed"],
         threads=opts["threads"],
+        frozen_blocks=opts["frozen_blocks"],
+        head=opts["head"],
+        device=opts["device"],
+        valid_every=opts["valid_every"],
     )
     summary = train(cfg, resume=opts["resume"])
     if rank == 0:
@@ -132,15 +147,23 @@ def train_command(opts: dict) -> dict:
 
 
 def recipe_command(
-    domain: str, work: Path | None, model: Path | None, budget: float, as_json: bool, threads: int
+    domain: str,
+    work: Path | None,
+    model: Path | None,
+    budget: float,
+    as_json: bool,
+    threads: int,
+    name: str | None = None,
 ):
     """`edge-memdec recipe`: run every stage, then print the test-split table (or its JSON)."""
     import json
 
-    from edge_memdec.train.recipe import Budget, run_recipe
+    from edge_memdec.train.recipe import Budget, domain_name, run_recipe
 
-    work = work or Path(f"memdec-{Path(domain).stem}")
-    result = run_recipe(domain, work, Budget().scaled(budget), Path(model or default_base_gguf()), threads)
+    name = name or domain_name(domain)
+    work = work or Path(f"memdec-{name}")
+    base = Path(model or default_base_gguf())
+    result = run_recipe(domain, work, Budget().scaled(budget), base, threads, name)
     if as_json:
         print(json.dumps(result, indent=1))
         return result
@@ -155,3 +178,103 @@ def recipe_command(
         rss = f", peak {stage['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in stage else ""
         print(f"  stage {name}: {stage['seconds']:.0f} s{rss}")
     return result
+
+
+def knn_targets_command(
+    datastore: Path,
+    out: Path | None,
+    temperature: str,
+    valid_corpus: Path | None,
+    valid_tokens: int,
+    temperatures: list[float],
+    ks: list[int],
+    threads: int,
+    **options,
+) -> dict:
+    """`edge-memdec knn-targets`: the targets at a given T, or (`auto`) at the (T, k) whose kNN-LM is best on
+    validation text: one neighbour search of the validation keys, every (T, k) scored from it, the best one
+    built for the whole datastore with the same index. A rerun reuses the choice recorded in targets.json."""
+    import json
+
+    from edge_memdec.train.knn_targets import MANIFEST, build_targets
+
+    check_threads(threads)
+    k = options.pop("k", 1024)
+    if options.get("device", "cpu") != "cpu":
+        from edge_memdec.train.device import resolve_device
+
+        options["device"] = str(resolve_device(options["device"]))
+    common = {**options, "threads": threads}
+    if temperature != "auto":
+        try:
+            value = float(temperature)
+        except ValueError:
+            raise UserError(f"--temperature must be a positive number or auto, got {temperature!r}") from None
+        return build_targets(datastore, out, k=k, temperature=value, **common)
+    if valid_corpus is None:
+        from edge_memdec.train.datastore import read_manifest
+
+        corpus = read_manifest(datastore).get("corpus")
+        if corpus and (Path(corpus) / "manifest.json").is_file():
+            valid_corpus = Path(corpus)  # the validation split of the corpus the datastore was built from
+        else:
+            print("knn-targets: no validation split to choose T on (pass --valid-corpus); using T=1")
+            return build_targets(datastore, out, k=k, temperature=1.0, **common)
+    if not temperatures or not ks or min(temperatures) <= 0 or min(ks) < 1:
+        raise UserError("--temperatures and --ks must be lists of positive numbers, e.g. 0.5,1,2 and 64,1024")
+    manifest_path = Path(out or Path(datastore) / "targets") / MANIFEST
+    if manifest_path.is_file() and "sweep" in (saved := json.loads(manifest_path.read_text())):
+        chosen = saved["sweep"]["chosen"]
+        return build_targets(datastore, out, k=chosen["k"], temperature=chosen["temperature"], **common)
+    sweep, searcher = sweep_knn_params(datastore, valid_corpus, valid_tokens, temperatures, ks, threads, options)
+    best = sweep["chosen"]
+    print(
+        f"kNN-LM on validation: best T {best['temperature']:g}, k {best['k']}, lambda {best['lambda']:g}: "
+        f"PPL {best['ppl']:.3f} (base {sweep['base_ppl']:.3f})"
+    )
+    return build_targets(
+        datastore, out, k=best["k"], temperature=best["temperature"], searcher=searcher, extra={"sweep": sweep},
+        **common,
+    )
+
+
+def sweep_knn_params(
+    datastore: Path, valid_corpus: Path, valid_tokens: int, temperatures, ks, threads: int, options: dict
+) -> tuple[dict, tuple]:
+    """kNN-LM validation PPL for every (T, k) from one search; returns the table and the (keys, values, index)
+    searched, for the targets to reuse."""
+    import faiss
+
+    from edge_memdec.train.datastore import read_manifest
+    from edge_memdec.train.knn_lm import base_keys_and_logprobs, knn_sweep, search
+    from edge_memdec.train.knn_targets import index_description, make_searcher
+    from edge_memdec.train.stream import token_stream
+    from edge_memdec.train.trainer import DEFAULT_LAMBDAS
+
+    ds = read_manifest(datastore)
+    faiss.omp_set_num_threads(threads)
+    base = open_base(Path(ds["base"]), threads, options.get("device", "cpu"))
+    tokens = token_stream(base.tokenizer, split_documents_of(valid_corpus, "validation"), valid_tokens)
+    t0 = time.perf_counter()
+    queries, base_lp = base_keys_and_logprobs(base, tokens, ds["n_ctx"], ds["stride"])
+    del base
+    keys, values, index = make_searcher(
+        datastore,
+        options.get("index_kind", "auto"),
+        options.get("nprobe", 32),
+        options.get("threshold", 2_000_000),
+        options.get("lists", 0),
+        options.get("pq_bytes", 64),
+        options.get("device", "cpu"),
+    )
+    distances, ids = search(index, queries, min(max(ks), len(values)))
+    rows = knn_sweep(distances, ids, values, tokens[1:], base_lp, temperatures, ks, list(DEFAULT_LAMBDAS))
+    sweep = {
+        "tokens": len(base_lp),
+        "base_ppl": float(np.exp(-base_lp.mean())),
+        "index": index_description(index),
+        "rows": rows,
+        "chosen": rows[0],
+        "seconds": time.perf_counter() - t0,
+    }
+    return sweep, (keys, values, index)

@@ -1,4 +1,4 @@
-"""The recipe: corpus split -> datastore -> kNN targets -> train -> q8_0 GGUF -> report on the test split.
+"""The recipe: corpus split -> datastore -> kNN targets -> train -> GGUF -> report on the test split.
 
 Each stage runs as its own `edge-memdec` subprocess, so every stage resumes after a kill, a finished stage is
 skipped on a rerun, and its wall time and peak memory (max RSS of that process) are measured separately.
@@ -19,39 +19,40 @@ from edge_memdec.errors import UserError
 
 @dataclass(frozen=True)
 class Budget:
-    """What the default legal recipe spends; `scaled(x)` multiplies the datastore tokens.
+    """What the default recipe spends; `scaled(x)` multiplies the datastore tokens.
 
-    Sized from measurements on this 2-core CPU (no AVX-512; other jobs running): the datastore forward ran
-    ~95 positions/s with 1024/512 windows, exact k=1024 search ~210 queries/s at 66k keys, and training a 4-block
-    memory decoder ~280 positions/s (3.6 s per 1024-token step). 70k tokens, 6 epochs: about 50 minutes in all.
-    Four blocks keep the q8_0 GGUF under 50 MB (42.5M params, 32% of SmolLM2; the 49,152 x 576 embedding is
-    28.3M of them); the first and last three base blocks start closest to the base's own output distribution.
+    The decoder is the whole base with its lower blocks frozen: the datastore pass stores the residual stream
+    entering the first trained block, so training runs only the top `trained_blocks` blocks (and the final
+    norm; the tied embedding / LM head stays the base's). T (and k) are chosen where kNN-LM is best on the
+    validation split, lambda where the decoder's mixture is, and the best validation checkpoint is kept.
+    Sized for about an hour on a 2-core CPU (measured rates in README's training table).
     """
 
-    datastore_tokens: int = 70_000
+    datastore_tokens: int = 250_000
     k: int = 1024
-    temperature: float = 1.0
-    base_layers: str = "0,27-29"
-    epochs: int = 6
-    lr: float = 1e-3
-    batch_windows: int = 1
+    ks: str = "64,256,1024"
+    temperatures: str = "0.25,0.5,1,2,4,8,16"
+    trained_blocks: int = 6
+    epochs: int = 2
+    lr: float = 3e-4
+    batch_windows: int = 8
     train_ctx: int = 1024
     train_stride: int = 1024  # no overlap: every position trained once per epoch at the cost of one forward
     valid_tokens: int = 4_000
     test_tokens: int = 10_000
+    outtype: str = "q8_0"
     lambdas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
     def scaled(self, factor: float) -> Budget:
-        """The same recipe with `factor` times the datastore and evaluation tokens."""
+        """The same recipe with `factor` times the datastore tokens."""
         if factor <= 0:
             raise UserError(f"--budget must be positive, got {factor}")
-        return Budget(
-            **{
-                **asdict(self),
-                "datastore_tokens": int(self.datastore_tokens * factor),
-                "lambdas": self.lambdas,
-            }
-        )
+        return Budget(**{**asdict(self), "datastore_tokens": int(self.datastore_tokens * factor)})
+
+
+def domain_name(source: str) -> str:
+    """The name a recipe's outputs carry: a built-in corpus's name, else the folder's or file's stem."""
+    return Path(source).stem or "custom"
 
 
 def run_stage(name: str, args: list[str], log: dict, launcher: list[str] | None = None) -> None:
@@ -68,20 +69,28 @@ def run_stage(name: str, args: list[str], log: dict, launcher: list[str] | None 
         raise UserError(f"the {name} stage failed (exit {child.returncode}); fix the error above and rerun")
 
 
-def run_recipe(domain: str, work: Path, budget: Budget, base: Path, threads: int = 2) -> dict:
-    """Run (or resume) every stage for `domain` in `work`; returns the report (also written as report.json)."""
+def run_recipe(
+    domain: str, work: Path, budget: Budget, base: Path, threads: int = 2, name: str | None = None
+) -> dict:
+    """Run (or resume) every stage for corpus `domain` in `work`; returns the report (also report.json).
+
+    Everything is written under `work`; the outputs are named after `name` (default: `domain_name`)."""
+    from edge_memdec.gguf_file import read_gguf
+    from edge_memdec.train.datastore import atomic_save_json as atomic_write_json
     from edge_memdec.train.report import report
 
+    name = name or domain_name(domain)
     work.mkdir(parents=True, exist_ok=True)
     split, ds, run = work / "split", work / "datastore", work / "run"
-    gguf = work / f"{domain}-memdec-q8_0.gguf"
+    gguf = work / f"{name}-memdec-{budget.outtype}.gguf"
     stages_path = work / "stages.json"
     stages = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    frozen = read_gguf(base).n_layers - budget.trained_blocks
 
-    def stage(name: str, done: bool, args: list[str]) -> None:
+    def stage(stage_name: str, done: bool, args: list[str]) -> None:
         if not done:
-            run_stage(name, args, stages)
-            stages_path.write_text(json.dumps(stages, indent=1) + "\n")
+            run_stage(stage_name, args, stages)
+            atomic_write_json(stages_path, stages)
 
     th = ["--threads", str(threads)]
     stage("split", (split / "manifest.json").is_file(), ["corpus", "split", domain, "--out", str(split)])
@@ -90,28 +99,23 @@ def run_recipe(domain: str, work: Path, budget: Budget, base: Path, threads: int
         "datastore",
         ds_done,
         ["datastore", "build", "--corpus", str(split), "--out", str(ds), "-m", str(base)]
-        + ["--max-tokens", str(budget.datastore_tokens), *th],
+        + ["--max-tokens", str(budget.datastore_tokens), "--hidden-blocks", str(frozen), *th],
     )
     stage(
         "knn_targets",
         (ds / "targets" / "knn-ids.npy").is_file(),
-        ["knn-targets", str(ds), "-k", str(budget.k), "--temperature", str(budget.temperature), *th],
+        ["knn-targets", str(ds), "-k", str(budget.k), "--temperature", "auto", "--ks", budget.ks]
+        + ["--temperatures", budget.temperatures, "--valid-tokens", str(budget.valid_tokens)]
+        + ["--index", "flat" if budget.datastore_tokens <= 100_000 else "ivfflat", *th],
     )
     stage(
         "train",
         gguf.is_file(),
-        ["train", str(ds), "--out", str(run), "-m", str(base), "--base-layers", budget.base_layers]
-        + [
-            "--epochs",
-            str(budget.epochs),
-            "--lr",
-            str(budget.lr),
-            "--batch-windows",
-            str(budget.batch_windows),
-        ]
+        ["train", str(ds), "--out", str(run), "-m", str(base), "--frozen-blocks", str(frozen)]
+        + ["--epochs", str(budget.epochs), "--lr", str(budget.lr), "--batch-windows", str(budget.batch_windows)]
         + ["--n-ctx", str(budget.train_ctx), "--stride", str(budget.train_stride)]
         + ["--valid-corpus", str(split), "--valid-tokens", str(budget.valid_tokens)]
-        + ["--export", str(gguf), "--outtype", "q8_0", "--domain", domain, *th]
+        + ["--export", str(gguf), "--outtype", budget.outtype, "--domain", name, *th]
         + (["--resume"] if (run / "checkpoint.pt").is_file() else []),
     )
     t0 = time.perf_counter()
@@ -119,8 +123,8 @@ def run_recipe(domain: str, work: Path, budget: Budget, base: Path, threads: int
     stages["report"] = {"seconds": time.perf_counter() - t0}
     result["stages"] = stages
     result["budget"] = asdict(budget)
-    stages_path.write_text(json.dumps(stages, indent=1) + "\n")
-    (work / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_json(stages_path, stages)
+    atomic_write_json(work / "report.json", result)
     return result
 
 

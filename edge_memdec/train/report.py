@@ -88,10 +88,13 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         ours = lm.perplexity(test_text, n_ctx=1024, stride=512, lambdas=lambdas)
     mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
 
-    valid = cached_knn_scores(base, datastore, valid_text, budget.k, budget.temperature)
+    # kNN-LM at the (k, T) the targets were built with: chosen where kNN-LM is best on validation
+    params = json.loads((Path(datastore) / "targets" / "targets.json").read_text())["params"]
+    k, temperature = int(params["k"]), float(params["temperature"])
+    valid = cached_knn_scores(base, datastore, valid_text, k, temperature)
     valid_table = mixed_ppl(valid["base_logprobs"], valid["knn_logprobs"], list(budget.lambdas))
     knn_lam = min(valid_table, key=valid_table.get)
-    test = cached_knn_scores(base, datastore, test_text, budget.k, budget.temperature)
+    test = cached_knn_scores(base, datastore, test_text, k, temperature)
     test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], list(budget.lambdas))
     knn_mix = np.logaddexp(np.log1p(-knn_lam) + test["base_logprobs"], np.log(knn_lam) + test["knn_logprobs"])
 
@@ -112,8 +115,8 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
             "stderr": stderr_of_ppl(knn_mix),
             "tokens_scored": int(test["tokens_scored"]),
             "pytorch_base_ppl": float(np.exp(-test["base_logprobs"].mean())),
-            "k": budget.k,
-            "temperature": budget.temperature,
+            "k": k,
+            "temperature": temperature,
             "datastore_positions": int(test["datastore_positions"]),
             "seconds": test["seconds"],
         },

@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from edge_memdec.errors import UserError
 from edge_memdec.train.base import Base, load_base
-from edge_memdec.train.datastore import atomic_save_json, read_manifest
+from edge_memdec.train.carry import run_blocks
+from edge_memdec.train.datastore import atomic_save_json, load_hidden, read_manifest
+from edge_memdec.train.device import autocast, resolve_device
 from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
@@ -57,11 +59,50 @@ class TrainConfig:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     seed: int = 0
     threads: int = 2
+    frozen_blocks: int = 0  # lower blocks kept at the base's weights; their output is read from the datastore
+    head: str = "tied"  # tied: LM head = embeddings (frozen when frozen_blocks > 0); untied: a trained copy
+    device: str = "cpu"
+    valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
 
     def fingerprint(self) -> dict:
         """The settings that must not change across a resume."""
-        skip = {"valid_tokens", "checkpoint_every", "threads", "out"}
+        skip = {"valid_tokens", "checkpoint_every", "threads", "out", "device", "valid_every"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
+
+
+def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir: Path) -> np.ndarray | None:
+    """Freeze what `cfg` keeps at the base's weights and untie the head if asked; returns the stored residual
+    stream entering the first trained block (float16 [n_positions, dim]) when lower blocks are frozen."""
+    if cfg.head not in ("tied", "untied"):
+        raise UserError(f"--head must be tied or untied, got {cfg.head!r}")
+    if cfg.head == "untied":
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    if cfg.frozen_blocks <= 0:
+        return None
+    n_layers = len(model.model.layers)
+    if cfg.init != "base" or n_layers != base.model.config.num_hidden_layers or (
+        cfg.shape.base_layers not in (None, tuple(range(n_layers)))
+    ):
+        raise UserError(
+            "--frozen-blocks needs the whole base as the starting decoder (--init base and every base layer)"
+        )
+    if not 0 < cfg.frozen_blocks < n_layers:
+        raise UserError(f"--frozen-blocks must be between 1 and {n_layers - 1}, got {cfg.frozen_blocks}")
+    model.model.embed_tokens.requires_grad_(False)  # it feeds the frozen blocks (and is the head when tied)
+    for layer in model.model.layers[: cfg.frozen_blocks]:
+        layer.requires_grad_(False)
+    return load_hidden(ds_dir, cfg.frozen_blocks)
+
+
+def window_states(model, tokens: np.ndarray, hidden: np.ndarray | None, w: Window, frozen: int, device):
+    """The decoder's final hidden states over window `w`, [w.end - w.begin, dim]: a full forward from token ids,
+    or, with `frozen` lower blocks, the stored residual stream entering block `frozen` through the upper ones."""
+    if hidden is None:
+        ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64)).to(device)[None]
+        return model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+    x = torch.from_numpy(hidden[w.begin : w.end].astype(np.float32)).to(device)[None]
+    return run_blocks(model, x, frozen)
 
 
 def distributed() -> tuple[int, int]:
@@ -83,6 +124,26 @@ def batch_of(step: int, n_windows: int, batch: int, seed: int) -> list[int]:
     epoch, i = divmod(step, per_epoch)
     order = np.random.default_rng(seed + epoch).permutation(n_windows)
     return order[i * batch : (i + 1) * batch].tolist()
+
+
+def best_validation(history: list[dict]) -> dict | None:
+    """The history record (an epoch's end) with the lowest validation mixed PPL, or None before any."""
+    valid = [r for r in history if "validation" in r]
+    return min(valid, key=lambda r: r["validation"]["best_ppl"]) if valid else None
+
+
+def save_model(model: torch.nn.Module, hf_dir: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then swap it in: a kill never leaves half a model."""
+    import shutil
+
+    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    old = hf_dir.with_name(f".{hf_dir.name}.old{os.getpid()}")
+    if hf_dir.exists():
+        os.replace(hf_dir, old)
+    os.replace(tmp, hf_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -166,6 +227,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     base = load_base(Path(cfg.base or ds["base"]))
     torch.manual_seed(cfg.seed)
     model = make_memdec(cfg.init, base.model, cfg.shape, cfg.seed)
+    hidden = prepare_frozen(model, base, cfg, Path(cfg.datastore))
+    device = resolve_device(cfg.device)
+    model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     windows = sliding_windows(len(tokens), cfg.n_ctx, cfg.stride)
@@ -224,19 +288,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         sums = torch.zeros(3)
         for w in batch[rank::world]:
             a, b = owned_range(w, n_positions)
-            ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64))[None]
-            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[
-                0, a - w.begin : b - w.begin
-            ]
+            with autocast(device):
+                states = window_states(model, tokens, hidden, w, cfg.frozen_blocks, device)
+                logits = model.lm_head(states[a - w.begin : b - w.begin])
             loss, kl, ce = memdec_loss_sum(
-                model.lm_head(hidden),
-                torch.from_numpy(tokens[a + 1 : b + 1].astype(np.int64)),
-                torch.from_numpy(knn_ids[a:b].astype(np.int64)),
-                torch.from_numpy(knn_probs[a:b].astype(np.float32)),
+                logits,
+                torch.from_numpy(tokens[a + 1 : b + 1].astype(np.int64)).to(device),
+                torch.from_numpy(knn_ids[a:b].astype(np.int64)).to(device),
+                torch.from_numpy(knn_probs[a:b].astype(np.float32)).to(device),
                 cfg.beta,
             )
             (loss / count).backward()
-            sums += torch.stack([loss.detach(), kl.detach(), ce.detach()])
+            sums += torch.stack([loss.detach(), kl.detach(), ce.detach()]).cpu()
             timing["positions"] += b - a
         t1 = time.perf_counter()
         timing["compute_s"] += t1 - t0
@@ -258,17 +321,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", kl=f"{kl:.3f}", ce=f"{ce:.3f}", refresh=False)
         bar.update(1)
         record = {"step": step, "loss": loss, "kl": kl, "ce": ce, "lr": schedule.get_last_lr()[0]}
-        if step % per_epoch == 0 or step == total:
-            record["epoch"] = math.ceil(step / per_epoch)
+        if step % per_epoch == 0 or step == total or (cfg.valid_every and step % cfg.valid_every == 0):
+            record["epoch"] = round(step / per_epoch, 4)
             if validator is not None:
-                record["validation"] = validator(model)
-                v = record["validation"]
+                earlier = best_validation(history)
+                record["validation"] = v = validator(model)
                 tqdm.write(
                     f"validation step {step}: base {v['base_ppl']:.3f} memdec {v['memdec_ppl']:.3f} "
                     f"mixed {v['best_ppl']:.3f} at lambda {v['best_lambda']}"
                 )
+                if earlier is None or v["best_ppl"] < earlier["validation"]["best_ppl"]:
+                    save_model(model, out / "hf")  # the epoch with the best validation mixture is kept
         history.append(record)
-        if step % cfg.checkpoint_every == 0 or step == total:
+        if step % cfg.checkpoint_every == 0 or step == total or "epoch" in record:
             checkpoint()
     bar.close()
     ranks = [timing]
@@ -277,9 +342,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         dist.all_gather_object(ranks, timing)
     summary = {}
     if rank == 0:
-        hf_dir = out / "hf"
-        model.save_pretrained(hf_dir, safe_serialization=True)
-        valid = [r["validation"] for r in history if "validation" in r]
+        best = best_validation(history)
+        if best is None:
+            save_model(model, out / "hf")
         summary = {
             "params": n_params(model),
             "steps": step,
@@ -291,7 +356,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             "ranks": [rank_rates(r) for r in ranks],
             "knn": tmeta["params"],
             "config": cfg.fingerprint(),
-            "validation": valid[-1] if valid else None,
+            "validation": best["validation"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
             "history": history,
         }
         atomic_save_json(out / "train.json", summary)

@@ -1,0 +1,81 @@
+"""The datastore pass: one forward per 1024/512 window (each position computed twice) against the carried
+one pass (each position once), on the same legal train tokens, in alternating rounds; then kNN-LM
+validation PPL from each datastore's keys (same validation text, same exact search, best T and lambda).
+
+    python bench/datastore_pass.py [--tokens 20000] [--rounds 2] [--valid-tokens 4000] [--threads 2]
+
+Prints positions/s per pass and round, their ratio, and the kNN-LM table. Needs the train extra and the legal
+corpus (`pip install --no-deps licensedcode-data==32.1.0`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edge_memdec.corpus import load_corpus, split_documents  # noqa: E402
+from edge_memdec.paths import default_base_gguf  # noqa: E402
+from edge_memdec.train.base import load_base  # noqa: E402
+from edge_memdec.train.datastore import build_datastore, load_keys, load_values  # noqa: E402
+from edge_memdec.train.knn_lm import base_keys_and_logprobs, knn_sweep, search  # noqa: E402
+from edge_memdec.train.knn_targets import build_index  # noqa: E402
+from edge_memdec.train.stream import token_stream  # noqa: E402
+from edge_memdec.train.trainer import DEFAULT_LAMBDAS  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--valid-tokens", type=int, default=4_000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = load_base(default_base_gguf())
+    splits = split_documents(load_corpus("legal"))
+    tokens = token_stream(base.tokenizer, splits["train"], args.tokens)
+    valid = token_stream(base.tokenizer, splits["validation"], args.valid_tokens)
+    work = Path(tempfile.mkdtemp(prefix="ds-pass-"))
+    rates: dict[str, list[float]] = {"windows": [], "carry": []}
+    try:
+        for r in range(args.rounds):
+            for mode in ("windows", "carry") if r % 2 == 0 else ("carry", "windows"):
+                out = work / f"{mode}-{r}"
+                t0 = time.perf_counter()
+                build_datastore(base, tokens, out, mode=mode, shard_windows=32)
+                rates[mode].append((len(tokens) - 1) / (time.perf_counter() - t0))
+                if r:
+                    shutil.rmtree(out)
+        print(f"{'pass':8} " + " ".join(f"round {i + 1:>2}" for i in range(args.rounds)) + "   positions/s")
+        for mode, values in rates.items():
+            print(f"{mode:8} " + " ".join(f"{v:8.1f}" for v in values))
+        ratio = np.median(rates["carry"]) / np.median(rates["windows"])
+        print(f"carry / windows: {ratio:.2f}x (medians), {len(tokens) - 1} positions, {args.threads} threads")
+        queries, base_lp = base_keys_and_logprobs(base, valid, 1024, 512)
+        print(
+            f"\nkNN-LM on {len(base_lp)} validation tokens (base PPL {np.exp(-base_lp.mean()):.3f}), exact search"
+        )
+        for mode in ("windows", "carry"):
+            ds = work / f"{mode}-0"
+            values = load_values(ds)
+            distances, ids = search(build_index(load_keys(ds), "flat"), queries, 1024)
+            rows = knn_sweep(
+                distances, ids, values, valid[1:], base_lp, [0.5, 1, 2, 4], [1024], list(DEFAULT_LAMBDAS)
+            )
+            best = rows[0]
+            print(f"{mode:8} PPL {best['ppl']:.3f} at T {best['temperature']:g}, lambda {best['lambda']:g}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The shipped legal memory decoder's campaign on a CPU, stage by stage; every stage resumes after a kill.
+#   recipes/legal_full.sh WORK [MAX_TOKENS]
+# WORK holds everything (split, datastore, targets, run); MAX_TOKENS caps the datastore's train tokens
+# (whole documents, seeded sample; default 1.2M, the whole split is ~3.1M). Stage timings go to WORK/stages.log.
+set -euo pipefail
+work=${1:?usage: recipes/legal_full.sh WORK [MAX_TOKENS]}
+max_tokens=${2:-1200000}
+frozen=${FROZEN:-24}          # lower blocks kept at the base's weights (their output read from the datastore)
+threads=${THREADS:-2}
+mkdir -p "$work"
+stage() {  # stage NAME DONE_FILE COMMAND...
+  local name=$1 done=$2; shift 2
+  if [ -e "$done" ]; then echo "$name: done" >> "$work/stages.log"; return; fi
+  local t0; t0=$(date +%s)
+  /usr/bin/time -f "$name: %e s wall, peak %M KiB" -a -o "$work/stages.log" "$@"
+  echo "$name: finished $(date -u +%FT%TZ) after $(( $(date +%s) - t0 )) s" >> "$work/stages.log"
+}
+stage split "$work/split/manifest.json" edge-memdec corpus split legal --out "$work/split"
+stage datastore "$work/datastore/.complete" bash -c "edge-memdec datastore build --corpus '$work/split' \
+  --out '$work/datastore' --max-tokens $max_tokens --hidden-blocks 18,24 --threads $threads --device auto \
+  && touch '$work/datastore/.complete'"
+stage knn_targets "$work/datastore/targets/knn-ids.npy" edge-memdec knn-targets "$work/datastore" \
+  --temperature auto --ks 64,256,1024 --index ivfflat --threads "$threads"

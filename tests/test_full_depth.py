@@ -1,0 +1,193 @@
+"""The full-depth memory decoder: one-pass datastore with stored hidden states, frozen lower blocks, T chosen on
+validation from one cached search, and the best epoch kept. A tiny 4-block llama base and real licence text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("faiss")
+
+from conftest import _tiny_settings, save_checkpoint, train_tokenizer  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from edge_memdec.cli import app  # noqa: E402
+from edge_memdec.train.carry import CarriedForward, run_blocks  # noqa: E402
+from edge_memdec.train.windows import sliding_windows  # noqa: E402
+
+N_CTX, STRIDE, FROZEN = 64, 32, 2
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def deep_base(tmp_path_factory, tokenizer_corpus) -> Path:
+    """A random tied-embedding llama with 4 blocks (so that 2 can be frozen and 2 trained)."""
+    tokenizer = train_tokenizer("gpt2", tokenizer_corpus)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("deep"),
+        "llama",
+        tokenizer,
+        tokenizer.get_vocab_size(),
+        _tiny_settings(),
+        seed=3,
+        num_hidden_layers=4,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(deep_base):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(deep_base), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, deep_base, legal_text) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("deepstore")
+    (work / "legal.txt").write_text(legal_text, encoding="utf-8")
+    split, ds = work / "split", work / "ds"
+    invoke("corpus", "split", str(work / "legal.txt"), "--out", str(split))
+    invoke(
+        "datastore", "build", "--corpus", str(split), "--out", str(ds), "-m", str(deep_base),
+        "--n-ctx", str(N_CTX), "--stride", str(STRIDE), "--shard-windows", "8", "--threads", "1",
+        "--hidden-blocks", str(FROZEN), "--device", "cpu",
+    )  # fmt: skip
+    return {"split": split, "ds": ds, "work": work}
+
+
+def reference_states(model, ids: np.ndarray):
+    """Keys (last block's FFN-norm output), every block's input and the final hidden states [n, dim] from
+    transformers' own forward."""
+    captured = []
+    hook = model.model.layers[-1].post_attention_layernorm.register_forward_hook(
+        lambda _m, _i, out: captured.append(out)
+    )
+    with torch.no_grad():
+        out = model.model(input_ids=torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True)
+    hook.remove()
+    return captured[0][0], out.hidden_states, out.last_hidden_state[0]
+
+
+def test_one_pass_equals_a_fresh_forward_within_a_window(model):
+    """Up to n_ctx tokens the carried pass sees everything before each position: keys and the residual stream
+    entering each block equal transformers' forward over the same tokens."""
+    ids = np.random.default_rng(0).integers(3, 400, size=N_CTX).astype(np.int32)
+    keys, hidden, _ = reference_states(model, ids)
+    chunks = list(CarriedForward(model, N_CTX - STRIDE, STRIDE, (1, 2, 3)).chunks(ids, 0, N_CTX))
+    assert [c.start for c in chunks] == [0, STRIDE]
+    torch.testing.assert_close(torch.cat([c.keys for c in chunks]), keys, atol=1e-5, rtol=1e-5)
+    for block in (1, 2, 3):
+        got = torch.cat([c.hidden[block] for c in chunks])
+        torch.testing.assert_close(got, hidden[block][0], atol=1e-5, rtol=1e-5)
+
+
+def test_one_pass_gives_every_position_at_least_the_windowed_context(model):
+    """For each position, the farthest token its 64/32 window lets it see still changes its key in the one
+    pass; a later token never does."""
+    rng = np.random.default_rng(1)
+    n = 5 * STRIDE + 7
+    ids = rng.integers(3, 400, size=n).astype(np.int32)
+    forward = CarriedForward(model, N_CTX - STRIDE, STRIDE)
+
+    def keys_of(tokens):
+        return torch.cat([c.keys for c in forward.chunks(tokens, 0, n)])
+
+    base = keys_of(ids)
+    owner = {p: w for w in sliding_windows(n, N_CTX, STRIDE) for p in range(w.first_new, w.end)}
+    for p in (5, N_CTX - 1, N_CTX, N_CTX + 13, n - 2):
+        farthest = owner[p].begin
+        changed = ids.copy()
+        changed[farthest] = (changed[farthest] + 1) % 400
+        assert not torch.allclose(keys_of(changed)[p], base[p]), p
+        if p + 1 < n:
+            later = ids.copy()
+            later[p + 1] = (later[p + 1] + 1) % 400
+            torch.testing.assert_close(keys_of(later)[p], base[p])
+
+
+def test_stored_hidden_states_and_upper_blocks_equal_the_base(store, model):
+    """The datastore's hidden states entering block 2 equal a fresh forward (first window: full context), and
+    blocks 2-3 run on them give the base's final hidden states."""
+    ds = store["ds"]
+    manifest = json.loads((ds / "datastore.json").read_text())
+    assert manifest["pass"] == "carry" and manifest["hidden_blocks"] == [FROZEN]
+    tokens = np.load(ds / "tokens.npy")
+    stored = np.load(ds / f"hidden-{FROZEN:03d}-00000.npy")
+    keys = np.load(ds / "keys-00000.npy")
+    ref_keys, ref_hidden, final = reference_states(model, tokens[:N_CTX])
+    np.testing.assert_allclose(stored[:N_CTX], ref_hidden[FROZEN][0].numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(keys[:N_CTX], ref_keys.numpy(), atol=2e-3, rtol=2e-3)
+    with torch.no_grad():
+        top = run_blocks(model, ref_hidden[FROZEN], FROZEN)
+    torch.testing.assert_close(top, final, atol=1e-5, rtol=1e-5)
+
+
+def test_temperature_chosen_on_validation_from_one_search(store):
+    ds, out = store["ds"], store["work"] / "targets-auto"
+    args = (
+        "knn-targets", str(ds), "--out", str(out), "--temperature", "auto", "--temperatures", "0.5,2,8",
+        "--ks", "4,8", "--top", "4", "--valid-tokens", "400", "--threads", "1", "--index", "ivfflat",
+        "--ivf-lists", "4", "--nprobe", "2",
+    )  # fmt: skip
+    output = invoke(*args)
+    manifest = json.loads((out / "targets.json").read_text())
+    rows = manifest["sweep"]["rows"]
+    assert sorted((r["temperature"], r["k"]) for r in rows) == [
+        (t, k) for t in (0.5, 2.0, 8.0) for k in (4, 8)
+    ]
+    chosen = min(rows, key=lambda r: r["ppl"])
+    assert (
+        manifest["params"]["temperature"] == chosen["temperature"] and manifest["params"]["k"] == chosen["k"]
+    )
+    assert f"best T {chosen['temperature']:g}" in output
+    agreement = manifest["exact_agreement"]
+    assert 0 <= agreement["nearest_same"] <= 1 and 0 < agreement["recall_at_k"] <= 1
+    assert "vs exact search" in output
+    # a rerun takes the recorded choice instead of searching again
+    again = invoke(*args)
+    assert "kNN-LM on validation" not in again
+
+
+def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(store, deep_base, tmp_path):
+    ds = store["ds"]
+    invoke("knn-targets", str(ds), "-k", "8", "--top", "4", "--temperature", "1", "--threads", "1")
+    run = tmp_path / "run"
+    invoke(
+        "train", str(ds), "--out", str(run), "-m", str(deep_base), "--frozen-blocks", str(FROZEN),
+        "--epochs", "3", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32", "--batch-windows", "8",
+        "--valid-corpus", str(store["split"]), "--valid-tokens", "300", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    trained = load_file(str(run / "hf" / "model.safetensors"))
+    base = load_file(str(deep_base / "model.safetensors"))
+    for name in base:
+        frozen = name.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1."))
+        same = np.array_equal(trained[name], base[name])
+        assert same == frozen, f"{name}: {'changed' if frozen else 'unchanged'}"
+    summary = json.loads((run / "train.json").read_text())
+    epochs = [r for r in summary["history"] if "validation" in r]
+    assert len(epochs) == 3
+    best = min(epochs, key=lambda r: r["validation"]["best_ppl"])
+    assert summary["best_epoch"] == best["epoch"] and summary["validation"] == best["validation"]
+    # the saved model is that epoch's: its validation PPL, recomputed, is the one recorded then
+    from transformers import AutoModelForCausalLM
+
+    from edge_memdec.train.mix_ppl import target_logprobs
+
+    saved = AutoModelForCausalLM.from_pretrained(str(run / "hf"), dtype=torch.float32).eval()
+    tokens = np.load(run / "valid-base-logprobs.npz")["tokens"]
+    ppl = float(np.exp(-target_logprobs(saved, tokens, 1024, 512).mean()))  # the trainer's validation windows
+    assert ppl == pytest.approx(best["validation"]["memdec_ppl"], rel=1e-4)
