@@ -260,10 +260,9 @@ def perplexity(
     import json
 
     from edge_memdec.api import MemoryDecoderLM
-    from edge_memdec.atomic import check_output_path, write_text_atomic
+    from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
     from edge_memdec.perplexity import DEFAULT_LAMBDAS, format_report
     from edge_memdec.perplexity import perplexity as run_perplexity
-    from edge_memdec.textfile import read_text_file
 
     text = read_text_file(file)
     for out in (json_out, plot_out):  # before the scoring pass, not after it

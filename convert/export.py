@@ -7,9 +7,6 @@ complete.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +14,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWr
 from gguf.quants import quant_shape_to_byte_shape
 from tqdm import tqdm
 
-from edge_memdec.atomic import process_alive
-from edge_memdec.errors import UserError
+from edge_memdec.files import atomic_path, check_output_path
 from edge_memdec.gguf_file import read_gguf
 
 from .arch import (
@@ -51,11 +47,7 @@ def convert_checkpoint(
     `memdec.vocab_fingerprint` is always written.
     """
     kind = out_type(outtype)
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"the output {out} is a folder; give a file name ending in .gguf")
-    if not out.parent.is_dir():
-        raise UserError(f"the output folder {out.parent} does not exist; create it first")
+    out = check_output_path(out, suffix=".gguf")
     extra = memdec_fields(memdec)
     ckpt = Checkpoint(Path(checkpoint))
     hp = read_hparams(ckpt.config, ckpt.folder)
@@ -68,40 +60,17 @@ def convert_checkpoint(
     extra[VOCAB_FINGERPRINT] = (vocab_fingerprint(tokenizer.tokens), GGUFValueType.STRING)
     name = _model_name(ckpt, memdec)
 
-    try:
-        with _atomic(out) as target:
-            if kind.llama_ftype is None:
-                _write(target, ckpt, hp, plans, tokenizer, extra, kind, name)
-            else:
-                f32_path = target.with_name(target.name + ".f32")
-                try:
-                    _write(f32_path, ckpt, hp, plans, tokenizer, extra, kind, name)
-                    llama_quantize(f32_path, target, kind.llama_ftype)
-                finally:
-                    f32_path.unlink(missing_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"writing {out} failed ({err.strerror or err}); check the free disk space and the folder's permissions"
-        ) from None
+    with atomic_path(out) as target:  # the f32 temp of a quantized convert is swept with it if killed
+        if kind.llama_ftype is None:
+            _write(target, ckpt, hp, plans, tokenizer, extra, kind, name)
+        else:
+            f32_path = target.with_name(target.name + ".f32")
+            try:
+                _write(f32_path, ckpt, hp, plans, tokenizer, extra, kind, name)
+                llama_quantize(f32_path, target, kind.llama_ftype)
+            finally:
+                f32_path.unlink(missing_ok=True)
     return out
-
-
-@contextmanager
-def _atomic(final: Path) -> Iterator[Path]:
-    """A temporary path beside `final`, renamed onto it on success and removed on any error or Ctrl-C.
-
-    Parts left by killed earlier runs (their process is gone) are removed first.
-    """
-    for stale in final.parent.glob(f".{final.name}.*.part*"):
-        pid = stale.name.removeprefix(f".{final.name}.").split(".")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    temp = final.with_name(f".{final.name}.{os.getpid()}.part")
-    try:
-        yield temp
-        os.replace(temp, final)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _write(

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_memdec.errors import UserError
+from edge_memdec.files import write_text_atomic
 from edge_memdec.normalize import normalize_text
 
 SPLITS = ("train", "validation", "test")
@@ -136,13 +136,6 @@ def split_documents(docs: list[Document], seed: int = 0) -> dict[str, list[Docum
     return {name: [docs[i] for i in sorted(index)] for name, index in cuts.items()}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = True) -> dict[str, object]:
     """Split corpus `source` and write `{split}.jsonl` files and `manifest.json` into `out_dir`; returns the manifest.
 
@@ -154,7 +147,7 @@ def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = Tru
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
         lines = "".join(json.dumps({"id": d.doc_id, "text": d.text}, ensure_ascii=False) + "\n" for d in part)
-        atomic_write_text(out_dir / f"{name}.jsonl", lines)
+        write_text_atomic(out_dir / f"{name}.jsonl", lines)
     manifest = {
         "source": source,
         "seed": seed,
@@ -163,7 +156,7 @@ def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = Tru
         "documents": {name: [d.doc_id for d in part] for name, part in splits.items()},
         "characters": {name: sum(len(d.text) for d in part) for name, part in splits.items()},
     }
-    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.atomic import write_text_atomic
 from edge_memdec.errors import UserError
+from edge_memdec.files import write_text_atomic
 from edge_memdec.pair import ModelPair, check_lambda
 
 PROTOCOLS = ("paper", "llama")

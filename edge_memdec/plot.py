@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_memdec.atomic import write_atomic
 from edge_memdec.errors import UserError
+from edge_memdec.files import write_atomic
 
 
 def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -> Path:

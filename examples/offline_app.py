@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from edge_memdec import MemoryDecoderLM, UserError
+from edge_memdec.files import read_text_file
 from edge_memdec.paths import default_base_gguf, default_memdec_gguf
-from edge_memdec.textfile import read_text_file
 
 SYSTEM = "You explain legal text to people who are not lawyers, in two or three plain sentences."
 MIN_CLAUSE_CHARS = 80  # shorter paragraphs are headings or signatures

@@ -30,8 +30,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from edge_memdec.atomic import write_text_atomic
 from edge_memdec.corpus import join_documents, read_split, write_split
+from edge_memdec.files import write_text_atomic
 from edge_memdec.train.mix_ppl import mixed_ppl, target_logprobs
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

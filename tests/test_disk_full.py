@@ -52,7 +52,7 @@ def test_full_disk_on_perplexity_json_keeps_the_earlier_report(
     report = tmp_path / "report.json"
     report.write_text('{"earlier": "report"}\n')
     proc = run_limited(300, *perplexity_args(smollm2_gguf, tiny_memdec_gguf, text), "--json", report)
-    assert_one_line_error(proc, f"error: could not write {report}: File too large")
+    assert_one_line_error(proc, f"error: writing {report} failed (File too large)")
     assert "Final estimate" in proc.stdout  # the scores were printed before the write failed
     assert report.read_text() == '{"earlier": "report"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["legal.txt", "report.json"]
@@ -64,7 +64,7 @@ def test_full_disk_on_perplexity_plot_keeps_the_earlier_plot(smollm2_gguf, tiny_
     proc = run_limited(
         8_000, *perplexity_args(smollm2_gguf, tiny_memdec_gguf, text), "--json", report, "--plot", plot
     )
-    assert_one_line_error(proc, f"error: could not write {plot}: File too large")
+    assert_one_line_error(proc, f"error: writing {plot} failed (File too large)")
     assert plot.read_bytes() == b"earlier plot"
     assert report.stat().st_size < 8_000 and '"mixed"' in report.read_text()  # the small JSON fit
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lambda.png", "legal.txt", "report.json"]

@@ -170,4 +170,4 @@ def test_cli_json_and_plot(smollm2_gguf, tiny_memdec_gguf, tmp_path, legal_text)
     assert [row["lambda"] for row in report["mixed"]] == [0.0, 0.25, 0.5, 1.0]
     assert report["protocol"] == "paper" and report["n_ctx"] == N_CTX and report["stride"] == 64
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*.part*"))

@@ -13,7 +13,6 @@ Shards are computed independently, so a killed build resumes at the first unfini
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from edge_memdec.atomic import process_alive
 from edge_memdec.errors import UserError
+from edge_memdec.files import remove_stale_temps, write_json_atomic, write_npy_atomic
 from edge_memdec.train.windows import sliding_windows
 
 if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a datastore does without them
@@ -32,47 +31,6 @@ if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a d
 
 MANIFEST = "datastore.json"
 PASS_MODES = ("carry", "windows")
-
-
-def _save_atomic(path: Path, write) -> None:
-    """Call `write(temp)` for a temporary file in the same folder, then os.replace it onto `path`.
-
-    A failed write (a full disk, a file-size limit, no permission) removes the temporary file and becomes a
-    UserError naming `path`; a killed process leaves only the temporary file, which `remove_stale_temps` clears.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise UserError(
-            f"writing {path} failed ({err.strerror or err}); check the free disk space and the folder's permissions"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save through a temporary file in the same folder, then os.replace."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _save_atomic(path, write)
-
-
-def atomic_save_json(path: Path, data: dict) -> None:
-    """JSON through a temporary file in the same folder, then os.replace."""
-    _save_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
-
-
-def remove_stale_temps(folder: Path) -> None:
-    """Delete the temporary files (`.NAME.tmpPID`) that killed runs left in `folder`; live runs keep theirs."""
-    for tmp in Path(folder).glob(".*.tmp*"):
-        pid = tmp.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
 
 
 def shard_plan(n_positions: int, n_ctx: int, stride: int, shard_windows: int, mode: str) -> list[dict]:
@@ -191,9 +149,9 @@ def build_datastore(
         if not same or old_tokens is None or not np.array_equal(old_tokens, tokens):
             raise UserError(f"{out_dir} holds a different datastore; choose an empty folder or delete it")
     else:
-        atomic_save_npy(out_dir / "tokens.npy", tokens)
+        write_npy_atomic(out_dir / "tokens.npy", tokens)
         manifest = fresh
-        atomic_save_json(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
     todo = [s for s in manifest["shards"] if s["index"] not in set(manifest["finished"])]
     done_positions = n_positions - sum(s["stop"] - s["start"] for s in todo)
     bar = tqdm(total=n_positions, initial=done_positions, unit="pos", desc="datastore", smoothing=0.1)
@@ -210,11 +168,11 @@ def build_datastore(
                         hidden[b].append(states.hidden[b].cpu().numpy().astype(np.float16))
                     bar.update(len(keys[-1]))
             for b in hidden_blocks:
-                atomic_save_npy(out_dir / hidden_file(b, shard["index"]), np.concatenate(hidden[b]))
-            atomic_save_npy(out_dir / f"keys-{shard['index']:05d}.npy", np.concatenate(keys))
+                write_npy_atomic(out_dir / hidden_file(b, shard["index"]), np.concatenate(hidden[b]))
+            write_npy_atomic(out_dir / f"keys-{shard['index']:05d}.npy", np.concatenate(keys))
             manifest["finished"].append(shard["index"])
             manifest["seconds"] += time.perf_counter() - t0
-            atomic_save_json(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
     finally:
         bar.close()
     return manifest
@@ -289,7 +247,7 @@ def trim_to_finished(ds_dir: Path) -> dict:
         raise UserError(f"the datastore in {ds_dir} has no finished shard yet; let the build run longer")
     stop = kept[-1]["stop"]
     tokens = np.load(ds_dir / "tokens.npy")[: stop + 1]
-    atomic_save_npy(ds_dir / "tokens.npy", tokens)
+    write_npy_atomic(ds_dir / "tokens.npy", tokens)
     for shard in manifest["shards"][len(kept) :]:
         (ds_dir / f"keys-{shard['index']:05d}.npy").unlink(missing_ok=True)
         for block in manifest.get("hidden_blocks", []):
@@ -301,5 +259,5 @@ def trim_to_finished(ds_dir: Path) -> dict:
         n_positions=stop,
         trimmed_from=manifest["n_positions"],
     )
-    atomic_save_json(path, manifest)
+    write_json_atomic(path, manifest)
     return manifest

@@ -22,13 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
-from edge_memdec.train.datastore import (
-    atomic_save_json,
-    load_keys,
-    load_values,
-    read_manifest,
-    remove_stale_temps,
-)
+from edge_memdec.files import remove_stale_temps, write_error, write_json_atomic
+from edge_memdec.train.datastore import load_keys, load_values, read_manifest
 
 MANIFEST = "targets.json"
 IVF_CENTROIDS = 4096
@@ -247,10 +242,8 @@ def build_targets(
         if mode == "w+":
             partial_ids.unlink(missing_ok=True)
             partial_probs.unlink(missing_ok=True)
-        raise UserError(
-            f"writing the kNN targets in {out_dir} failed ({err.strerror or err}); check the free disk space"
-        ) from None
-    atomic_save_json(manifest_path, manifest)
+        raise write_error(f"the kNN targets in {out_dir}", err) from None
+    write_json_atomic(manifest_path, manifest)
 
     t0 = time.perf_counter()
     keys, values, index = searcher or make_searcher(
@@ -278,7 +271,7 @@ def build_targets(
             probs_out.flush()
             manifest["finished"].append(start)
             manifest["seconds"] += time.perf_counter() - t1
-            atomic_save_json(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
             bar.update(stop - start)
     finally:
         bar.close()
@@ -292,7 +285,7 @@ def build_targets(
     os.replace(partial_ids, out_dir / "knn-ids.npy")
     os.replace(partial_probs, out_dir / "knn-probs.npy")
     manifest["complete"] = True
-    atomic_save_json(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from edge_memdec.errors import UserError
+from edge_memdec.files import write_atomic, write_json_atomic
 
 MANIFEST = "parts.json"
 PART_BYTES = 16 * 1024 * 1024
@@ -75,9 +76,7 @@ def pack(model, base_model, out_dir: Path, max_bytes: int = PART_BYTES, max_part
     files = []
     for i, part in enumerate(parts, 1):
         path = out_dir / f"part-{i:05d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(part, str(tmp))
-        tmp.replace(path)
+        write_atomic(path, lambda temp, part=part: save_file(part, str(temp)))
         files.append({"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size})
     manifest = {
         "format": 1,
@@ -86,7 +85,7 @@ def pack(model, base_model, out_dir: Path, max_bytes: int = PART_BYTES, max_part
         "tensors": index,
         "parts": files,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
 

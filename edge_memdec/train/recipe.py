@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_memdec.errors import UserError
+from edge_memdec.files import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,6 @@ def run_recipe(
 
     Everything is written under `work`; the outputs are named after `name` (default: `domain_name`)."""
     from edge_memdec.gguf_file import read_gguf
-    from edge_memdec.train.datastore import atomic_save_json as atomic_write_json
     from edge_memdec.train.report import report
 
     name = name or domain_name(domain)
@@ -90,7 +90,7 @@ def run_recipe(
     def stage(stage_name: str, done: bool, args: list[str]) -> None:
         if not done:
             run_stage(stage_name, args, stages)
-            atomic_write_json(stages_path, stages)
+            write_json_atomic(stages_path, stages)
 
     th = ["--threads", str(threads)]
     stage("split", (split / "manifest.json").is_file(), ["corpus", "split", domain, "--out", str(split)])
@@ -123,8 +123,8 @@ def run_recipe(
     stages["report"] = {"seconds": time.perf_counter() - t0}
     result["stages"] = stages
     result["budget"] = asdict(budget)
-    atomic_write_json(stages_path, stages)
-    atomic_write_json(work / "report.json", result)
+    write_json_atomic(stages_path, stages)
+    write_json_atomic(work / "report.json", result)
     return result
 
 

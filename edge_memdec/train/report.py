@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_memdec.corpus import join_documents
+from edge_memdec.files import write_atomic, write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.knn_lm import knn_lm_scores
 from edge_memdec.train.base import load_tokenizer
@@ -38,10 +39,8 @@ def cached_knn_scores(base: Path, datastore: Path, text: str, k: int, temperatur
         data = np.load(path)
         return {name: data[name] for name in data.files} | {"seconds": json.loads(str(data["seconds_json"]))}
     scores = knn_lm_scores(base, datastore, text, 1024, 512, k, temperature)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
     arrays = {name: v for name, v in scores.items() if name != "seconds"}
-    np.savez(tmp, **arrays, seconds_json=json.dumps(scores["seconds"]))
-    tmp.replace(path)
+    write_npz_atomic(path, **arrays, seconds_json=json.dumps(scores["seconds"]))
     return scores
 
 
@@ -69,10 +68,10 @@ def lambda_plot(path: Path, table: dict) -> None:
     ax.set_ylabel("perplexity (test split)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, threads: int = 2) -> dict:

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
+from edge_memdec.files import atomic_dir, write_atomic, write_json_atomic, write_npz_atomic
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.carry import run_blocks
-from edge_memdec.train.datastore import atomic_save_json, load_hidden, read_manifest
+from edge_memdec.train.datastore import load_hidden, read_manifest
 from edge_memdec.train.device import autocast, resolve_device
 from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.loss import memdec_loss_sum
@@ -134,23 +135,13 @@ def best_validation(history: list[dict]) -> dict | None:
 
 def save_model(model: torch.nn.Module, hf_dir: Path) -> None:
     """save_pretrained into a temporary sibling folder, then swap it in: a kill never leaves half a model."""
-    import shutil
-
-    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    old = hf_dir.with_name(f".{hf_dir.name}.old{os.getpid()}")
-    if hf_dir.exists():
-        os.replace(hf_dir, old)
-    os.replace(tmp, hf_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(hf_dir) as temp:
+        model.save_pretrained(temp, safe_serialization=True)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save through a temporary file, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically."""
+    write_atomic(path, lambda temp: torch.save(state, temp))
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
@@ -191,9 +182,7 @@ class Validator:
                 self.base_lp = data["logprobs"]
                 return
         self.base_lp = target_logprobs(base.model, tokens, n_ctx, stride)
-        tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, tokens=tokens, n_ctx=n_ctx, stride=stride, logprobs=self.base_lp)
-        os.replace(tmp, cache)
+        write_npz_atomic(cache, tokens=tokens, n_ctx=n_ctx, stride=stride, logprobs=self.base_lp)
 
     def __call__(self, model: torch.nn.Module) -> dict:
         """{"base_ppl", "memdec_ppl", "mixed": {lambda: ppl}, "best_lambda", "best_ppl"} of the current model."""
@@ -360,7 +349,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             "best_epoch": best["epoch"] if best else None,
             "history": history,
         }
-        atomic_save_json(out / "train.json", summary)
+        write_json_atomic(out / "train.json", summary)
     if world > 1:
         dist.barrier()
     return summary

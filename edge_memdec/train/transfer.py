@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +28,9 @@ from tokenizers import Tokenizer, decoders
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from edge_memdec.errors import UserError
+from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
-from edge_memdec.train.datastore import atomic_save_json, read_manifest
+from edge_memdec.train.datastore import read_manifest
 from edge_memdec.train.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
@@ -292,11 +291,8 @@ def budget(source_steps: int | None, steps: int | None, fraction: float) -> int:
 
 def save_init(model: LlamaForCausalLM, folder: Path) -> None:
     """save_pretrained into a temporary folder, then move it to `folder` (which is either absent or complete)."""
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_dir(folder) as temp:
+        model.save_pretrained(temp, safe_serialization=True)
 
 
 def transfer_command(opts: dict) -> dict:
@@ -367,7 +363,7 @@ def transfer_command(opts: dict) -> dict:
             "params": n_params(model),
             "validation_before": before,
         }
-        atomic_save_json(facts_path, facts)
+        write_json_atomic(facts_path, facts)
         del base, old, model
     if world > 1:
         torch.distributed.barrier()
@@ -404,7 +400,7 @@ def transfer_command(opts: dict) -> dict:
     summary = train(cfg, resume=opts["resume"])
     if rank == 0:
         summary["transfer"] = gguf_facts(facts, source, base_path, summary["steps"])
-        atomic_save_json(out / "train.json", summary)
+        write_json_atomic(out / "train.json", summary)
         before, after = facts.get("validation_before"), summary.get("validation")
         line = f"transferred: {summary['steps']} steps (source run: {source.steps or 'unknown'})"
         if before and after:
