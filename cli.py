@@ -261,8 +261,9 @@ def perplexity(
 
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
-    from edge_memdec.perplexity import DEFAULT_LAMBDAS, format_report
+    from edge_memdec.perplexity import DEFAULT_LAMBDAS
     from edge_memdec.perplexity import perplexity as run_perplexity
+    from edge_memdec.scoring import format_report
 
     text = read_text_file(file)
     for out in (json_out, plot_out):  # before the scoring pass, not after it
@@ -323,7 +324,7 @@ def perplexity(
         print()
     if knn is not None:
         from edge_memdec.knn_lm import knn_lm_scores
-        from edge_memdec.perplexity import knn_lm_report
+        from edge_memdec.scoring import knn_lm_report
 
         scores = knn_lm_scores(base, knn, text, ctx_size, report["stride"], knn_k, knn_temperature)
         report["knn_lm"] = knn_lm_report(scores, knn_lambda, lambdas)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,35 +26,11 @@ import numpy as np
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_text_atomic
 from edge_memdec.pair import ModelPair, check_lambda
+from edge_memdec.scoring import Accumulator
+from edge_memdec.windows import Window, llama_windows, paper_windows
 
 PROTOCOLS = ("paper", "llama")
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
-
-
-@dataclass
-class Window:
-    """One llama.cpp evaluation: `tokens` from position 0, logits wanted at `rows`, which predict `targets`."""
-
-    tokens: list[int]
-    rows: np.ndarray  # int, indices into tokens, ascending
-    targets: np.ndarray  # int32, the token each row predicts
-
-
-def paper_windows(tokens: Sequence[int], n_ctx: int, stride: int) -> Iterator[Window]:
-    """Sliding windows: n_ctx tokens each, moved by `stride`; each scores the tokens not scored before."""
-    n = len(tokens)
-    arr = np.asarray(tokens, np.int32)
-    scored_up_to = 1  # token 0 has no context and is never scored
-    begin = 0
-    while True:
-        end = min(begin + n_ctx, n)
-        first_target = max(scored_up_to, begin + 1)
-        targets = np.arange(first_target, end)
-        yield Window(list(tokens[begin:end]), targets - 1 - begin, arr[targets])
-        scored_up_to = end
-        if end == n:
-            return
-        begin += stride
 
 
 @dataclass
@@ -67,69 +42,20 @@ class Piece:
     targets: np.ndarray  # int32, one per flagged row, in order
 
 
-def _pieces(window: Window, n_batch: int) -> Iterator[Piece]:
-    """Split a window into calls of at most n_batch tokens: llama.cpp keeps only the last call's logits, so
-    each piece's rows are scored before the next piece is evaluated."""
-    flags = np.zeros(len(window.tokens), bool)
-    flags[window.rows] = True
-    for lo in range(0, len(window.tokens), n_batch):
-        hi = min(lo + n_batch, len(window.tokens))
-        inside = (window.rows >= lo) & (window.rows < hi)
-        yield Piece(window.tokens[lo:hi], flags[lo:hi].tolist(), window.targets[inside])
-
-
-def llama_windows(tokens: Sequence[int], n_ctx: int, bos: int | None) -> Iterator[Window]:
-    """llama-perplexity's chunks: n_ctx tokens, BOS over the first when the model adds one, second half scored."""
-    first = n_ctx // 2
-    arr = np.asarray(tokens, np.int32)
-    for start in range(0, (len(tokens) // n_ctx) * n_ctx, n_ctx):
-        chunk = list(tokens[start : start + n_ctx])
-        if bos is not None:
-            chunk[0] = bos
-        rows = np.arange(first, n_ctx - 1)
-        yield Window(chunk, rows, arr[start + rows + 1])
-
-
-def n_windows(protocol: str, n_tokens: int, n_ctx: int, stride: int) -> int:
-    if protocol == "llama":
-        return n_tokens // n_ctx
-    return 1 + max(0, math.ceil((n_tokens - n_ctx) / stride))
-
-
-class Accumulator:
-    """Running sums of per-token negative log-likelihoods (nats) for one model or mixture."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.nll = 0.0
-        self.nll2 = 0.0
-
-    def add(self, nll: np.ndarray) -> None:
-        self.count += len(nll)
-        self.nll += float(nll.sum())
-        self.nll2 += float(np.square(nll).sum())
-
-    @property
-    def ppl(self) -> float:
-        return math.exp(self.nll / self.count)
-
-    @property
-    def stderr(self) -> float:
-        """Standard error of the PPL, computed as llama-perplexity does (delta method on the mean NLL)."""
-        if self.count < 2:
-            return float("nan")
-        mean = self.nll / self.count
-        var = self.nll2 / self.count - mean * mean
-        return math.sqrt(max(var, 0.0) / (self.count - 1)) * self.ppl
-
-    def report(self) -> dict[str, float]:
-        return {"ppl": self.ppl, "stderr": self.stderr}
-
-    def state(self) -> list[float]:
-        return [self.count, self.nll, self.nll2]
-
-    def restore(self, state: list[float]) -> None:
-        self.count, self.nll, self.nll2 = int(state[0]), float(state[1]), float(state[2])
+def _pieces(tokens: Sequence[int], window: Window, bos: int | None, n_batch: int) -> Iterator[Piece]:
+    """Split a window into calls of at most n_batch tokens (BOS over its first token when `bos` is given):
+    llama.cpp keeps only the last call's logits, so each piece's rows are scored before the next is evaluated."""
+    feed = list(tokens[window.begin : window.end])
+    if bos is not None:
+        feed[0] = bos
+    rows = np.arange(window.first_new, window.stop) - window.begin
+    targets = np.asarray(tokens[window.first_new + 1 : window.stop + 1], np.int32)
+    flags = np.zeros(len(feed), bool)
+    flags[rows] = True
+    for lo in range(0, len(feed), n_batch):
+        hi = min(lo + n_batch, len(feed))
+        inside = (rows >= lo) & (rows < hi)
+        yield Piece(feed[lo:hi], flags[lo:hi].tolist(), targets[inside])
 
 
 class ProgressState:
@@ -223,11 +149,9 @@ def perplexity(
     base = pair.base
     tokens = base.tokenize(text, add_bos=None, special=False)
     check_text(text, len(tokens), protocol, n_ctx)
-    if protocol == "llama":
-        windows = llama_windows(tokens, n_ctx, base.bos if base.add_bos else None)
-    else:
-        windows = paper_windows(tokens, n_ctx, stride)
-    total = n_windows(protocol, len(tokens), n_ctx, stride)
+    bos = base.bos if protocol == "llama" and base.add_bos else None
+    windows = llama_windows(len(tokens), n_ctx) if protocol == "llama" else paper_windows(len(tokens), n_ctx, stride)
+    total = len(windows)
     if max_windows is not None:
         if max_windows < 1:
             raise UserError(f"--chunks must be at least 1, got {max_windows}")
@@ -257,7 +181,7 @@ def perplexity(
             if state is not None and i < state.next_window:
                 continue
             pair.rewind(0)
-            for piece in _pieces(window, n_batch):
+            for piece in _pieces(tokens, window, bos, n_batch):
                 n_rows = pair.eval(piece.tokens, piece.flags)
                 if n_rows == 0:
                     continue
@@ -306,78 +230,3 @@ def _progress(total: int, enabled: bool):
     return tqdm(
         total=total, unit="window", desc="perplexity", disable=not enabled, file=sys.stderr, leave=False
     )
-
-
-def format_report(report: dict) -> str:
-    """The report as a table, then llama-perplexity's `Final estimate` line for the base alone or, with a memory
-    decoder, for the mixture at the selected lambda (the model the running `[i]` lines follow)."""
-    lines = [f"{'model':<28}{'PPL':>10}{'+/-':>10}"]
-    base = report["base"]
-    lines.append(f"{'base':<28}{base['ppl']:>10.4f}{base['stderr']:>10.5f}")
-    headline = base
-    if report["memdec"] is not None:
-        mem = report["memdec"]
-        lines.append(f"{'memory decoder':<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
-        for row in report["mixed"]:
-            mark = "  <- best" if row["lambda"] == report["best_lambda"] else ""
-            lines.append(
-                f"{'mixed, lambda ' + format(row['lambda'], 'g'):<28}{row['ppl']:>10.4f}{row['stderr']:>10.5f}{mark}"
-            )
-        best = min(report["mixed"], key=lambda row: row["ppl"])
-        lines.append(f"best lambda {report['best_lambda']:g}: {best['ppl'] / base['ppl']:.3f} x the base PPL")
-        headline = report["selected"]
-        lines.append(
-            f"selected lambda {headline['lambda']:g}: {headline['ppl'] / base['ppl']:.3f} x the base PPL"
-        )
-    knn = report.get("knn_lm")
-    if knn is not None:
-        lines.append(
-            f"{'kNN-LM, lambda ' + format(knn['lambda'], 'g'):<28}{knn['ppl']:>10.4f}{knn['stderr']:>10.5f}"
-        )
-        if knn["best"] is not None:
-            best_knn = knn["best"]
-            lines.append(
-                f"{'kNN-LM, best lambda ' + format(best_knn['lambda'], 'g'):<28}{best_knn['ppl']:>10.4f}{best_knn['stderr']:>10.5f}"
-            )
-        lines.append(
-            f"(kNN-LM: base in PyTorch fp32, PPL {knn['base_pytorch']['ppl']:.4f}; k {knn['k']}, T {knn['temperature']:g}, "
-            f"{knn['datastore_positions']} datastore entries)"
-        )
-    lines.append(
-        f"{report['tokens_scored']} tokens scored, {report['protocol']} protocol, n_ctx {report['n_ctx']}, "
-        f"stride {report['stride']}, {report['seconds']:.1f} s"
-    )
-    lines.append(f"Final estimate: PPL = {headline['ppl']:.4f} +/- {headline['stderr']:.5f}")
-    return "\n".join(lines)
-
-
-def knn_lm_report(scores: dict, knn_lambda: float, lambdas: Sequence[float]) -> dict:
-    """The kNN-LM baseline's PPL from per-position target log-probs (`knn_lm.knn_lm_scores`).
-
-    kNN-LM mixes the base (run in PyTorch to get its retrieval keys) with the neighbours' distribution:
-    p = lambda * p_knn + (1 - lambda) * p_base. Reported at `knn_lambda` and at the best lambda of the sweep.
-    """
-    base = np.asarray(scores["base_logprobs"], np.float64)
-    knn = np.asarray(scores["knn_logprobs"], np.float64)
-
-    def mixed(lam: float) -> Accumulator:
-        acc = Accumulator()
-        with np.errstate(divide="ignore"):
-            acc.add(-np.logaddexp(np.log1p(-lam) + base, np.log(lam) + knn))
-        return acc
-
-    base_acc = Accumulator()
-    base_acc.add(-base)
-    sweep = [{"lambda": lam, **mixed(lam).report()} for lam in lambdas if lam < 1.0]
-    best = min(sweep, key=lambda row: row["ppl"]) if sweep else None
-    return {
-        "lambda": knn_lambda,
-        **mixed(knn_lambda).report(),
-        "best": best,
-        "k": scores["k"],
-        "temperature": scores["temperature"],
-        "datastore_positions": scores["datastore_positions"],
-        "tokens_scored": scores["tokens_scored"],
-        "base_pytorch": base_acc.report(),
-        "seconds": scores["seconds"],
-    }

@@ -32,7 +32,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edge_memdec.corpus import join_documents, read_split, write_split
 from edge_memdec.files import write_text_atomic
-from edge_memdec.train.mix_ppl import mixed_ppl, target_logprobs
+from edge_memdec.scoring import mixed_ppl
+from edge_memdec.train.logprobs import target_logprobs
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN2_SPLIT = (

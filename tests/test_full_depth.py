@@ -18,7 +18,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from edge_memdec.cli import app  # noqa: E402
 from edge_memdec.train.carry import CarriedForward, run_blocks  # noqa: E402
-from edge_memdec.train.windows import sliding_windows  # noqa: E402
+from edge_memdec.windows import sliding_windows  # noqa: E402
 
 N_CTX, STRIDE, FROZEN = 64, 32, 2
 
@@ -185,7 +185,7 @@ def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(store, deep
     # the saved model is that epoch's: its validation PPL, recomputed, is the one recorded then
     from transformers import AutoModelForCausalLM
 
-    from edge_memdec.train.mix_ppl import target_logprobs
+    from edge_memdec.train.logprobs import target_logprobs
 
     saved = AutoModelForCausalLM.from_pretrained(str(run / "hf"), dtype=torch.float32).eval()
     tokens = np.load(run / "valid-base-logprobs.npz")["tokens"]

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("faiss")
 
+from edge_memdec.scoring import mixed_ppl  # noqa: E402
 from edge_memdec.train.knn_targets import build_index, drop_self, knn_distribution  # noqa: E402
 from edge_memdec.train.loss import memdec_loss_sum  # noqa: E402
-from edge_memdec.train.mix_ppl import mixed_ppl  # noqa: E402
-from edge_memdec.train.windows import sliding_windows  # noqa: E402
+from edge_memdec.windows import sliding_windows  # noqa: E402
 
 
 @pytest.mark.parametrize(("n", "ctx", "stride"), [(2500, 1024, 512), (10, 4, 4), (3, 1024, 512), (17, 5, 2)])

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from edge_memdec.errors import UserError
 from edge_memdec.files import remove_stale_temps, write_json_atomic, write_npy_atomic
-from edge_memdec.train.windows import sliding_windows
+from edge_memdec.windows import sliding_windows
 
 if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a datastore does without them
     from edge_memdec.train.base import Base

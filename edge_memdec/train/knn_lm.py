@@ -15,13 +15,13 @@ import torch
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
+from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.datastore import load_keys, load_values, read_manifest
 from edge_memdec.train.knn_targets import build_index
-from edge_memdec.train.windows import sliding_windows
+from edge_memdec.train.logprobs import window_logprobs
 
 
-@torch.no_grad()
 def base_keys_and_logprobs(base: Base, tokens: np.ndarray, n_ctx: int, stride: int):
     """Per scored position t (0..n_tokens-2): the datastore key of t (float32 [n, dim]) and the base's
     log p(token[t+1]) (float64 [n]), with sliding windows as in perplexity."""
@@ -31,18 +31,11 @@ def base_keys_and_logprobs(base: Base, tokens: np.ndarray, n_ctx: int, stride: i
     captured: list[torch.Tensor] = []
     handle = base.key_layer.register_forward_hook(lambda _m, _i, output: captured.append(output))
     try:
-        for w in tqdm(sliding_windows(len(tokens), n_ctx, stride), desc="kNN-LM base", unit="window"):
-            last = min(w.end, n)
+        for w, window_lp in window_logprobs(base.model, tokens, n_ctx, stride, progress="kNN-LM base"):
+            a, b = w.first_new - w.begin, w.stop - w.begin
+            keys[w.first_new : w.stop] = captured[-1][0, a:b].float().numpy().astype(np.float16)
+            logprobs[w.first_new : w.stop] = window_lp
             captured.clear()
-            ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64))[None]
-            hidden = base.model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
-            if last <= w.first_new:
-                continue
-            a, b = w.first_new - w.begin, last - w.begin
-            keys[w.first_new : last] = captured[0][0, a:b].float().numpy().astype(np.float16)
-            logp = torch.log_softmax(base.model.lm_head(hidden[a:b]).float(), dim=-1)
-            nxt = torch.from_numpy(tokens[w.first_new + 1 : last + 1].astype(np.int64))
-            logprobs[w.first_new : last] = logp.gather(1, nxt[:, None])[:, 0].double().numpy()
     finally:
         handle.remove()
     return keys, logprobs
@@ -97,8 +90,6 @@ def knn_sweep(
 ) -> list[dict]:
     """kNN-LM PPL at its best lambda for every (T, k), from one search of max(ks) neighbours per position:
     [{"temperature", "k", "lambda", "ppl"}], best first. Distances come sorted, so the first k are the k nearest."""
-    from edge_memdec.train.mix_ppl import mixed_ppl
-
     rows = []
     for k in ks:
         for t in temperatures:

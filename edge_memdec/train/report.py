@@ -16,9 +16,9 @@ import numpy as np
 from edge_memdec.corpus import join_documents
 from edge_memdec.files import write_atomic, write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
-from edge_memdec.knn_lm import knn_lm_scores
+from edge_memdec.scoring import Accumulator, mix_logprobs, mixed_ppl, ppl_of
 from edge_memdec.train.base import load_tokenizer
-from edge_memdec.train.mix_ppl import mixed_ppl
+from edge_memdec.train.knn_lm import knn_lm_scores
 from edge_memdec.train.pipeline import split_documents_of
 from edge_memdec.train.stream import choose_documents
 
@@ -38,16 +38,10 @@ def cached_knn_scores(base: Path, datastore: Path, text: str, k: int, temperatur
     if path.is_file():
         data = np.load(path)
         return {name: data[name] for name in data.files} | {"seconds": json.loads(str(data["seconds_json"]))}
-    scores = knn_lm_scores(base, datastore, text, 1024, 512, k, temperature)
+    scores = knn_lm_scores(Path(base), Path(datastore), text, 1024, 512, k, temperature)
     arrays = {name: v for name, v in scores.items() if name != "seconds"}
     write_npz_atomic(path, **arrays, seconds_json=json.dumps(scores["seconds"]))
     return scores
-
-
-def stderr_of_ppl(logprobs: np.ndarray) -> float:
-    """Standard error of exp(mean NLL) by the delta method."""
-    nll = -logprobs
-    return float(np.exp(nll.mean()) * nll.std(ddof=1) / np.sqrt(len(nll)))
 
 
 def lambda_plot(path: Path, table: dict) -> None:
@@ -95,7 +89,7 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     knn_lam = min(valid_table, key=valid_table.get)
     test = cached_knn_scores(base, datastore, test_text, k, temperature)
     test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], list(budget.lambdas))
-    knn_mix = np.logaddexp(np.log1p(-knn_lam) + test["base_logprobs"], np.log(knn_lam) + test["knn_logprobs"])
+    knn_mix = Accumulator.of_logprobs(mix_logprobs(test["base_logprobs"], test["knn_logprobs"], knn_lam))
 
     table = {
         "test_tokens_scored": ours["tokens_scored"],
@@ -110,10 +104,9 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         "memdec_seconds": ours["seconds"],
         "knn_lm": {
             "lambda": knn_lam,
-            "ppl": float(np.exp(-knn_mix.mean())),
-            "stderr": stderr_of_ppl(knn_mix),
+            **knn_mix.report(),
             "tokens_scored": int(test["tokens_scored"]),
-            "pytorch_base_ppl": float(np.exp(-test["base_logprobs"].mean())),
+            "pytorch_base_ppl": ppl_of(test["base_logprobs"]),
             "k": k,
             "temperature": temperature,
             "datastore_positions": int(test["datastore_positions"]),

@@ -22,15 +22,16 @@ from tqdm import tqdm
 
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_atomic, write_json_atomic, write_npz_atomic
+from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.carry import run_blocks
 from edge_memdec.train.datastore import load_hidden, read_manifest
 from edge_memdec.train.device import autocast, resolve_device
 from edge_memdec.train.knn_targets import load_targets
+from edge_memdec.train.logprobs import target_logprobs
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
-from edge_memdec.train.mix_ppl import mixed_ppl, target_logprobs
-from edge_memdec.train.windows import Window, sliding_windows
+from edge_memdec.windows import Window, sliding_windows
 
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -31,7 +31,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.datastore import read_manifest
-from edge_memdec.train.windows import sliding_windows
+from edge_memdec.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
 TRANSFER_JSON = "transfer.json"
