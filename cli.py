@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from edge_memdec import defaults
 from edge_memdec.errors import UserError
 
 app = typer.Typer(
@@ -168,11 +169,11 @@ def chat(
         Optional[str], typer.Option("-p", "--prompt", help="Answer this one prompt and exit.")
     ] = None,
     system: Annotated[Optional[str], typer.Option("-s", "--system", help="System message.")] = None,
-    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = 256,
-    temp: Annotated[float, typer.Option("--temp", help="Temperature (0 = greedy).")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Top-k (0 = off).")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).")] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", help="Min-p (0 = off).")] = 0.05,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens per answer.")] = defaults.MAX_TOKENS,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature (0 = greedy).")] = defaults.TEMPERATURE,
+    top_k: Annotated[int, typer.Option("--top-k", help="Top-k (0 = off).")] = defaults.TOP_K,
+    top_p: Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).")] = defaults.TOP_P,
+    min_p: Annotated[float, typer.Option("--min-p", help="Min-p (0 = off).")] = defaults.MIN_P,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: random).")] = None,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
     n_gpu_layers: NglOpt = 0,
@@ -241,7 +242,7 @@ def perplexity(
         Optional[Path],
         typer.Option("--knn", help="Also score the kNN-LM baseline from this datastore (needs the train extra)."),
     ] = None,
-    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = 0.3,
+    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
     knn_temperature: Annotated[
         float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature on squared L2 distances.")
     ] = 1.0,
@@ -261,7 +262,6 @@ def perplexity(
 
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
-    from edge_memdec.perplexity import DEFAULT_LAMBDAS
     from edge_memdec.perplexity import perplexity as run_perplexity
     from edge_memdec.scoring import format_report
 
@@ -272,9 +272,7 @@ def perplexity(
     if plot_out is not None and no_memdec:
         raise UserError("--plot draws the lambda sweep, which needs a memory decoder; drop --no-memdec or --plot")
     if knn is not None:
-        from edge_memdec.pair import check_lambda
-
-        check_lambda(knn_lambda)
+        defaults.check_lambda(knn_lambda)
         if protocol != "paper":
             raise UserError("--knn scores the paper protocol's windows; drop --protocol llama")
         if knn_k < 1 or knn_temperature <= 0:
@@ -285,7 +283,7 @@ def perplexity(
     lambdas = (
         _parse_lambdas(lambda_sweep)
         if lambda_sweep
-        else ([lam] if lam is not None else list(DEFAULT_LAMBDAS))
+        else ([lam] if lam is not None else list(defaults.PERPLEXITY_LAMBDAS))
     )
     base, mem = _model_paths(model, memdec, no_memdec)
     if ctx_size < 2:
@@ -658,10 +656,10 @@ def serve(
     memdec: MemdecOpt = None,
     no_memdec: NoMemdecOpt = False,
     lam: LambdaOpt = None,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (keep the loopback unless you mean it).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (keep the loopback unless you mean it).")] = defaults.SERVER_HOST,
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = defaults.SERVER_PORT,
     alias: Annotated[Optional[str], typer.Option("--alias", help="Model id clients name (default: base+memdec file names).")] = None,
-    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = 1024,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = defaults.SERVER_MAX_TOKENS,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer).")] = 4096,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,

@@ -23,13 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_memdec.corpus import load_corpus, split_documents  # noqa: E402
+from edge_memdec.defaults import VALIDATION_LAMBDAS  # noqa: E402
 from edge_memdec.paths import default_base_gguf  # noqa: E402
 from edge_memdec.train.base import load_base  # noqa: E402
 from edge_memdec.train.datastore import build_datastore, load_keys, load_values  # noqa: E402
 from edge_memdec.train.knn_lm import base_keys_and_logprobs, knn_sweep, search  # noqa: E402
 from edge_memdec.train.knn_targets import build_index  # noqa: E402
 from edge_memdec.train.stream import token_stream  # noqa: E402
-from edge_memdec.train.trainer import DEFAULT_LAMBDAS  # noqa: E402
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
             values = load_values(ds)
             distances, ids = search(build_index(load_keys(ds), "flat"), queries, 1024)
             rows = knn_sweep(
-                distances, ids, values, valid[1:], base_lp, [0.5, 1, 2, 4], [1024], list(DEFAULT_LAMBDAS)
+                distances, ids, values, valid[1:], base_lp, [0.5, 1, 2, 4], [1024], list(VALIDATION_LAMBDAS)
             )
             best = rows[0]
             print(f"{mode:8} PPL {best['ppl']:.3f} at T {best['temperature']:g}, lambda {best['lambda']:g}")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.corpus import join_documents, load_corpus, split_documents
+from edge_memdec.defaults import PERPLEXITY_LAMBDAS
 from edge_memdec.llama_model import LlamaModel
 from edge_memdec.pair import ModelPair
 from edge_memdec.paths import default_base_gguf, default_memdec_gguf
-from edge_memdec.perplexity import DEFAULT_LAMBDAS
 
 
 def legal_text(model: LlamaModel, n_tokens: int) -> tuple[str, int]:
@@ -79,7 +79,7 @@ def rss_child(args: argparse.Namespace, base: Path, memdec: Path) -> None:
     text = Path(args.rss_text).read_text(encoding="utf-8")  # cut by the parent: reading the corpus is not ours
     n_tokens = len(lm.pair.base.tokenize(text, add_bos=None, special=False))
     after_load = peak_rss_mib()
-    report = lm.perplexity(text, "paper", args.c, lambdas=DEFAULT_LAMBDAS)
+    report = lm.perplexity(text, "paper", args.c, lambdas=PERPLEXITY_LAMBDAS)
     end = peak_rss_mib()
     lm.close()
     print(
@@ -102,13 +102,13 @@ def timing(args: argparse.Namespace, base: Path, memdec: Path) -> None:
     # one or two windows first: numba JIT and llama.cpp buffers stay out of the timing
     warm = text[: len(text) * (args.c * 5 // 4) // n_tokens]
     timed(lm_base, warm, args.c, [])
-    timed(lm_pair, warm, args.c, DEFAULT_LAMBDAS)
+    timed(lm_pair, warm, args.c, PERPLEXITY_LAMBDAS)
     counter = RowCounter(lm_pair.pair)
     times_base, times_pair = [], []
     report: dict = {}
     for _ in range(args.repeats):
         times_base.append(timed(lm_base, text, args.c, [])[0])
-        seconds, report = timed(lm_pair, text, args.c, DEFAULT_LAMBDAS)
+        seconds, report = timed(lm_pair, text, args.c, PERPLEXITY_LAMBDAS)
         times_pair.append(seconds)
     lm_base.close()
     lm_pair.close()
@@ -117,7 +117,7 @@ def timing(args: argparse.Namespace, base: Path, memdec: Path) -> None:
 
     print(f"{'setting':<48}{'seconds':>9}{'tok/s':>9}{'x base':>9}")
     print(f"{'base alone':<48}{t_base:>9.2f}{scored / t_base:>9.1f}{1.0:>9.2f}")
-    label = f"base + memdec + {len(DEFAULT_LAMBDAS)} lambdas, one pass"
+    label = f"base + memdec + {len(PERPLEXITY_LAMBDAS)} lambdas, one pass"
     print(f"{label:<48}{t_pair:>9.2f}{scored / t_pair:>9.1f}{t_pair / t_base:>9.2f}   (target <= 1.25)")
     rows_per_run = counter.rows / args.repeats
     evals_per_run = counter.tokens / args.repeats

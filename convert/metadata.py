@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from gguf import GGUFValueType
 
+from edge_memdec.defaults import check_lambda
 from edge_memdec.errors import UserError
 
 PREFIX = "memdec."
@@ -55,10 +56,7 @@ def memdec_fields(memdec: Mapping[str, object] | None) -> dict[str, tuple[object
                 f"the memory-decoder value {name} has type {type(value).__name__}; use a number or text"
             )
     if LAMBDA in fields:
-        lam = fields[LAMBDA][0]
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0.0 <= lam <= 1.0:
-            raise UserError(f"lambda is {lam}, but it must be a number from 0 to 1")
-        fields[LAMBDA] = (float(lam), GGUFValueType.FLOAT32)
+        fields[LAMBDA] = (check_lambda(fields[LAMBDA][0]), GGUFValueType.FLOAT32)
     if VOCAB_FINGERPRINT in fields:
         raise UserError("memdec.vocab_fingerprint is computed from the tokenizer; do not pass it")
     return fields

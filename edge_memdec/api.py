@@ -9,10 +9,11 @@ from typing import Any
 
 from edge_memdec.chat_format import ChatFormat
 from edge_memdec.decode import Generation, SamplingParams
+from edge_memdec.defaults import PERPLEXITY_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.llama_model import ModelOptions
 from edge_memdec.pair import ModelPair
-from edge_memdec.perplexity import DEFAULT_LAMBDAS, perplexity
+from edge_memdec.perplexity import perplexity
 
 
 class MemoryDecoderLM:
@@ -105,7 +106,7 @@ class MemoryDecoderLM:
         protocol: str = "paper",
         n_ctx: int = 1024,
         stride: int | None = None,
-        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        lambdas: Sequence[float] = PERPLEXITY_LAMBDAS,
         max_windows: int | None = None,
         progress: bool = False,
     ) -> dict:

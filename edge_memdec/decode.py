@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_memdec import defaults
 from edge_memdec.detok import TextStream
 from edge_memdec.errors import UserError
 from edge_memdec.pair import ModelPair
@@ -18,13 +19,11 @@ from edge_memdec.pair import ModelPair
 class SamplingParams:
     """How the next token is chosen from the mixed distribution (llama.cpp's names and defaults)."""
 
-    max_tokens: int = (
-        256  # most tokens generated; the answer also ends on EOS/EOT, a stop string or a full context
-    )
-    temperature: float = 0.8  # <= 0 means greedy
-    top_k: int = 40  # 0 = off
-    top_p: float = 0.95  # 1.0 = off
-    min_p: float = 0.05  # 0.0 = off
+    max_tokens: int = defaults.MAX_TOKENS  # the answer also ends on EOS/EOT, a stop string or a full context
+    temperature: float = defaults.TEMPERATURE  # <= 0 means greedy
+    top_k: int = defaults.TOP_K  # 0 = off
+    top_p: float = defaults.TOP_P  # 1.0 = off
+    min_p: float = defaults.MIN_P  # 0.0 = off
     seed: int | None = None  # None = a fresh random seed
     stop: Sequence[str] = field(default_factory=tuple)  # text that ends the answer (not included in it)
     lam: float | None = None  # memory decoder weight for this request; None = the pair's lambda
@@ -39,8 +38,8 @@ class SamplingParams:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise UserError(f"min-p must be in [0, 1], got {self.min_p}")
-        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
-            raise UserError(f"lambda must be between 0 and 1, got {self.lam}")
+        if self.lam is not None:
+            defaults.check_lambda(self.lam)
 
 
 class Generation:

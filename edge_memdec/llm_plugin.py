@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import llm
 from pydantic import ConfigDict, Field
 
+from edge_memdec import defaults
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf, default_memdec_gguf
 
@@ -89,12 +90,16 @@ class MemoryDecoderModel(llm.Model):
     class Options(llm.Options):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)  # `-o lambda` outside, `lam` inside
 
-        lam: float | None = Field(None, alias="lambda", ge=0.0, le=1.0, description="Memory decoder weight")
-        max_tokens: int | None = Field(None, ge=1, description="Most tokens in the answer (default 256)")
-        temperature: float | None = Field(None, ge=0.0, description="0 = greedy (default 0.8)")
-        top_k: int | None = Field(None, ge=0, description="Top-k (default 40, 0 = off)")
-        top_p: float | None = Field(None, gt=0.0, le=1.0, description="Top-p (default 0.95)")
-        min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p (default 0.05)")
+        lam: float | None = Field(
+            None, alias="lambda", ge=defaults.LAMBDA_MIN, le=defaults.LAMBDA_MAX, description="Memory decoder weight"
+        )
+        max_tokens: int | None = Field(
+            None, ge=1, description=f"Most tokens in the answer (default {defaults.MAX_TOKENS})"
+        )
+        temperature: float | None = Field(None, ge=0.0, description=f"0 = greedy (default {defaults.TEMPERATURE})")
+        top_k: int | None = Field(None, ge=0, description=f"Top-k (default {defaults.TOP_K}, 0 = off)")
+        top_p: float | None = Field(None, gt=0.0, le=1.0, description=f"Top-p (default {defaults.TOP_P})")
+        min_p: float | None = Field(None, ge=0.0, le=1.0, description=f"Min-p (default {defaults.MIN_P})")
         seed: int | None = Field(None, ge=0, description="Random seed")
 
     def execute(

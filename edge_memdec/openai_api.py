@@ -14,6 +14,7 @@ from typing import Any
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
+from edge_memdec.defaults import LAMBDA_MAX, LAMBDA_MIN
 
 CHAT, TEXT = "chat", "text"  # /v1/chat/completions and /v1/completions
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
@@ -130,7 +131,7 @@ def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> d
     if seed is not None:
         settings["seed"] = seed
     settings["stop"] = _stop_strings(body.get("stop"))
-    lam = _number(body, "lambda", 0.0, 1.0)
+    lam = _number(body, "lambda", LAMBDA_MIN, LAMBDA_MAX)
     if lam is not None:
         if lm.pair.memdec is None:
             raise _bad(

@@ -9,20 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_memdec.compat import check_pair
-from edge_memdec.errors import UserError
+from edge_memdec.defaults import DEFAULT_LAMBDA, check_lambda
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 from edge_memdec.threadpool import CpuThreadPool
 
 
-def check_lambda(lam: float) -> float:
-    """lambda is the memory decoder's weight in the mixture, a probability."""
-    if not 0.0 <= lam <= 1.0:
-        raise UserError(f"lambda must be between 0 and 1, got {lam}")
-    return float(lam)
-
-
-def recommended_lambda(memdec_path: Path, default: float = 0.3) -> float:
+def recommended_lambda(memdec_path: Path, default: float = DEFAULT_LAMBDA) -> float:
     """The memory decoder's own `memdec.lambda`, or `default` when its GGUF carries none."""
     value = read_gguf(memdec_path).memdec.get("lambda")
     return default if value is None else float(value)
@@ -69,7 +62,7 @@ class ModelPair:
             mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers)
             self.memdec = LlamaModel(memdec_path, mem_opts, info=memdec_info)
         if lam is None:
-            lam = float(memdec_info.memdec.get("lambda", 0.3)) if memdec_info is not None else 0.0
+            lam = float(memdec_info.memdec.get("lambda", DEFAULT_LAMBDA)) if memdec_info is not None else 0.0
         self.lam = check_lambda(lam) if self.memdec is not None else 0.0
         self.n_shared = min(self.base.n_vocab, self.memdec.n_vocab) if self.memdec else self.base.n_vocab
         self.lock = threading.RLock()

@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_memdec.defaults import PERPLEXITY_LAMBDAS, check_lambda
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_text_atomic
-from edge_memdec.pair import ModelPair, check_lambda
+from edge_memdec.pair import ModelPair
 from edge_memdec.scoring import Accumulator
 from edge_memdec.windows import Window, llama_windows, paper_windows
 
 PROTOCOLS = ("paper", "llama")
-DEFAULT_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 @dataclass
@@ -125,7 +125,7 @@ def perplexity(
     protocol: str = "paper",
     n_ctx: int = 1024,
     stride: int | None = None,
-    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    lambdas: Sequence[float] = PERPLEXITY_LAMBDAS,
     max_windows: int | None = None,
     progress: bool = True,
     on_window: Callable[[int, Accumulator], None] | None = None,

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge_memdec import defaults
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.errors import UserError
@@ -28,11 +29,8 @@ from edge_memdec.openai_api import CHAT, TEXT, Answer, ApiError, parse_request
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080  # llama-server's
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
 MAX_DRAIN_BYTES = 16 << 20  # an oversize body up to this size is read and dropped so the client sees the 413
-DEFAULT_MAX_TOKENS = 1024  # answer length when a request names none, and the most any request gets
 MAX_QUEUED = 64  # requests waiting for the decode loop; more get 503
 POLL_SECONDS = 0.2  # how often a waiting request checks that its client is still there
 SOCKET_TIMEOUT = 60.0  # seconds a client may stall while sending its request or reading the answer
@@ -146,10 +144,10 @@ class MemdecServer(ThreadingHTTPServer):
     def __init__(
         self,
         lm: MemoryDecoderLM,
-        host: str = DEFAULT_HOST,
-        port: int = DEFAULT_PORT,
+        host: str = defaults.SERVER_HOST,
+        port: int = defaults.SERVER_PORT,
         model_id: str | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_tokens: int = defaults.SERVER_MAX_TOKENS,
         max_queued: int = MAX_QUEUED,
     ) -> None:
         if max_tokens < 1:

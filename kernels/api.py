@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_memdec.defaults import check_lambda
+
 from .mixture import mix_into
 from .sample import sample_core
 from .score import score_core
@@ -21,10 +23,7 @@ def _row(logits: np.ndarray, name: str) -> np.ndarray:
 
 
 def _lambda(lam: float) -> float:
-    lam = float(lam)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lambda must be in [0, 1], got {lam}")
-    return lam
+    return check_lambda(lam, ValueError)
 
 
 def make_scratch(n_vocab: int) -> np.ndarray:

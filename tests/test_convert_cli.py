@@ -42,7 +42,7 @@ def test_convert_a_memory_decoder_with_its_metadata(tiny_memdec_ckpt, smollm2_gg
     [
         (["{missing}"], "does not exist"),
         (["{ckpt}", "--outtype", "q3"], "unknown outtype 'q3'"),
-        (["{ckpt}", "--lambda", "2"], "lambda is 2.0"),
+        (["{ckpt}", "--lambda", "2"], "lambda must be between 0 and 1, got 2.0"),
         (["{ckpt}", "--tokenizer-from", "{ckpt}/config.json"], "not a GGUF file"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_memdec.convert import convert_checkpoint
+from edge_memdec.defaults import DEFAULT_LAMBDA
 from edge_memdec.errors import UserError
 
 
@@ -13,7 +14,7 @@ def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object
     valid = summary.get("validation") or {}
     cfg, knn = summary["config"], summary["knn"]
     return {
-        "lambda": float(valid.get("best_lambda", 0.3)),
+        "lambda": float(valid.get("best_lambda", DEFAULT_LAMBDA)),
         "domain": domain,
         "base_model": base_name,
         "train": {

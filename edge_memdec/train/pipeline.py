@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from edge_memdec.corpus import Document, load_corpus, read_split
+from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
@@ -249,7 +250,6 @@ def sweep_knn_params(
     from edge_memdec.train.knn_lm import base_keys_and_logprobs, knn_sweep, search
     from edge_memdec.train.knn_targets import index_description, make_searcher
     from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import DEFAULT_LAMBDAS
 
     ds = read_manifest(datastore)
     faiss.omp_set_num_threads(threads)
@@ -268,7 +268,7 @@ def sweep_knn_params(
         options.get("device", "cpu"),
     )
     distances, ids = search(index, queries, min(max(ks), len(values)))
-    rows = knn_sweep(distances, ids, values, tokens[1:], base_lp, temperatures, ks, list(DEFAULT_LAMBDAS))
+    rows = knn_sweep(distances, ids, values, tokens[1:], base_lp, temperatures, ks, list(VALIDATION_LAMBDAS))
     sweep = {
         "tokens": len(base_lp),
         "base_ppl": float(np.exp(-base_lp.mean())),

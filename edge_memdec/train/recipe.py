@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_json_atomic
 
@@ -42,7 +43,7 @@ class Budget:
     valid_tokens: int = 4_000
     test_tokens: int = 10_000
     outtype: str = "q8_0"
-    lambdas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    lambdas: tuple[float, ...] = VALIDATION_LAMBDAS
 
     def scaled(self, factor: float) -> Budget:
         """The same recipe with `factor` times the datastore tokens."""

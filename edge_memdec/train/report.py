@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_memdec.corpus import join_documents
+from edge_memdec.defaults import DEFAULT_LAMBDA
 from edge_memdec.files import write_atomic, write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.scoring import Accumulator, mix_logprobs, mixed_ppl, ppl_of
@@ -75,7 +76,7 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     tokenizer = load_tokenizer(base)
     valid_text = split_text(tokenizer, split_dir, "validation", budget.valid_tokens)
     test_text = split_text(tokenizer, split_dir, "test", budget.test_tokens)
-    lam = round(float(read_gguf(memdec).memdec.get("lambda", 0.3)), 6)
+    lam = round(float(read_gguf(memdec).memdec.get("lambda", DEFAULT_LAMBDA)), 6)
     lambdas = sorted({*budget.lambdas, lam})
     with MemoryDecoderLM(base, memdec, n_ctx=1024, n_batch=1024, n_threads=threads) as lm:
         ours = lm.perplexity(test_text, n_ctx=1024, stride=512, lambdas=lambdas)

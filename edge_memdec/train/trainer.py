@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_atomic, write_json_atomic, write_npz_atomic
 from edge_memdec.scoring import mixed_ppl
@@ -34,7 +35,6 @@ from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
 from edge_memdec.windows import Window, sliding_windows
 
 CHECKPOINT = "checkpoint.pt"
-DEFAULT_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainConfig:
     valid_tokens: np.ndarray | None = None  # validation token stream (None: no validation)
     eval_ctx: int = 1024
     eval_stride: int = 512
-    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    lambdas: tuple[float, ...] = VALIDATION_LAMBDAS
     seed: int = 0
     threads: int = 2
     frozen_blocks: int = 0  # lower blocks kept at the base's weights; their output is read from the datastore

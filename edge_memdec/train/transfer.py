@@ -27,6 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
@@ -302,7 +303,7 @@ def transfer_command(opts: dict) -> dict:
     from edge_memdec.train.memdec_model import n_params
     from edge_memdec.train.pipeline import split_documents_of
     from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import DEFAULT_LAMBDAS, TrainConfig, Validator, distributed, train
+    from edge_memdec.train.trainer import TrainConfig, Validator, distributed, train
 
     if opts["new_rows"] not in NEW_ROWS:
         raise UserError(f"--new-rows must be one of {', '.join(NEW_ROWS)}, got {opts['new_rows']!r}")
@@ -349,7 +350,7 @@ def transfer_command(opts: dict) -> dict:
         before = None
         if valid is not None:
             before = Validator(
-                base, valid, out, TrainConfig.eval_ctx, TrainConfig.eval_stride, DEFAULT_LAMBDAS
+                base, valid, out, TrainConfig.eval_ctx, TrainConfig.eval_stride, VALIDATION_LAMBDAS
             )(model)
         facts = {
             "source": str(source.run.resolve()),

@@ -1,0 +1,42 @@
+"""Every user-facing default and the lambda rule, defined once; the CLI, the server, the API and the llm plugin
+read them from here (this module imports nothing heavy, so the CLI can use it at import time).
+
+lambda is the memory decoder's weight in the mixture p = lambda * p_memdec + (1 - lambda) * p_base.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+from edge_memdec.errors import UserError
+
+LAMBDA_MIN, LAMBDA_MAX = 0.0, 1.0  # lambda is a probability
+DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM's weight in `perplexity --knn`
+
+# named lambda sweeps
+PERPLEXITY_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))  # `perplexity`'s table: 0, 0.1, ..., 1
+VALIDATION_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # training: validation, kNN sweep
+
+# sampling (llama.cpp's names and defaults): SamplingParams, `chat` and the llm plugin
+MAX_TOKENS = 256  # most tokens generated; the answer also ends on EOS/EOT, a stop string or a full context
+TEMPERATURE = 0.8  # <= 0 means greedy
+TOP_K = 40  # 0 = off
+TOP_P = 0.95  # 1.0 = off
+MIN_P = 0.05  # 0.0 = off
+
+# `serve`
+SERVER_HOST = "127.0.0.1"  # the loopback: other machines reach the server only when asked to
+SERVER_PORT = 8080  # llama-server's
+SERVER_MAX_TOKENS = 1024  # answer length when a request names none, and the most any request gets
+
+
+def is_lambda(lam: object) -> bool:
+    """Whether `lam` is a number in [LAMBDA_MIN, LAMBDA_MAX] (not a bool, not NaN)."""
+    return isinstance(lam, Real) and not isinstance(lam, bool) and LAMBDA_MIN <= lam <= LAMBDA_MAX
+
+
+def check_lambda(lam: object, error: type[Exception] = UserError) -> float:
+    """`lam` as a float, or `error` (a UserError for users; the kernels raise ValueError) in one sentence."""
+    if not is_lambda(lam):
+        raise error(f"lambda must be between 0 and 1, got {lam}")
+    return float(lam)
