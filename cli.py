@@ -25,9 +25,6 @@ app = typer.Typer(
 
 def main() -> None:
     """Console-script entry point: run the app, reporting user mistakes in one sentence."""
-    import edge_memdec
-
-    edge_memdec.IN_CLI = True  # lets the kernels skip numba's scipy BLAS probe (see edge_memdec.kernels)
     try:
         app()
         raise SystemExit(0)
@@ -195,6 +192,7 @@ def chat(
         base,
         mem,
         lam,
+        skip_blas_probe=True,  # the CLI imports no scipy.linalg meanwhile (see edge_memdec.kernels.warmup)
         memdec_gpu_layers=memdec_ngl,
         n_ctx=ctx_size,
         n_threads=threads,
@@ -292,6 +290,7 @@ def perplexity(
         base,
         mem,
         lam,
+        skip_blas_probe=True,  # the CLI imports no scipy.linalg meanwhile (see edge_memdec.kernels.warmup)
         memdec_gpu_layers=memdec_ngl,
         n_ctx=ctx_size,
         n_batch=ctx_size,
@@ -677,7 +676,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
-    lm = MemoryDecoderLM(base, mem, lam, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
+    lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), verbose=verbose)
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens)

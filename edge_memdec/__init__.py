@@ -9,8 +9,6 @@ __all__ = ["MemoryDecoderLM", "UserError", "__version__"]
 
 from edge_memdec.errors import UserError
 
-IN_CLI = False  # True in the `edge-memdec` process itself (set by cli.main), False for library users
-
 if TYPE_CHECKING:
     from edge_memdec.api import MemoryDecoderLM
 

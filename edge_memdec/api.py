@@ -21,7 +21,8 @@ class MemoryDecoderLM:
 
     `base` and `memdec` are GGUF paths (`memdec=None` runs the base alone); `lam=None` takes the memory
     decoder's recommended `memdec.lambda`. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
-    n_gpu_layers, flash_attn, f32_kv, ...), plus `memdec_gpu_layers` and `overlap`. Safe to share between
+    n_gpu_layers, flash_attn, f32_kv, ...), plus `memdec_gpu_layers`, `overlap` and `skip_blas_probe` (see
+    `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no other thread). Safe to share between
     threads: calls are served one at a time. `flash_attn=None` (llama.cpp's choice, on for CPU) decodes ~10%
     faster; pass `flash_attn=False` for the exact attention `edge-memdec perplexity` uses by default.
     """
@@ -33,6 +34,7 @@ class MemoryDecoderLM:
         lam: float | None = None,
         memdec_gpu_layers: int | None = None,
         overlap: bool = False,
+        skip_blas_probe: bool = False,
         **llama_kwargs: Any,
     ) -> None:
         try:
@@ -40,7 +42,13 @@ class MemoryDecoderLM:
         except TypeError as err:
             raise UserError(f"unknown model option: {err}") from None
         self.pair = ModelPair(
-            base, memdec, lam, options, memdec_gpu_layers=memdec_gpu_layers, overlap=overlap
+            base,
+            memdec,
+            lam,
+            options,
+            memdec_gpu_layers=memdec_gpu_layers,
+            overlap=overlap,
+            skip_blas_probe=skip_blas_probe,
         )
         self._chat_format: ChatFormat | None = None
         self._lock = threading.Lock()

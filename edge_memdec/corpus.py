@@ -168,6 +168,14 @@ def read_split(split_dir: Path, split: str) -> list[Document]:
     return read_jsonl(path)
 
 
+def split_documents_of(corpus: Path, split: str) -> list[Document]:
+    """Documents of `split` in a split folder, or every document of a .txt/.jsonl file or .txt folder."""
+    corpus = Path(corpus)
+    if corpus.is_dir() and (corpus / "manifest.json").is_file():
+        return read_split(corpus, split)
+    return load_corpus(str(corpus))
+
+
 def sample_documents(docs: list[Document], max_chars: int | None, seed: int = 0) -> list[Document]:
     """A seeded random subset of whole documents totalling at most about `max_chars` characters (all if None)."""
     if max_chars is None or sum(len(d.text) for d in docs) <= max_chars:

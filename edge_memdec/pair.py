@@ -39,11 +39,12 @@ class ModelPair:
         options: ModelOptions | None = None,
         memdec_gpu_layers: int | None = None,
         overlap: bool = False,
+        skip_blas_probe: bool = False,
     ) -> None:
         options = options or ModelOptions()
         # numba and the kernels' cached machine code load (~0.5 s, mostly Python) while llama.cpp maps the
         # weights (C, GIL released): measured, start-up of `chat -p hi -n 1` drops by about that much.
-        warm = threading.Thread(target=_warm_kernels, name="kernel-warmup", daemon=True)
+        warm = threading.Thread(target=_warm_kernels, args=(skip_blas_probe,), name="kernel-warmup", daemon=True)
         warm.start()
         base_info = read_gguf(base_path)
         memdec_info = read_gguf(memdec_path) if memdec_path is not None else None
@@ -124,7 +125,7 @@ class ModelPair:
             self._threadpool.free()
 
 
-def _warm_kernels() -> None:
+def _warm_kernels(skip_blas_probe: bool) -> None:
     from edge_memdec.kernels import warmup
 
-    warmup()
+    warmup(skip_blas_probe)

@@ -17,17 +17,16 @@ from .api import make_scratch, mix_logprobs, sample_token, score_rows
 __all__ = ["make_scratch", "mix_logprobs", "sample_token", "score_rows", "warmup"]
 
 
-def warmup() -> None:
+def warmup(skip_blas_probe: bool = False) -> None:
     """Compile (or load from the cache) every kernel for the argument types the runtime passes.
 
-    In the CLI's own process, numba's first dispatch is kept from probing for BLAS by importing scipy.linalg
-    (~0.4 s of a ~2.4 s start): the probe fails fast while the kernels load, numba falls back to its plain-loop
-    inner product (used only by np.cov-style helpers, which no kernel calls), and later scipy imports work
-    normally. Library users keep numba's default: another thread of theirs might import scipy.linalg meanwhile.
+    With `skip_blas_probe` (the CLI's own process), numba's first dispatch is kept from probing for BLAS by
+    importing scipy.linalg (~0.4 s of a ~2.4 s start): the probe fails fast while the kernels load, numba falls
+    back to its plain-loop inner product (used only by np.cov-style helpers, which no kernel calls), and later
+    scipy imports work normally. Library users keep numba's default: another thread of theirs might import
+    scipy.linalg meanwhile.
     """
-    import edge_memdec
-
-    blocked = getattr(edge_memdec, "IN_CLI", False) and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
+    blocked = skip_blas_probe and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
     if blocked:
         sys.modules.setdefault("scipy.linalg.cython_blas", None)  # an import of it raises ModuleNotFoundError
     try:

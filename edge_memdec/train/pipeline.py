@@ -8,19 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_memdec.corpus import Document, load_corpus, read_split
+from edge_memdec.corpus import split_documents_of
 from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
-
-
-def split_documents_of(corpus: Path, split: str) -> list[Document]:
-    """Documents of `split` in a split folder, or every document of a .txt/.jsonl file or .txt folder."""
-    corpus = Path(corpus)
-    if corpus.is_dir() and (corpus / "manifest.json").is_file():
-        return read_split(corpus, split)
-    return load_corpus(str(corpus))
 
 
 def check_threads(threads: int) -> None:

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.corpus import join_documents
+from edge_memdec.corpus import join_documents, split_documents_of
 from edge_memdec.defaults import DEFAULT_LAMBDA
 from edge_memdec.files import write_atomic, write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.scoring import Accumulator, mix_logprobs, mixed_ppl, ppl_of
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.knn_lm import knn_lm_scores
-from edge_memdec.train.pipeline import split_documents_of
 from edge_memdec.train.stream import choose_documents
 
 

@@ -298,10 +298,10 @@ def save_init(model: LlamaForCausalLM, folder: Path) -> None:
 
 def transfer_command(opts: dict) -> dict:
     """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
+    from edge_memdec.corpus import split_documents_of
     from edge_memdec.train.base import load_base
     from edge_memdec.train.export import export_memdec
     from edge_memdec.train.memdec_model import n_params
-    from edge_memdec.train.pipeline import split_documents_of
     from edge_memdec.train.stream import token_stream
     from edge_memdec.train.trainer import TrainConfig, Validator, distributed, train
 
