@@ -94,7 +94,7 @@ def inspect_command(
     ] = None,
 ) -> None:
     """Print a GGUF's arch, size, quantization, tokenizer and memdec metadata; with --base, whether the pair fits."""
-    from edge_memdec.inspect import inspect_text
+    from edge_memdec.describe import inspect_text
 
     print(inspect_text(gguf, base))
 
@@ -320,7 +320,7 @@ def perplexity(
     if protocol == "llama":
         print()
     if knn is not None:
-        from edge_memdec.knn_lm import knn_lm_scores
+        from edge_memdec.knn_baseline import knn_lm_scores
         from edge_memdec.scoring import knn_lm_report
 
         scores = knn_lm_scores(base, knn, text, ctx_size, report["stride"], knn_k, knn_temperature)
@@ -414,16 +414,16 @@ def datastore_build(
     from edge_memdec.train.pipeline import datastore_command
 
     datastore_command(
-        model,
-        corpus,
-        split,
-        out,
-        max_tokens,
-        n_ctx,
-        stride,
-        shard_windows,
-        threads,
-        seed,
+        model=model,
+        corpus=corpus,
+        split=split,
+        out=out,
+        max_tokens=max_tokens,
+        n_ctx=n_ctx,
+        stride=stride,
+        shard_windows=shard_windows,
+        threads=threads,
+        seed=seed,
         mode=pass_mode,
         hidden_blocks=parse_layers(hidden_blocks) if hidden_blocks else (),
         device=device,
@@ -482,13 +482,13 @@ def knn_targets(
 
     m = knn_targets_command(
         datastore,
-        out,
-        temperature,
-        valid_corpus,
-        valid_tokens,
-        _parse_numbers(temperatures, float, "--temperatures", "0.5,1,2"),
-        _parse_numbers(ks, int, "--ks", "64,1024") if ks else [k],
-        threads,
+        out=out,
+        temperature=temperature,
+        valid_corpus=valid_corpus,
+        valid_tokens=valid_tokens,
+        temperatures=_parse_numbers(temperatures, float, "--temperatures", "0.5,1,2"),
+        ks=_parse_numbers(ks, int, "--ks", "64,1024") if ks else [k],
+        threads=threads,
         k=k,
         top=top,
         index_kind=index,
@@ -512,12 +512,26 @@ def knn_targets(
     )
 
 
+# ---- options shared by train and transfer (edge_memdec.train.options.RunOptions) ----
+
+TargetsOpt = Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints")]
+ValidTokensOpt = Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")]
+ExportOpt = Annotated[Optional[Path], typer.Option(help="Also write this GGUF")]
+OuttypeOpt = Annotated[str, typer.Option(help="GGUF weight type for --export")]
+TokenizerFromOpt = Annotated[
+    Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")
+]
+DomainOpt = Annotated[str, typer.Option(help="Domain name stored in the GGUF")]
+TorchThreadsOpt = Annotated[int, typer.Option(help="Torch threads per process")]
+
+
 @app.command("train")
 def train_memdec(
     datastore: Annotated[Path, typer.Argument(help="Datastore folder (with its kNN targets)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, hf/, train.json)")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder")] = None,
-    targets: Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")] = None,
+    targets: TargetsOpt = None,
     init: Annotated[str, typer.Option(help="base, scratch, or an HF checkpoint folder")] = "base",
     layers: Annotated[int, typer.Option(help="Decoder blocks")] = 10,
     base_layers: Annotated[Optional[str], typer.Option(help="Base blocks to copy, e.g. 0-2,23-29")] = None,
@@ -532,15 +546,15 @@ def train_memdec(
     batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
     n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
     stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = 50,
+    checkpoint_every: CheckpointEveryOpt = 50,
     valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation")] = None,
-    valid_tokens: Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")] = 20000,
+    valid_tokens: ValidTokensOpt = 20000,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
-    export: Annotated[Optional[Path], typer.Option(help="Also write this GGUF")] = None,
-    outtype: Annotated[str, typer.Option(help="GGUF weight type for --export")] = "q8_0",
-    tokenizer_from: Annotated[Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")] = None,
-    domain: Annotated[str, typer.Option(help="Domain name stored in the GGUF")] = "custom",
-    threads: Annotated[int, typer.Option(help="Torch threads per process")] = 2,
+    export: ExportOpt = None,
+    outtype: OuttypeOpt = "q8_0",
+    tokenizer_from: TokenizerFromOpt = None,
+    domain: DomainOpt = "custom",
+    threads: TorchThreadsOpt = 2,
     seed: Annotated[int, typer.Option(help="Seed for data order and init")] = 0,
     frozen_blocks: Annotated[
         int,
@@ -556,9 +570,10 @@ def train_memdec(
     ] = 0,
 ) -> None:
     """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
+    from edge_memdec.train.options import TrainOptions
     from edge_memdec.train.pipeline import train_command
 
-    train_command(locals())
+    train_command(TrainOptions(**locals()))
 
 
 parts_app = typer.Typer(
@@ -601,7 +616,7 @@ def transfer_memdec(
     datastore: Annotated[Path, typer.Argument(help="The new base's datastore folder (with its kNN targets)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (transfer-init/, hf/, train.json)")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="New base GGUF or HF folder")] = None,
-    targets: Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")] = None,
+    targets: TargetsOpt = None,
     source_base: Annotated[Optional[Path], typer.Option(help="Base the decoder was trained with (default: from its train.json)")] = None,
     new_rows: Annotated[str, typer.Option(help="Rows of new tokens: compose (old pieces), base, or mean")] = "compose",
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: --budget-fraction of the source's)")] = None,
@@ -611,21 +626,22 @@ def transfer_memdec(
     batch_windows: Annotated[Optional[int], typer.Option(help="Windows per step (default: the source run's)")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(help="Training window length (default: the source run's)")] = None,
     stride: Annotated[Optional[int], typer.Option(help="Training window stride (default: the source run's)")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = 50,
+    checkpoint_every: CheckpointEveryOpt = 50,
     valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation (PPL before and after)")] = None,
-    valid_tokens: Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")] = 20000,
+    valid_tokens: ValidTokensOpt = 20000,
     resume: Annotated[bool, typer.Option(help="Continue the transfer in --out from its checkpoint")] = False,
-    export: Annotated[Optional[Path], typer.Option(help="Also write this GGUF")] = None,
-    outtype: Annotated[str, typer.Option(help="GGUF weight type for --export")] = "q8_0",
-    tokenizer_from: Annotated[Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")] = None,
-    domain: Annotated[str, typer.Option(help="Domain name stored in the GGUF")] = "custom",
-    threads: Annotated[int, typer.Option(help="Torch threads per process")] = 2,
+    export: ExportOpt = None,
+    outtype: OuttypeOpt = "q8_0",
+    tokenizer_from: TokenizerFromOpt = None,
+    domain: DomainOpt = "custom",
+    threads: TorchThreadsOpt = 2,
     seed: Annotated[int, typer.Option(help="Seed for data order and new rows")] = 0,
 ) -> None:
     """Move a trained memory decoder to a base with another tokenizer: new embedding rows, ~10% more training."""
+    from edge_memdec.train.options import TransferOptions
     from edge_memdec.train.transfer import transfer_command
 
-    transfer_command(locals())
+    transfer_command(TransferOptions(**locals()))
 
 
 @app.command("recipe")

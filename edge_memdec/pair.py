@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from edge_memdec.compat import check_pair
 from edge_memdec.defaults import DEFAULT_LAMBDA, check_lambda
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
+from edge_memdec.pair_check import check_pair
 from edge_memdec.threadpool import CpuThreadPool
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from edge_memdec.compat import check_pair, pair_problems
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
+from edge_memdec.pair_check import check_pair, pair_problems
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

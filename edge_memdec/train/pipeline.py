@@ -13,6 +13,7 @@ from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
+from edge_memdec.train.options import TrainOptions
 
 
 def check_threads(threads: int) -> None:
@@ -34,6 +35,7 @@ def open_base(model: Path | None, threads: int, device: str = "cpu") -> Base:
 
 
 def datastore_command(
+    *,
     model: Path | None,
     corpus: Path,
     split: str,
@@ -76,64 +78,64 @@ def datastore_command(
     return manifest
 
 
-def train_command(opts: dict) -> dict:
+def train_command(opts: TrainOptions) -> dict:
     """`edge-memdec train`: build the config from CLI options, train, and export when asked."""
     from edge_memdec.train.datastore import read_manifest
-    from edge_memdec.train.export import export_memdec
+    from edge_memdec.train.export_gguf import export_memdec
     from edge_memdec.train.memdec_model import MemdecShape, parse_layers
     from edge_memdec.train.stream import token_stream
     from edge_memdec.train.trainer import TrainConfig, distributed, train
 
-    ds = read_manifest(opts["datastore"])
-    base_path = Path(opts["model"] or ds["base"])
-    blocks = parse_layers(opts["base_layers"]) if opts["base_layers"] else None
+    ds = read_manifest(opts.datastore)
+    base_path = Path(opts.model or ds["base"])
+    blocks = parse_layers(opts.base_layers) if opts.base_layers else None
     shape = MemdecShape(
-        layers=len(blocks) if blocks else 0 if opts["frozen_blocks"] else opts["layers"],
-        hidden=opts["hidden"],
-        ffn=opts["ffn"],
-        heads=opts["heads"],
-        kv_heads=opts["kv_heads"],
+        layers=len(blocks) if blocks else 0 if opts.frozen_blocks else opts.layers,
+        hidden=opts.hidden,
+        ffn=opts.ffn,
+        heads=opts.heads,
+        kv_heads=opts.kv_heads,
         base_layers=blocks,
     )
     rank, _ = distributed()
     valid = None
-    if opts["valid_corpus"] is not None and rank == 0:
-        docs = split_documents_of(opts["valid_corpus"], "validation")
-        valid = token_stream(load_tokenizer(base_path), docs, opts["valid_tokens"], opts["seed"])
+    if opts.valid_corpus is not None and rank == 0:
+        docs = split_documents_of(opts.valid_corpus, "validation")
+        valid = token_stream(load_tokenizer(base_path), docs, opts.valid_tokens, opts.seed)
     cfg = TrainConfig(
-        datastore=Path(opts["datastore"]),
-        out=Path(opts["out"]),
-        targets=opts["targets"],
+        datastore=Path(opts.datastore),
+        out=Path(opts.out),
+        targets=opts.targets,
         base=base_path,
-        init=opts["init"],
+        init=opts.init,
         shape=shape,
-        epochs=opts["epochs"],
-        max_steps=opts["max_steps"],
-        lr=opts["lr"],
-        beta=opts["beta"],
-        batch_windows=opts["batch_windows"],
-        n_ctx=opts["n_ctx"],
-        stride=opts["stride"],
-        checkpoint_every=opts["checkpoint_every"],
+        epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        lr=opts.lr,
+        beta=opts.beta,
+        batch_windows=opts.batch_windows,
+        n_ctx=opts.n_ctx,
+        stride=opts.stride,
+        checkpoint_every=opts.checkpoint_every,
         valid_tokens=valid,
-        seed=opts["seed"],
-        threads=opts["threads"],
-        frozen_blocks=opts["frozen_blocks"],
-        head=opts["head"],
-        device=opts["device"],
-        valid_every=opts["valid_every"],
+        seed=opts.seed,
+        threads=opts.threads,
+        frozen_blocks=opts.frozen_blocks,
+        head=opts.head,
+        device=opts.device,
+        valid_every=opts.valid_every,
     )
-    summary = train(cfg, resume=opts["resume"])
+    summary = train(cfg, resume=opts.resume)
     if rank == 0:
         v = summary["validation"]
         line = f"trained {summary['params'] / 1e6:.1f}M params, {summary['steps']} steps"
         if v:
             line += f"; validation base {v['base_ppl']:.3f}, mixed {v['best_ppl']:.3f} at lambda {v['best_lambda']}"
         print(line)
-        if opts["export"] is not None:
-            tokenizer_from = Path(opts["tokenizer_from"] or base_path)
+        if opts.export is not None:
+            tokenizer_from = Path(opts.tokenizer_from or base_path)
             out = export_memdec(
-                opts["out"], opts["export"], opts["outtype"], tokenizer_from, opts["domain"], summary
+                opts.out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary
             )
             print(f"exported {out}")
     return summary
@@ -175,6 +177,7 @@ def recipe_command(
 
 def knn_targets_command(
     datastore: Path,
+    *,
     out: Path | None,
     temperature: str,
     valid_corpus: Path | None,

@@ -32,6 +32,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.datastore import read_manifest
+from edge_memdec.train.options import TransferOptions
 from edge_memdec.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
@@ -296,54 +297,54 @@ def save_init(model: LlamaForCausalLM, folder: Path) -> None:
         model.save_pretrained(temp, safe_serialization=True)
 
 
-def transfer_command(opts: dict) -> dict:
+def transfer_command(opts: TransferOptions) -> dict:
     """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
     from edge_memdec.corpus import split_documents_of
     from edge_memdec.train.base import load_base
-    from edge_memdec.train.export import export_memdec
+    from edge_memdec.train.export_gguf import export_memdec
     from edge_memdec.train.memdec_model import n_params
     from edge_memdec.train.stream import token_stream
     from edge_memdec.train.trainer import TrainConfig, Validator, distributed, train
 
-    if opts["new_rows"] not in NEW_ROWS:
-        raise UserError(f"--new-rows must be one of {', '.join(NEW_ROWS)}, got {opts['new_rows']!r}")
-    source = read_source(opts["memdec"], opts["source_base"])
-    datastore, out = Path(opts["datastore"]), Path(opts["out"])
+    if opts.new_rows not in NEW_ROWS:
+        raise UserError(f"--new-rows must be one of {', '.join(NEW_ROWS)}, got {opts.new_rows!r}")
+    source = read_source(opts.memdec, opts.source_base)
+    datastore, out = Path(opts.datastore), Path(opts.out)
     ds = read_manifest(datastore)
-    base_path = Path(opts["model"] or ds["base"])
+    base_path = Path(opts.model or ds["base"])
     if not base_path.exists():
         raise UserError(f"the new base {base_path} does not exist")
     new_tok, old_tok = load_tokenizer(base_path), load_tokenizer(source.tokenizer_from)
     src_cfg = (source.summary or {}).get("config", {})
-    steps = budget(source.steps, opts["steps"], opts["budget_fraction"])
-    n_ctx = opts["n_ctx"] or int(src_cfg.get("n_ctx", 1024))
-    stride = opts["stride"] or int(src_cfg.get("stride", 512))
-    batch_windows = opts["batch_windows"] or int(src_cfg.get("batch_windows", 4))
+    steps = budget(source.steps, opts.steps, opts.budget_fraction)
+    n_ctx = opts.n_ctx or int(src_cfg.get("n_ctx", 1024))
+    stride = opts.stride or int(src_cfg.get("stride", 512))
+    batch_windows = opts.batch_windows or int(src_cfg.get("batch_windows", 4))
     per_epoch = math.ceil(len(sliding_windows(ds["n_tokens"], n_ctx, stride)) / batch_windows)
     rank, world = distributed()
     valid = None
-    if opts["valid_corpus"] is not None and rank == 0:
-        docs = split_documents_of(opts["valid_corpus"], "validation")
-        valid = token_stream(new_tok, docs, opts["valid_tokens"], opts["seed"])
+    if opts.valid_corpus is not None and rank == 0:
+        docs = split_documents_of(opts.valid_corpus, "validation")
+        valid = token_stream(new_tok, docs, opts.valid_tokens, opts.seed)
     n_vocab, special, base_hidden = new_base_vocab(base_path, new_tok)
     check_datastore(datastore, base_path, new_tok, n_vocab)
-    if opts["new_rows"] == "base" and base_hidden != source.config.get("hidden_size"):
+    if opts.new_rows == "base" and base_hidden != source.config.get("hidden_size"):
         raise UserError(
             f"--new-rows base needs equal widths (memory decoder {source.config.get('hidden_size')}, "
             f"new base {base_hidden}); use --new-rows compose"
         )
     init_dir, facts_path = out / TRANSFER_INIT, out / TRANSFER_JSON
-    if rank == 0 and not (opts["resume"] and (init_dir / "config.json").is_file() and facts_path.is_file()):
-        base = load_base(base_path) if (opts["new_rows"] == "base" or valid is not None) else None
+    if rank == 0 and not (opts.resume and (init_dir / "config.json").is_file() and facts_path.is_file()):
+        base = load_base(base_path) if (opts.new_rows == "base" or valid is not None) else None
         old = LlamaForCausalLM.from_pretrained(str(source.hf), dtype=torch.float32)
         if old_tok.get_vocab_size(with_added_tokens=True) > old.config.vocab_size:
             raise UserError(
                 f"the tokenizer of {source.tokenizer_from.name} has more tokens than the memory decoder has rows; "
                 "pass the base it was trained with as --source-base"
             )
-        plan = plan_rows(old_tok, new_tok, old.config.vocab_size, n_vocab, opts["new_rows"] == "compose")
+        plan = plan_rows(old_tok, new_tok, old.config.vocab_size, n_vocab, opts.new_rows == "compose")
         model, rows = reinit_vocab(
-            old, plan, special, base.model if opts["new_rows"] == "base" else None, opts["seed"]
+            old, plan, special, base.model if opts.new_rows == "base" else None, opts.seed
         )
         out.mkdir(parents=True, exist_ok=True)
         save_init(model, init_dir)
@@ -357,7 +358,7 @@ def transfer_command(opts: dict) -> dict:
             "source_tokenizer": str(source.tokenizer_from),
             "new_base": str(base_path),
             "datastore": str(datastore),
-            "new_rows": opts["new_rows"],
+            "new_rows": opts.new_rows,
             "row_counts": rows,
             "source_steps": source.steps,
             "planned_steps": steps,
@@ -383,22 +384,22 @@ def transfer_command(opts: dict) -> dict:
     cfg = TrainConfig(
         datastore=datastore,
         out=out,
-        targets=opts["targets"],
+        targets=opts.targets,
         base=base_path,
         init=str(init_dir),
         epochs=max(1, math.ceil(steps / per_epoch)),
         max_steps=steps,
-        lr=opts["lr"] or float(src_cfg.get("lr", 1e-3)),
-        beta=opts["beta"] if opts["beta"] is not None else float(src_cfg.get("beta", 0.5)),
+        lr=opts.lr or float(src_cfg.get("lr", 1e-3)),
+        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", 0.5)),
         batch_windows=batch_windows,
         n_ctx=n_ctx,
         stride=stride,
-        checkpoint_every=opts["checkpoint_every"],
+        checkpoint_every=opts.checkpoint_every,
         valid_tokens=valid,
-        seed=opts["seed"],
-        threads=opts["threads"],
+        seed=opts.seed,
+        threads=opts.threads,
     )
-    summary = train(cfg, resume=opts["resume"])
+    summary = train(cfg, resume=opts.resume)
     if rank == 0:
         summary["transfer"] = gguf_facts(facts, source, base_path, summary["steps"])
         write_json_atomic(out / "train.json", summary)
@@ -410,10 +411,10 @@ def transfer_command(opts: dict) -> dict:
                 f"(base alone {after['base_ppl']:.3f})"
             )
         print(line)
-        if opts["export"] is not None:
-            tokenizer_from = Path(opts["tokenizer_from"] or base_path)
+        if opts.export is not None:
+            tokenizer_from = Path(opts.tokenizer_from or base_path)
             path = export_memdec(
-                out, opts["export"], opts["outtype"], tokenizer_from, opts["domain"], summary
+                out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary
             )
             print(f"exported {path}")
     return summary

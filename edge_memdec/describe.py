@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from edge_memdec.compat import pair_problems
 from edge_memdec.gguf_file import GGUFInfo, read_gguf
+from edge_memdec.pair_check import pair_problems
 
 LABEL_WIDTH = 12
 

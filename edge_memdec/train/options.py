@@ -1,0 +1,69 @@
+"""The options of `edge-memdec train` and `edge-memdec transfer` as typed configs (their defaults are the CLI's).
+
+`RunOptions` holds the options both commands share; each command's own options extend it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What a training run reads and writes, shared by `train` and `transfer`."""
+
+    datastore: Path  # datastore folder (with its kNN targets)
+    out: Path  # run folder: checkpoints, hf/, train.json
+    model: Path | None  # base GGUF or HF folder (None: the datastore's base)
+    targets: Path | None  # kNN targets folder (None: DATASTORE/targets)
+    checkpoint_every: int  # optimizer steps between checkpoints
+    valid_corpus: Path | None  # split folder whose validation documents are scored
+    valid_tokens: int  # validation tokens (whole documents, seeded sample)
+    resume: bool  # continue the run in `out` from its checkpoint
+    export: Path | None  # also write this GGUF
+    outtype: str  # GGUF weight type for `export`
+    tokenizer_from: Path | None  # GGUF whose tokenizer `export` copies (None: the base)
+    domain: str  # domain name stored in the GGUF
+    threads: int  # torch threads per process
+    seed: int  # seed of the data order (and of init / new rows)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(RunOptions):
+    """`edge-memdec train`: the decoder's shape and init, and the optimisation."""
+
+    init: str  # base, scratch, or an HF checkpoint folder
+    layers: int  # decoder blocks
+    base_layers: str | None  # base blocks to copy, e.g. "0-2,23-29"
+    hidden: int  # width (scratch only)
+    ffn: int  # feed-forward width (scratch only)
+    heads: int  # attention heads (scratch only)
+    kv_heads: int  # key/value heads (scratch only)
+    epochs: int  # passes over the datastore text
+    max_steps: int | None  # stop after this many optimizer steps
+    lr: float  # peak learning rate (linear decay to 0)
+    beta: float  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
+    batch_windows: int  # windows per step (all ranks)
+    n_ctx: int  # training window length, tokens
+    stride: int  # training window stride, tokens
+    frozen_blocks: int  # the base's first N blocks kept frozen (read from the datastore); 0 trains all
+    head: str  # tied or untied
+    device: str  # auto, cpu, cuda or mps
+    valid_every: int  # also validate every N steps (0: at epoch ends only)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferOptions(RunOptions):
+    """`edge-memdec transfer`: a trained decoder moved to a new base; None takes the source run's value."""
+
+    memdec: Path  # the trained decoder's run folder
+    source_base: Path | None  # the base it was trained with (None: from its train.json)
+    new_rows: str  # compose, base or mean
+    steps: int | None  # optimizer steps (None: budget_fraction of the source's)
+    budget_fraction: float  # share of the source run's steps
+    lr: float | None
+    beta: float | None
+    batch_windows: int | None
+    n_ctx: int | None
+    stride: int | None
