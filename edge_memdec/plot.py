@@ -1,42 +1,55 @@
-"""The lambda plot: mixed perplexity against lambda, with the base and the memory decoder alone as lines."""
+"""Lambda plots: perplexity against lambda for one or more mixtures, with flat lines for single models.
+
+`perplexity --plot` draws a perplexity report; the recipe's report draws base + memory decoder beside
+base + kNN-LM on the test split. Both go through `lambda_plot`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_atomic
 
+CURVE_COLORS = ("tab:blue", "tab:green", "tab:purple")
 
-def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -> Path:
-    """Write a PNG of `report["mixed"]` (from `perplexity`) to `out`, atomically; returns the path."""
-    if not report.get("mixed"):
-        raise UserError("--plot needs a memory decoder: there is no lambda sweep to draw without one")
+
+def lambda_plot(
+    out: str | Path,
+    curves: Sequence[tuple[str, Sequence[dict]]],
+    flat: Sequence[tuple[str, float, str, str]],
+    ylabel: str,
+    title: str | None = None,
+    annotate_best: bool = False,
+) -> Path:
+    """Write a PNG to `out`, atomically; returns the path.
+
+    curves: (label, rows with "lambda" and "ppl"), one line with markers each; flat: (label, ppl, color,
+    linestyle), one horizontal line each; `annotate_best` marks the first curve's lowest PPL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    lams = [row["lambda"] for row in report["mixed"]]
-    ppls = [row["ppl"] for row in report["mixed"]]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot(lams, ppls, "o-", color="tab:blue", label="base + memory decoder")
-    ax.axhline(report["base"]["ppl"], color="tab:gray", linestyle="--", label="base alone")
-    ax.axhline(report["memdec"]["ppl"], color="tab:orange", linestyle=":", label="memory decoder alone")
-    if report.get("knn_lm"):
-        ax.axhline(report["knn_lm"]["ppl"], color="tab:green", linestyle="-.", label="kNN-LM")
-    best = min(report["mixed"], key=lambda row: row["ppl"])
-    ax.annotate(
-        f"best {best['ppl']:.2f} at {best['lambda']:g}",
-        (best["lambda"], best["ppl"]),
-        textcoords="offset points",
-        xytext=(0, 10),
-        ha="center",
-    )
+    for (label, rows), color in zip(curves, CURVE_COLORS, strict=False):
+        ax.plot([r["lambda"] for r in rows], [r["ppl"] for r in rows], "o-", color=color, label=label)
+    for label, ppl, color, style in flat:
+        ax.axhline(ppl, color=color, linestyle=style, label=label)
+    if annotate_best:
+        best = min(curves[0][1], key=lambda row: row["ppl"])
+        ax.annotate(
+            f"best {best['ppl']:.2f} at {best['lambda']:g}",
+            (best["lambda"], best["ppl"]),
+            textcoords="offset points",
+            xytext=(0, 10),
+            ha="center",
+        )
     ax.set_xlabel("lambda (memory decoder weight)")
-    ax.set_ylabel(f"perplexity ({report['protocol']} protocol, n_ctx {report['n_ctx']})")
-    ax.set_title(title or f"{report['tokens_scored']} tokens scored")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -44,3 +57,23 @@ def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -
         return write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
+
+
+def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -> Path:
+    """Write a PNG of `report["mixed"]` (from `perplexity`) to `out`, atomically; returns the path."""
+    if not report.get("mixed"):
+        raise UserError("--plot needs a memory decoder: there is no lambda sweep to draw without one")
+    flat = [
+        ("base alone", report["base"]["ppl"], "tab:gray", "--"),
+        ("memory decoder alone", report["memdec"]["ppl"], "tab:orange", ":"),
+    ]
+    if report.get("knn_lm"):
+        flat.append(("kNN-LM", report["knn_lm"]["ppl"], "tab:green", "-."))
+    return lambda_plot(
+        out,
+        [("base + memory decoder", report["mixed"])],
+        flat,
+        f"perplexity ({report['protocol']} protocol, n_ctx {report['n_ctx']})",
+        title or f"{report['tokens_scored']} tokens scored",
+        annotate_best=True,
+    )

@@ -15,8 +15,9 @@ import numpy as np
 
 from edge_memdec.corpus import join_documents, split_documents_of
 from edge_memdec.defaults import DEFAULT_LAMBDA
-from edge_memdec.files import write_atomic, write_npz_atomic
+from edge_memdec.files import write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
+from edge_memdec.plot import lambda_plot
 from edge_memdec.scoring import Accumulator, mix_logprobs, mixed_ppl, ppl_of
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.knn_lm import knn_lm_scores
@@ -42,30 +43,6 @@ def cached_knn_scores(base: Path, datastore: Path, text: str, k: int, temperatur
     arrays = {name: v for name, v in scores.items() if name != "seconds"}
     write_npz_atomic(path, **arrays, seconds_json=json.dumps(scores["seconds"]))
     return scores
-
-
-def lambda_plot(path: Path, table: dict) -> None:
-    """PPL against lambda for base + memory decoder and base + kNN-LM, the base as a flat line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in (
-        ("base + memory decoder", table["memdec_mixed"]),
-        ("base + kNN-LM", table["knn_mixed"]),
-    ):
-        ax.plot([r["lambda"] for r in rows], [r["ppl"] for r in rows], marker="o", label=name)
-    ax.axhline(table["base"]["ppl"], color="gray", linestyle="--", label="base")
-    ax.set_xlabel("lambda")
-    ax.set_ylabel("perplexity (test split)")
-    ax.legend()
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda temp: fig.savefig(temp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
 
 
 def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, threads: int = 2) -> dict:
@@ -116,5 +93,10 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     }
     table["ratio_mixed_to_base"] = table["base_plus_memdec"]["ppl"] / table["base"]["ppl"]
     table["ratio_knn_to_base"] = table["knn_lm"]["ppl"] / table["knn_lm"]["pytorch_base_ppl"]
-    lambda_plot(Path(memdec).with_name(f"{Path(memdec).stem}-lambda.png"), table)
+    lambda_plot(
+        Path(memdec).with_name(f"{Path(memdec).stem}-lambda.png"),
+        [("base + memory decoder", table["memdec_mixed"]), ("base + kNN-LM", table["knn_mixed"])],
+        [("base", table["base"]["ppl"], "tab:gray", "--")],
+        "perplexity (test split)",
+    )
     return table
