@@ -137,62 +137,36 @@ def perplexity(
     the pair's lambda, or the base alone), which is how `--protocol llama` prints its running `[i]x.xxxx,`.
     With `state_path`, progress is saved there after every window and a rerun continues from it.
     """
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    if n_ctx < 2 or n_ctx > pair.n_ctx:
-        raise UserError(f"-c must be between 2 and the loaded context size {pair.n_ctx}, got {n_ctx}")
-    stride = n_ctx // 2 if stride is None else stride
-    if protocol == "paper" and not 1 <= stride <= n_ctx:
-        raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
-    lambdas = [check_lambda(x) for x in lambdas]
+    stride, lambdas = _check_options(pair, protocol, n_ctx, stride, lambdas)
     t0 = time.perf_counter()
     base = pair.base
     tokens = base.tokenize(text, add_bos=None, special=False)
     check_text(text, len(tokens), protocol, n_ctx)
     bos = base.bos if protocol == "llama" and base.add_bos else None
     windows = llama_windows(len(tokens), n_ctx) if protocol == "llama" else paper_windows(len(tokens), n_ctx, stride)
-    total = len(windows)
     if max_windows is not None:
         if max_windows < 1:
             raise UserError(f"--chunks must be at least 1, got {max_windows}")
-        total = min(total, max_windows)
-
-    from edge_memdec.kernels import score_rows  # numba: imported by the pair's warmup thread
+        windows = windows[:max_windows]
 
     has_memdec = pair.memdec is not None
     n_batch = min(model.n_batch for model in pair.models)
     # the pair's own lambda rides along as the last column: it drives the running [i] lines
     lam_arr = np.asarray([*lambdas, pair.lam] if has_memdec else [], np.float64)
-    acc_base, acc_mem = Accumulator(), Accumulator()
-    acc_mix = [Accumulator() for _ in lam_arr]
-    headline = acc_mix[-1] if has_memdec else acc_base
-    accumulators = [acc_base, acc_mem, *acc_mix]
+    accumulators = [Accumulator() for _ in range(2 + len(lam_arr))]  # base, memdec, one per lambda column
+    headline = accumulators[-1] if has_memdec else accumulators[0]
     state = None
     if state_path is not None:
         state = ProgressState(Path(state_path), job_key(pair, text, protocol, n_ctx, stride, lambdas))
         for acc, saved in zip(accumulators, state.sums, strict=True):
             acc.restore(saved)
-    bar = _progress(total, progress)
+    bar = _progress(len(windows), progress)
     bar.update(state.next_window if state else 0)
     with pair.lock:
         for i, window in enumerate(windows):
-            if i >= total:
-                break
             if state is not None and i < state.next_window:
                 continue
-            pair.rewind(0)
-            for piece in _pieces(tokens, window, bos, n_batch):
-                n_rows = pair.eval(piece.tokens, piece.flags)
-                if n_rows == 0:
-                    continue
-                base_rows = base.logits_rows(n_rows)
-                mem_rows = pair.memdec.logits_rows(n_rows) if has_memdec else None
-                nll_base, nll_mem, nll_mix = score_rows(base_rows, mem_rows, piece.targets, lam_arr)
-                acc_base.add(nll_base)
-                if has_memdec:
-                    acc_mem.add(nll_mem)
-                    for j, acc in enumerate(acc_mix):
-                        acc.add(nll_mix[:, j])
+            _score_window(pair, tokens, window, bos, n_batch, lam_arr, accumulators)
             if on_window is not None:
                 on_window(i, headline)
             if state is not None:
@@ -202,8 +176,65 @@ def perplexity(
     bar.close()
     if state is not None:
         state.done()
+    report = _report(pair, protocol, n_ctx, stride, lambdas, accumulators)
+    report["seconds"] = time.perf_counter() - t0
+    return report
 
-    report: dict = {
+
+def _check_options(
+    pair: ModelPair, protocol: str, n_ctx: int, stride: int | None, lambdas: Sequence[float]
+) -> tuple[int, list[float]]:
+    """The stride (default n_ctx // 2) and the checked lambdas, or a UserError for an option out of range."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if n_ctx < 2 or n_ctx > pair.n_ctx:
+        raise UserError(f"-c must be between 2 and the loaded context size {pair.n_ctx}, got {n_ctx}")
+    stride = n_ctx // 2 if stride is None else stride
+    if protocol == "paper" and not 1 <= stride <= n_ctx:
+        raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
+    return stride, [check_lambda(x) for x in lambdas]
+
+
+def _score_window(
+    pair: ModelPair,
+    tokens: Sequence[int],
+    window: Window,
+    bos: int | None,
+    n_batch: int,
+    lam_arr: np.ndarray,
+    accumulators: list[Accumulator],
+) -> None:
+    """Evaluate one window from an empty cache and add its rows' NLLs to [base, memdec, *per lambda]."""
+    from edge_memdec.kernels import score_rows  # numba: imported by the pair's warmup thread
+
+    acc_base, acc_mem, *acc_mix = accumulators
+    pair.rewind(0)
+    for piece in _pieces(tokens, window, bos, n_batch):
+        n_rows = pair.eval(piece.tokens, piece.flags)
+        if n_rows == 0:
+            continue
+        base_rows = pair.base.logits_rows(n_rows)
+        mem_rows = pair.memdec.logits_rows(n_rows) if pair.memdec is not None else None
+        nll_base, nll_mem, nll_mix = score_rows(base_rows, mem_rows, piece.targets, lam_arr)
+        acc_base.add(nll_base)
+        if pair.memdec is not None:
+            acc_mem.add(nll_mem)
+            for j, acc in enumerate(acc_mix):
+                acc.add(nll_mix[:, j])
+
+
+def _report(
+    pair: ModelPair, protocol: str, n_ctx: int, stride: int, lambdas: list[float], accumulators: list[Accumulator]
+) -> dict:
+    """The JSON report from the accumulators [base, memdec, *lambdas, the pair's lambda]; seconds left at 0."""
+    acc_base, acc_mem, *acc_mix = accumulators
+    has_memdec = pair.memdec is not None
+    mixed = (
+        [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix[:-1], strict=True)]
+        if has_memdec
+        else []
+    )
+    return {
         "protocol": protocol,
         "n_ctx": n_ctx,
         "stride": stride if protocol == "paper" else n_ctx,
@@ -211,17 +242,11 @@ def perplexity(
         "base": acc_base.report(),
         "memdec": acc_mem.report() if has_memdec else None,
         "lambda": pair.lam if has_memdec else None,
-        "selected": {"lambda": pair.lam, **headline.report()} if has_memdec else None,
-        "mixed": [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix[:-1], strict=True)]
-        if has_memdec
-        else [],
-        "best_lambda": None,
+        "selected": {"lambda": pair.lam, **acc_mix[-1].report()} if has_memdec else None,
+        "mixed": mixed,
+        "best_lambda": min(mixed, key=lambda row: row["ppl"])["lambda"] if mixed else None,
         "seconds": 0.0,
     }
-    if report["mixed"]:
-        report["best_lambda"] = min(report["mixed"], key=lambda row: row["ppl"])["lambda"]
-    report["seconds"] = time.perf_counter() - t0
-    return report
 
 
 def _progress(total: int, enabled: bool):
