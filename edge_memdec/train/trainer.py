@@ -202,6 +202,61 @@ class Validator:
         }
 
 
+def load_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, schedule) -> tuple[int, list, float, int]:
+    """Restore model, optimizer, schedule and torch RNG from `path`; returns (step, history, seconds, positions)."""
+    state = torch.load(path, weights_only=False)
+    if state["config"] != cfg.fingerprint():
+        raise UserError(f"{path} was written with other settings; resume with the same options")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["history"], state["seconds"], state["positions"]
+
+
+def window_backward(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    hidden: np.ndarray | None,
+    targets: tuple[np.ndarray, np.ndarray],
+    w: Window,
+    a: int,
+    b: int,
+    count: int,
+    cfg: TrainConfig,
+    device,
+) -> torch.Tensor:
+    """Forward window `w`, backpropagate its positions [a, b)'s loss sum / `count` (the step's positions);
+    returns the summed (loss, kl, ce) on the CPU, float [3]. `targets`: the sparse kNN (ids, probs)."""
+    knn_ids, knn_probs = targets
+    with autocast(device):
+        states = window_states(model, tokens, hidden, w, cfg.frozen_blocks, device)
+        logits = model.lm_head(states[a - w.begin : b - w.begin])
+    loss, kl, ce = memdec_loss_sum(
+        logits,
+        torch.from_numpy(tokens[a + 1 : b + 1].astype(np.int64)).to(device),
+        torch.from_numpy(knn_ids[a:b].astype(np.int64)).to(device),
+        torch.from_numpy(knn_probs[a:b].astype(np.float32)).to(device),
+        cfg.beta,
+    )
+    (loss / count).backward()
+    return torch.stack([loss.detach(), kl.detach(), ce.detach()]).cpu()
+
+
+def validate_and_keep(validator: Validator, model: torch.nn.Module, history: list, step: int, hf_dir: Path) -> dict:
+    """Validate the current model, print the line, and save it to `hf_dir` when its mixed PPL is the best so far
+    (the epoch with the best validation mixture is the one kept); returns the validation record."""
+    earlier = best_validation(history)
+    v = validator(model)
+    tqdm.write(
+        f"validation step {step}: base {v['base_ppl']:.3f} memdec {v['memdec_ppl']:.3f} "
+        f"mixed {v['best_ppl']:.3f} at lambda {v['best_lambda']}"
+    )
+    if earlier is None or v["best_ppl"] < earlier["validation"]["best_ppl"]:
+        save_model(model, hf_dir)
+    return v
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or resume) a memory decoder; rank 0 writes `out/hf` (HF checkpoint) and `out/train.json`."""
     rank, world = distributed()
@@ -232,19 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     # This process's own time split (not checkpointed: it describes the run since this process started).
     timing = {"steps": 0, "positions": 0, "compute_s": 0.0, "wait_s": 0.0, "all_reduce_s": 0.0}
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["config"] != cfg.fingerprint():
-            raise UserError(f"{ckpt_path} was written with other settings; resume with the same options")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        step, history, seconds, positions_seen = (
-            state["step"],
-            state["history"],
-            state["seconds"],
-            state["positions"],
-        )
+        step, history, seconds, positions_seen = load_checkpoint(ckpt_path, cfg, model, optimizer, schedule)
     elif resume:
         raise UserError(f"there is no checkpoint to resume in {out}; run without --resume")
     validator = None
@@ -278,18 +321,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         sums = torch.zeros(3)
         for w in batch[rank::world]:
             a, b = owned_range(w, n_positions)
-            with autocast(device):
-                states = window_states(model, tokens, hidden, w, cfg.frozen_blocks, device)
-                logits = model.lm_head(states[a - w.begin : b - w.begin])
-            loss, kl, ce = memdec_loss_sum(
-                logits,
-                torch.from_numpy(tokens[a + 1 : b + 1].astype(np.int64)).to(device),
-                torch.from_numpy(knn_ids[a:b].astype(np.int64)).to(device),
-                torch.from_numpy(knn_probs[a:b].astype(np.float32)).to(device),
-                cfg.beta,
-            )
-            (loss / count).backward()
-            sums += torch.stack([loss.detach(), kl.detach(), ce.detach()]).cpu()
+            sums += window_backward(model, tokens, hidden, (knn_ids, knn_probs), w, a, b, count, cfg, device)
             timing["positions"] += b - a
         t1 = time.perf_counter()
         timing["compute_s"] += t1 - t0
@@ -314,14 +346,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if step % per_epoch == 0 or step == total or (cfg.valid_every and step % cfg.valid_every == 0):
             record["epoch"] = round(step / per_epoch, 4)
             if validator is not None:
-                earlier = best_validation(history)
-                record["validation"] = v = validator(model)
-                tqdm.write(
-                    f"validation step {step}: base {v['base_ppl']:.3f} memdec {v['memdec_ppl']:.3f} "
-                    f"mixed {v['best_ppl']:.3f} at lambda {v['best_lambda']}"
-                )
-                if earlier is None or v["best_ppl"] < earlier["validation"]["best_ppl"]:
-                    save_model(model, out / "hf")  # the epoch with the best validation mixture is kept
+                record["validation"] = validate_and_keep(validator, model, history, step, out / "hf")
         history.append(record)
         if step % cfg.checkpoint_every == 0 or step == total or "epoch" in record:
             checkpoint()
