@@ -13,6 +13,7 @@ import typer
 
 from edge_memdec import defaults
 from edge_memdec.errors import UserError
+from edge_memdec.train.options import TrainOptions, TransferOptions
 
 app = typer.Typer(
     name="edge-memdec",
@@ -570,10 +571,10 @@ def train_memdec(
     ] = 0,
 ) -> None:
     """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
-    from edge_memdec.train.options import TrainOptions
+    opts = TrainOptions(**locals())  # first: locals() is exactly the options here
     from edge_memdec.train.pipeline import train_command
 
-    train_command(TrainOptions(**locals()))
+    train_command(opts)
 
 
 parts_app = typer.Typer(
@@ -638,10 +639,10 @@ def transfer_memdec(
     seed: Annotated[int, typer.Option(help="Seed for data order and new rows")] = 0,
 ) -> None:
     """Move a trained memory decoder to a base with another tokenizer: new embedding rows, ~10% more training."""
-    from edge_memdec.train.options import TransferOptions
+    opts = TransferOptions(**locals())  # first: locals() is exactly the options here
     from edge_memdec.train.transfer import transfer_command
 
-    transfer_command(TransferOptions(**locals()))
+    transfer_command(opts)
 
 
 @app.command("recipe")
