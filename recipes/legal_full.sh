@@ -22,3 +22,7 @@ stage datastore "$work/datastore/.complete" bash -c "edge-memdec datastore build
   && touch '$work/datastore/.complete'"
 stage knn_targets "$work/datastore/targets/knn-ids.npy" edge-memdec knn-targets "$work/datastore" \
   --temperature auto --ks 64,256,1024 --index ivfflat --threads "$threads"
+stage train "$work/run/train.json" edge-memdec train "$work/datastore" --out "$work/run" \
+  --frozen-blocks "$frozen" --epochs "${EPOCHS:-2}" --lr "${LR:-3e-4}" --batch-windows "${BATCH:-8}" \
+  --n-ctx 1024 --stride 1024 --valid-corpus "$work/split" --valid-tokens 10000 --valid-every "${VALID_EVERY:-40}" \
+  --checkpoint-every 5 --threads "$threads" --device auto $( [ -f "$work/run/checkpoint.pt" ] && echo --resume )
