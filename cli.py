@@ -337,17 +337,17 @@ def perplexity(
 
 
 def _parse_lambdas(text: str) -> list[float]:
-    return _parse_numbers(text, float, "--lambda-sweep", "0,0.25,0.5")
+    return _parse_numbers(text, float, "--lambda-sweep", "0,0.25,0.5", "lambda")
 
 
-def _parse_numbers(text: str, kind: type, option: str, example: str) -> list:
-    """A comma-separated list of numbers given to `option`, or one sentence naming it."""
+def _parse_numbers(text: str, kind: type, option: str, example: str, what: str = "number") -> list:
+    """A comma-separated list of numbers (each a `what`) given to `option`, or one sentence naming it."""
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{option} takes comma-separated numbers such as {example}, got {text!r}") from None
     if not values:
-        raise UserError(f"{option} needs at least one number")
+        raise UserError(f"{option} needs at least one {what}")
     return values
 
 
@@ -487,8 +487,8 @@ def knn_targets(
         temperature=temperature,
         valid_corpus=valid_corpus,
         valid_tokens=valid_tokens,
-        temperatures=_parse_numbers(temperatures, float, "--temperatures", "0.5,1,2"),
-        ks=_parse_numbers(ks, int, "--ks", "64,1024") if ks else [k],
+        temperatures=_parse_numbers(temperatures, float, "--temperatures", "0.5,1,2", "temperature"),
+        ks=_parse_numbers(ks, int, "--ks", "64,1024", "k") if ks else [k],
         threads=threads,
         k=k,
         top=top,
