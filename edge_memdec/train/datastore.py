@@ -87,7 +87,7 @@ def build_datastore(
     stride: int = 512,
     shard_windows: int = 32,
     info: dict | None = None,
-    mode: str = "carry",
+    mode: str = "windows",
     hidden_blocks: tuple[int, ...] = (),
     device=None,
 ) -> dict:
