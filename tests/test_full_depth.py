@@ -191,3 +191,18 @@ def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(store, deep
     tokens = np.load(run / "valid-base-logprobs.npz")["tokens"]
     ppl = float(np.exp(-target_logprobs(saved, tokens, 1024, 512).mean()))  # the trainer's validation windows
     assert ppl == pytest.approx(best["validation"]["memdec_ppl"], rel=1e-4)
+
+
+def test_carried_pass_keeps_its_sink_tokens(model):
+    """With `sink`, the run's first tokens stay visible to every later chunk (the attention sink a window's first
+    tokens give); without it, the first block of a position 4 chunks on does not attend to token 0 (the output of
+    block 0 is the residual stream entering block 1)."""
+    ids = np.random.default_rng(2).integers(3, 400, size=5 * STRIDE).astype(np.int32)
+    changed = ids.copy()
+    changed[0] = (changed[0] + 1) % 400
+    p = 5 * STRIDE - 1
+    for sink, sees in ((0, False), (4, True)):
+        forward = CarriedForward(model, N_CTX - STRIDE, STRIDE, (1,), sink=sink)
+        a = torch.cat([c.hidden[1] for c in forward.chunks(ids, 0, len(ids))])[p]
+        b = torch.cat([c.hidden[1] for c in forward.chunks(changed, 0, len(ids))])[p]
+        assert (not torch.allclose(a, b)) == sees, sink

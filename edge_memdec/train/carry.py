@@ -54,9 +54,17 @@ def run_blocks(model: PreTrainedModel, x: torch.Tensor, first: int) -> torch.Ten
 class CarriedForward:
     """A llama/qwen2 base run chunk by chunk with a carried, re-rotated key/value cache (see module doc)."""
 
-    def __init__(self, model: PreTrainedModel, carry: int, stride: int, hidden_blocks: Sequence[int] = ()):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        carry: int,
+        stride: int,
+        hidden_blocks: Sequence[int] = (),
+        sink: int = 0,
+    ):
         cfg = model.config
         self.model, self.carry, self.stride = model, carry, stride
+        self.sink = sink  # the run's first `sink` tokens stay in the cache (an attention sink) beside the last `carry`
         self.layers = model.model.layers
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -80,7 +88,13 @@ class CarriedForward:
         old_k, old_v = cache.get(index, (k[:, :, :0], v[:, :, :0]))
         k_all, v_all = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
         m = k_all.shape[2]
-        cache[index] = (k_all[:, :, m - min(m, self.carry) :], v_all[:, :, m - min(m, self.carry) :])
+        if m <= self.carry + self.sink:
+            cache[index] = (k_all, v_all)
+        else:
+            recent = m - self.carry
+            cache[index] = tuple(
+                torch.cat([t[:, :, : self.sink], t[:, :, recent:]], dim=2) for t in (k_all, v_all)
+            )
         q = q * cos[:, :, m - n : m] + rotate_half(q) * sin[:, :, m - n : m]
         k_rot = k_all * cos[:, :, :m] + rotate_half(k_all) * sin[:, :, :m]
         mask = torch.ones(n, m, dtype=torch.bool, device=x.device).tril(m - n)
@@ -94,7 +108,7 @@ class CarriedForward:
         """States of positions [start, stop) in chunks of `stride`. A run starts afresh: the `carry` tokens
         before `start` go first as one chunk of context (not yielded), as a window's first half does, so a
         shard computed alone (a resumed build) equals the same shard computed in an unbroken build."""
-        cos, sin = self._rope(self.carry + self.stride, device)
+        cos, sin = self._rope(self.sink + self.carry + self.stride, device)
         cache: dict = {}
         warm = max(0, start - self.carry)
         bounds = ([(warm, start)] if warm < start else []) + [

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a d
 
 MANIFEST = "datastore.json"
 PASS_MODES = ("carry", "windows")
+CARRY_SINK = 4  # a carried pass keeps its first tokens in the cache: without them its keys made a worse kNN-LM
 
 
 def shard_plan(n_positions: int, n_ctx: int, stride: int, shard_windows: int, mode: str) -> list[dict]:
@@ -58,7 +59,7 @@ def shard_states(
     from edge_memdec.train.carry import CarriedForward
 
     if mode == "carry":
-        yield from CarriedForward(model, n_ctx - stride, stride, hidden_blocks).chunks(
+        yield from CarriedForward(model, n_ctx - stride, stride, hidden_blocks, sink=CARRY_SINK).chunks(
             tokens, shard["start"], shard["stop"], device
         )
         return
