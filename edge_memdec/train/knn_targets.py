@@ -290,7 +290,13 @@ def build_targets(
 
 
 def make_searcher(
-    ds_dir: Path, index_kind: str, nprobe: int, threshold: int, lists: int, pq_bytes: int, device: str = "cpu"
+    ds_dir: Path,
+    index_kind: str = "auto",
+    nprobe: int = 32,
+    threshold: int = 2_000_000,
+    lists: int = 0,
+    pq_bytes: int = PQ_BYTES,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, object]:
     """The datastore's keys (float32 [n, dim]), values (int32 [n]) and an index over the keys."""
     keys, values = load_keys(ds_dir), load_values(ds_dir)

@@ -253,15 +253,8 @@ def sweep_knn_params(
     t0 = time.perf_counter()
     queries, base_lp = base_keys_and_logprobs(base, tokens, ds["n_ctx"], ds["stride"])
     del base
-    keys, values, index = make_searcher(
-        datastore,
-        options.get("index_kind", "auto"),
-        options.get("nprobe", 32),
-        options.get("threshold", 2_000_000),
-        options.get("lists", 0),
-        options.get("pq_bytes", 64),
-        options.get("device", "cpu"),
-    )
+    index_options = ("index_kind", "nprobe", "threshold", "lists", "pq_bytes", "device")
+    keys, values, index = make_searcher(datastore, **{k: options[k] for k in index_options if k in options})
     distances, ids = search(index, queries, min(max(ks), len(values)))
     rows = knn_sweep(distances, ids, values, tokens[1:], base_lp, temperatures, ks, list(VALIDATION_LAMBDAS))
     sweep = {
