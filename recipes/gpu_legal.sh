@@ -18,7 +18,7 @@ log split
 edge-memdec corpus split legal --out "$work/split"
 log datastore
 edge-memdec datastore build --corpus "$work/split" --out "$work/datastore" "${limit[@]}" \
-  --hidden-blocks "$frozen" --pass windows --shard-windows 256 --device "$device" --threads "${THREADS:-8}"
+  --hidden-blocks "$frozen" --pass carry --shard-windows 256 --device "$device" --threads "${THREADS:-8}"
 log knn-targets
 edge-memdec knn-targets "$work/datastore" --temperature auto --ks 64,256,1024 --index auto \
   --device "$device" --threads "${THREADS:-8}"

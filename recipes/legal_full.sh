@@ -18,7 +18,7 @@ stage() {  # stage NAME DONE_FILE COMMAND...
 }
 stage split "$work/split/manifest.json" edge-memdec corpus split legal --out "$work/split"
 stage datastore "$work/datastore/.complete" bash -c "edge-memdec datastore build --corpus '$work/split' \
-  --out '$work/datastore' --max-tokens $max_tokens --hidden-blocks 18,24 --pass windows --threads $threads --device auto \
+  --out '$work/datastore' --max-tokens $max_tokens --hidden-blocks 18,24 --pass carry --threads $threads --device auto \
   && touch '$work/datastore/.complete'"
 stage knn_targets "$work/datastore/targets/knn-ids.npy" edge-memdec knn-targets "$work/datastore" \
   --temperature auto --ks 64,256,1024 --index ivfflat --threads "$threads"

@@ -88,7 +88,7 @@ def build_datastore(
     stride: int = 512,
     shard_windows: int = 32,
     info: dict | None = None,
-    mode: str = "windows",
+    mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),
     device=None,
 ) -> dict:

@@ -46,7 +46,7 @@ def datastore_command(
     shard_windows: int,
     threads: int,
     seed: int,
-    mode: str = "windows",
+    mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),
     device: str = "cpu",
 ) -> dict:
