@@ -78,12 +78,22 @@ def convert_command(
     base_model: Annotated[
         Optional[str], typer.Option("--base-model", help="Base model it was trained for (memdec.base_model).")
     ] = None,
+    keep_base_tensors: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--keep-base-tensors",
+            help="Tensors equal to this GGUF's keep its encoding (a decoder's frozen blocks: the base's bytes).",
+        ),
+    ] = None,
+    split_max_size: SplitOpt = None,
 ) -> None:
-    """Convert a Hugging Face llama / qwen2 checkpoint (e.g. a trained memory decoder) to one GGUF file."""
+    """Convert a Hugging Face llama / qwen2 checkpoint (e.g. a trained memory decoder) to a GGUF file."""
     from edge_memdec.convert import convert_checkpoint
+    from edge_memdec.convert.rewrite import parse_size
 
     memdec = {"lambda": lam, "domain": domain, "base_model": base_model}
-    path = convert_checkpoint(checkpoint, out, outtype, tokenizer_from, memdec)
+    split = parse_size(split_max_size) if split_max_size is not None else None
+    path = convert_checkpoint(checkpoint, out, outtype, tokenizer_from, memdec, keep_base_tensors, split)
     print(f"wrote {path}")
 
 
@@ -521,6 +531,13 @@ CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints
 ValidTokensOpt = Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")]
 ExportOpt = Annotated[Optional[Path], typer.Option(help="Also write this GGUF")]
 OuttypeOpt = Annotated[str, typer.Option(help="GGUF weight type for --export")]
+SplitOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--split-max-size",
+        help="Above this size (e.g. 95M) write llama.cpp split parts NAME-00001-of-0000N.gguf, each at most it",
+    ),
+]
 TokenizerFromOpt = Annotated[
     Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")
 ]
@@ -554,6 +571,7 @@ def train_memdec(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
     export: ExportOpt = None,
     outtype: OuttypeOpt = "q8_0",
+    split_max_size: SplitOpt = None,
     tokenizer_from: TokenizerFromOpt = None,
     domain: DomainOpt = "custom",
     threads: TorchThreadsOpt = 2,
@@ -634,6 +652,7 @@ def transfer_memdec(
     resume: Annotated[bool, typer.Option(help="Continue the transfer in --out from its checkpoint")] = False,
     export: ExportOpt = None,
     outtype: OuttypeOpt = "q8_0",
+    split_max_size: SplitOpt = None,
     tokenizer_from: TokenizerFromOpt = None,
     domain: DomainOpt = "custom",
     threads: TorchThreadsOpt = 2,

@@ -28,6 +28,7 @@ from .arch import (
 from .checkpoint import Checkpoint
 from .metadata import VOCAB_FINGERPRINT, memdec_fields, vocab_fingerprint
 from .quantize import OutType, encode, encoded_bytes, llama_quantize, out_type, tensor_type
+from .rewrite import keep_equal_tensors, split_gguf
 from .tokenizer import TokenizerKeys, tokenizer_from_folder, tokenizer_from_gguf
 
 
@@ -37,14 +38,20 @@ def convert_checkpoint(
     outtype: str = "f16",
     tokenizer_from: Path | None = None,
     memdec: dict[str, object] | None = None,
+    keep_equal_from: Path | None = None,
+    split_max_bytes: int | None = None,
 ) -> Path:
-    """Write `checkpoint` (a LlamaForCausalLM or Qwen2ForCausalLM folder) as a GGUF at `out` and return `out`.
+    """Write `checkpoint` (a LlamaForCausalLM or Qwen2ForCausalLM folder) as a GGUF at `out`; return the file
+    llama.cpp opens (`out`, or the first part of a split).
 
     outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k.
     tokenizer_from: a base GGUF whose `tokenizer.*` keys are copied verbatim (a memory decoder then pairs with
     that base by construction); without it the tokenizer comes from the checkpoint's tokenizer.json.
     memdec: memory-decoder facts stored as `memdec.*` keys ("lambda", "domain", "base_model", "train": {...});
     `memdec.vocab_fingerprint` is always written.
+    keep_equal_from: a GGUF (the base) whose encoding every tensor equal to its own keeps (a decoder's frozen
+    blocks and tied embedding are then the base's bytes, exact and at the base's size).
+    split_max_bytes: above this size the GGUF is written as llama.cpp split parts, NAME-00001-of-0000N.gguf.
     """
     kind = out_type(outtype)
     out = check_output_path(out, suffix=".gguf")
@@ -70,6 +77,15 @@ def convert_checkpoint(
                 llama_quantize(f32_path, target, kind.llama_ftype)
             finally:
                 f32_path.unlink(missing_ok=True)
+        if keep_equal_from is not None:
+            by_name = {plan.gguf_name: plan for plan in plans}
+            kept = target.with_name(target.name + ".kept")
+            keep_equal_tensors(target, kept, Path(keep_equal_from), lambda n: _values(ckpt, hp, by_name[n]))
+            kept.replace(target)
+    if split_max_bytes is not None and out.stat().st_size > split_max_bytes:
+        parts = split_gguf(out, out, split_max_bytes)
+        out.unlink()
+        return parts[0]
     return out
 
 

@@ -16,7 +16,7 @@ def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
     """A short human-readable report on one GGUF file; with `base`, also whether the two models pair."""
     info = read_gguf(path)
     lines = [
-        ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version})"),
+        ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version}{_parts(info)})"),
         ("name", str(info.get("general.name", "-"))),
         ("arch", _arch(info)),
         ("parameters", f"{_count(info.n_params)} ({info.n_params:,})"),
@@ -36,6 +36,13 @@ def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
         lines.append(("pair", verdict))
         lines += [("", f"- {problem}") for problem in problems]
     return "\n".join(f"{label:<{LABEL_WIDTH}} {text}".rstrip() for label, text in lines)
+
+
+def _parts(info: GGUFInfo) -> str:
+    """', split in N parts of at most X' for a split GGUF, else nothing."""
+    if len(info.files) == 1:
+        return ""
+    return f", split in {len(info.files)} parts of at most {_bytes(max(f.stat().st_size for f in info.files))}"
 
 
 def _arch(info: GGUFInfo) -> str:

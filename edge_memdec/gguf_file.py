@@ -9,6 +9,7 @@ naming the file and what is wrong.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,6 +68,16 @@ BLOCK_TENSORS = (
 )
 TOKENIZER_MODELS = ("gpt2", "llama")
 
+# llama.cpp's split GGUF: NAME-00001-of-0000N.gguf holds the metadata, every part its own tensors; llama.cpp
+# opens the first part and finds the others beside it by name.
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_part_name(prefix: str, no: int, count: int) -> str:
+    """The file name of part `no` (1-based) of a `count`-part split GGUF, as llama.cpp builds it."""
+    return f"{prefix}-{no:05d}-of-{count:05d}.gguf"
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -75,8 +86,9 @@ class TensorInfo:
     name: str  # e.g. "blk.0.attn_q.weight"
     shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first (the PyTorch shape reversed)
     dtype: str  # ggml type name, e.g. "F32", "Q4_1"
-    offset: int  # bytes from the start of the file to the tensor's data
+    offset: int  # bytes from the start of its file to the tensor's data
     n_bytes: int  # bytes of data
+    part: int = 0  # index of its file in GGUFInfo.files (0 unless the GGUF is split)
 
     @property
     def n_elements(self) -> int:
@@ -98,7 +110,8 @@ class GGUFInfo:
     value_types: dict[str, tuple[int, int | None]] = field(
         repr=False
     )  # key -> (GGUF type, array element type)
-    data_offset: int = 0  # bytes from the start of the file to the tensor data section
+    data_offset: int = 0  # bytes from the start of the (first) file to the tensor data section
+    parts: tuple[Path, ...] = ()  # every file of a split GGUF, first to last; empty for one file
 
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value, or `default` when the key is absent."""
@@ -125,9 +138,18 @@ class GGUFInfo:
         return int(self.metadata[f"{self.arch}.block_count"])
 
     @property
+    def files(self) -> tuple[Path, ...]:
+        """The files holding the model: `path` alone, or every part of a split GGUF."""
+        return self.parts or (self.path,)
+
+    @property
     def n_bytes(self) -> int:
-        """Size of the file in bytes."""
-        return self.path.stat().st_size
+        """Size of the model in bytes (every part of a split GGUF)."""
+        return sum(f.stat().st_size for f in self.files)
+
+    def tensor_bytes(self, tensor: TensorInfo) -> np.ndarray:
+        """The raw bytes of one tensor's data, uint8 [n_bytes], memory-mapped read-only from its file."""
+        return np.memmap(self.files[tensor.part], np.uint8, "r", tensor.offset, (tensor.n_bytes,))
 
     @property
     def memdec(self) -> dict[str, Any]:
@@ -246,26 +268,58 @@ class _Header:
 def read_gguf(path: str | Path) -> GGUFInfo:
     """Read and validate a GGUF file's header (metadata and tensor table) without reading tensor data.
 
+    A split GGUF is read from its first part (NAME-00001-of-0000N.gguf), with every other part beside it.
     Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, holds an architecture
-    other than llama or qwen2, or lacks what llama.cpp needs to load it.
+    other than llama or qwen2, lacks what llama.cpp needs to load it, or is a split GGUF missing a part.
     """
-    path = Path(path)
+    h, table = _read_table(Path(path))
+    parts: tuple[Path, ...] = ()
+    tensors = table.tensors
+    if SPLIT_COUNT in table.metadata:
+        parts, tensors = _read_split(h, table)
+    arch = _check_model(h, table.metadata, table.value_types, {t.name: t for t in tensors})
+    return GGUFInfo(
+        path=h.path,
+        version=table.version,
+        arch=arch,
+        metadata=table.metadata,
+        tensors=tensors,
+        file_type=_file_type(table.metadata, tensors),
+        n_params=sum(t.n_elements for t in tensors),
+        value_types=table.value_types,
+        data_offset=table.data_offset,
+        parts=parts,
+    )
+
+
+@dataclass
+class _Table:
+    """One file's header: version, metadata (with value types), and its tensors placed in its data section."""
+
+    version: int
+    metadata: dict[str, Any]
+    value_types: dict[str, tuple[int, int | None]]
+    tensors: list[TensorInfo]
+    data_offset: int
+
+
+def _read_table(path: Path, part: int = 0) -> tuple[_Header, _Table]:
+    """Open `path` and parse its header; file-system problems become one sentence."""
     if not path.exists():
         raise UserError(f"{path} does not exist; check the path")
     if not path.is_file():
         raise UserError(f"{path} is not a file; give the path of a .gguf model file")
     try:
         with path.open("rb") as handle:
-            size = path.stat().st_size
-            header = _Header(path, handle, size)
-            return _parse(header)
+            header = _Header(path, handle, path.stat().st_size)
+            return header, _parse(header, part)
     except PermissionError:
         raise UserError(f"{path} cannot be read (permission denied); check its permissions") from None
     except IsADirectoryError:
         raise UserError(f"{path} is not a file; give the path of a .gguf model file") from None
 
 
-def _parse(h: _Header) -> GGUFInfo:
+def _parse(h: _Header, part: int = 0) -> _Table:
     if h.size < 4 or _peek(h, 4) != GGUF_MAGIC:
         raise UserError(
             f"{h.path} is not a GGUF file (it does not start with the bytes 'GGUF'); give a .gguf model"
@@ -303,20 +357,59 @@ def _parse(h: _Header) -> GGUFInfo:
 
     entries = [_tensor_entry(h, i) for i in range(n_tensors)]
     data_offset = -(-h.pos // alignment) * alignment
-    tensors = _place_tensors(h, entries, data_offset, alignment)
+    tensors = _place_tensors(h, entries, data_offset, alignment, part)
+    return _Table(version, metadata, value_types, tensors, data_offset)
 
-    arch = _check_model(h, metadata, value_types, {t.name: t for t in tensors})
-    return GGUFInfo(
-        path=h.path,
-        version=version,
-        arch=arch,
-        metadata=metadata,
-        tensors=tensors,
-        file_type=_file_type(metadata, tensors),
-        n_params=sum(t.n_elements for t in tensors),
-        value_types=value_types,
-        data_offset=data_offset,
-    )
+
+def _split_field(h: _Header, table: _Table, key: str, high: int) -> int:
+    value = table.metadata.get(key)
+    if key not in table.metadata or table.value_types[key][0] not in INTEGER_TYPES or not 0 <= value <= high:
+        raise h.fail(f"{key} is {_short(value)}, not an integer from 0 to {high}")
+    return value
+
+
+def _read_split(h: _Header, first: _Table) -> tuple[tuple[Path, ...], list[TensorInfo]]:
+    """The files and the tensors of a split GGUF given by its first part; every part is checked."""
+    count = _split_field(h, first, SPLIT_COUNT, 0xFFFF)
+    no = _split_field(h, first, SPLIT_NO, 0xFFFF) if SPLIT_NO in first.metadata else 0
+    name = SPLIT_NAME.match(h.path.name)
+    if count <= 1:
+        return (), first.tensors
+    if name is None or int(name["count"]) != count:
+        raise h.fail(
+            f"it is part of a {count}-part split GGUF but is not named NAME-{1:05d}-of-{count:05d}.gguf, so "
+            "llama.cpp cannot find its other parts"
+        )
+    prefix = name["prefix"]
+    if no != 0:
+        first_name = split_part_name(prefix, 1, count)
+        raise UserError(
+            f"{h.path} is part {no + 1} of a {count}-part split GGUF; give its first part, {first_name}"
+        )
+    files, tensors = [h.path], list(first.tensors)
+    for i in range(1, count):
+        path = h.path.with_name(split_part_name(prefix, i + 1, count))
+        if not path.is_file():
+            raise UserError(
+                f"{h.path} is the first of {count} parts of a split GGUF, but {path.name} is not beside it; "
+                "download every part into the same folder"
+            )
+        part_h, table = _read_table(path, part=i)
+        if _split_field(part_h, table, SPLIT_NO, 0xFFFF) != i or table.metadata.get(SPLIT_COUNT) != count:
+            raise part_h.fail(f"its split.no / split.count do not say part {i + 1} of {count}")
+        files.append(path)
+        tensors += table.tensors
+    total = first.metadata.get(SPLIT_TENSORS, len(tensors))
+    if total != len(tensors):
+        raise h.fail(
+            f"split.tensors.count is {_short(total)}, but its {count} parts hold {len(tensors)} tensors"
+        )
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise h.fail(f"the tensor name {t.name!r} appears in two of its parts")
+        seen.add(t.name)
+    return tuple(files), tensors
 
 
 def _peek(h: _Header, n: int) -> bytes:
@@ -358,6 +451,7 @@ def _place_tensors(
     entries: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]],
     data_offset: int,
     align: int,
+    part: int = 0,
 ) -> list[TensorInfo]:
     """Check that tensors follow each other in the data section as llama.cpp requires and end in the file."""
     tensors = []
@@ -374,7 +468,7 @@ def _place_tensors(
         n_bytes = n_elements // block_size * type_size
         if data_offset + offset + n_bytes > h.size:
             raise h.fail(f"the data of tensor {name!r} runs past the end of the file (truncated download?)")
-        tensors.append(TensorInfo(name, shape, ggml_type.name, data_offset + offset, n_bytes))
+        tensors.append(TensorInfo(name, shape, ggml_type.name, data_offset + offset, n_bytes, part))
         expected = offset + -(-n_bytes // align) * align
     return tensors
 

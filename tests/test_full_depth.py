@@ -162,15 +162,22 @@ def test_temperature_chosen_on_validation_from_one_search(store):
     assert "kNN-LM on validation" not in again
 
 
-def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(store, deep_base, tmp_path):
+@pytest.fixture(scope="module")
+def frozen_run(store, deep_base, tmp_path_factory) -> Path:
+    """A 3-epoch run with blocks 0-1 frozen (read from the datastore) and blocks 2-3 trained."""
     ds = store["ds"]
     invoke("knn-targets", str(ds), "-k", "8", "--top", "4", "--temperature", "1", "--threads", "1")
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("frozen") / "run"
     invoke(
         "train", str(ds), "--out", str(run), "-m", str(deep_base), "--frozen-blocks", str(FROZEN),
         "--epochs", "3", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32", "--batch-windows", "8",
         "--valid-corpus", str(store["split"]), "--valid-tokens", "300", "--threads", "1", "--device", "cpu",
     )  # fmt: skip
+    return run
+
+
+def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(frozen_run, deep_base):
+    run = frozen_run
     trained = load_file(str(run / "hf" / "model.safetensors"))
     base = load_file(str(deep_base / "model.safetensors"))
     for name in base:
@@ -191,6 +198,29 @@ def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(store, deep
     tokens = np.load(run / "valid-base-logprobs.npz")["tokens"]
     ppl = float(np.exp(-target_logprobs(saved, tokens, 1024, 512).mean()))  # the trainer's validation windows
     assert ppl == pytest.approx(best["validation"]["memdec_ppl"], rel=1e-4)
+
+
+def test_export_keeps_the_base_bytes_of_frozen_tensors(frozen_run, deep_base, tmp_path):
+    """`--keep-base-tensors`: the frozen blocks and tied embedding are the base GGUF's own bytes and type; the
+    trained blocks get --outtype."""
+    from edge_memdec.convert import convert_checkpoint
+    from edge_memdec.gguf_file import read_gguf
+
+    base_gguf = convert_checkpoint(deep_base, tmp_path / "base-f32.gguf", "f32")
+    out = tmp_path / "memdec.gguf"
+    invoke(
+        "convert", str(frozen_run / "hf"), "-o", str(out), "--outtype", "q8_0", "--tokenizer-from",
+        str(base_gguf), "--keep-base-tensors", str(base_gguf),
+    )  # fmt: skip
+    base, memdec = read_gguf(base_gguf), read_gguf(out)
+    theirs = {t.name: t for t in base.tensors}
+    for tensor in memdec.tensors:
+        if len(tensor.shape) == 1:
+            continue
+        frozen = tensor.name.startswith(("token_embd", "blk.0.", "blk.1."))
+        assert tensor.dtype == ("F32" if frozen else "Q8_0"), tensor.name
+        same = np.array_equal(memdec.tensor_bytes(tensor), base.tensor_bytes(theirs[tensor.name]))
+        assert same == frozen, tensor.name
 
 
 def test_carried_pass_keeps_its_sink_tokens(model):

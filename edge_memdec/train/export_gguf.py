@@ -5,8 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge_memdec.convert import convert_checkpoint
+from edge_memdec.convert.quantize import out_type
+from edge_memdec.convert.rewrite import parse_size
 from edge_memdec.defaults import DEFAULT_LAMBDA
 from edge_memdec.errors import UserError
+
+
+def check_export_options(opts) -> None:
+    """Fail on a bad --outtype or --split-max-size of a run's `--export` before training, not after it."""
+    if opts.export is not None:
+        out_type(opts.outtype)
+        if opts.split_max_size is not None:
+            parse_size(opts.split_max_size)
 
 
 def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object]:
@@ -34,9 +44,17 @@ def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object
 
 
 def export_memdec(
-    run_dir: Path, out: Path, outtype: str, base_gguf: Path, domain: str, summary: dict
+    run_dir: Path,
+    out: Path,
+    outtype: str,
+    base_gguf: Path,
+    domain: str,
+    summary: dict,
+    split_max_size: str | None = None,
 ) -> Path:
-    """Convert `run_dir/hf` to `out` with the tokenizer keys of `base_gguf` and the run's memdec facts."""
+    """Convert `run_dir/hf` to `out` with the tokenizer keys of `base_gguf` and the run's memdec facts; tensors
+    training left equal to the base's (frozen blocks, the tied embedding) keep the base's bytes. Returns the
+    file llama.cpp opens (`out`, or the first of its split parts when `split_max_size` is passed)."""
     hf = Path(run_dir) / "hf"
     if not (hf / "config.json").is_file():
         raise UserError(f"{run_dir} has no trained model (hf/config.json); run `edge-memdec train` first")
@@ -45,4 +63,7 @@ def export_memdec(
             "exporting needs the base as a GGUF file to copy its tokenizer; pass --model BASE.gguf"
         )
     facts = memdec_facts(summary, domain, Path(base_gguf).stem)
-    return convert_checkpoint(hf, Path(out), outtype, tokenizer_from=Path(base_gguf), memdec=facts)
+    split = parse_size(split_max_size) if split_max_size is not None else None
+    return convert_checkpoint(
+        hf, Path(out), outtype, Path(base_gguf), facts, keep_equal_from=Path(base_gguf), split_max_bytes=split
+    )

@@ -23,6 +23,7 @@ class RunOptions:
     resume: bool  # continue the run in `out` from its checkpoint
     export: Path | None  # also write this GGUF
     outtype: str  # GGUF weight type for `export`
+    split_max_size: str | None  # `export` above this size (e.g. "95M") as llama.cpp split parts
     tokenizer_from: Path | None  # GGUF whose tokenizer `export` copies (None: the base)
     domain: str  # domain name stored in the GGUF
     threads: int  # torch threads per process

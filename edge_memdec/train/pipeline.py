@@ -81,11 +81,12 @@ def datastore_command(
 def train_command(opts: TrainOptions) -> dict:
     """`edge-memdec train`: build the config from CLI options, train, and export when asked."""
     from edge_memdec.train.datastore import read_manifest
-    from edge_memdec.train.export_gguf import export_memdec
+    from edge_memdec.train.export_gguf import check_export_options, export_memdec
     from edge_memdec.train.memdec_model import MemdecShape, parse_layers
     from edge_memdec.train.stream import token_stream
     from edge_memdec.train.trainer import TrainConfig, distributed, train
 
+    check_export_options(opts)
     ds = read_manifest(opts.datastore)
     base_path = Path(opts.model or ds["base"])
     blocks = parse_layers(opts.base_layers) if opts.base_layers else None
@@ -135,7 +136,7 @@ def train_command(opts: TrainOptions) -> dict:
         if opts.export is not None:
             tokenizer_from = Path(opts.tokenizer_from or base_path)
             out = export_memdec(
-                opts.out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary
+                opts.out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary, opts.split_max_size
             )
             print(f"exported {out}")
     return summary

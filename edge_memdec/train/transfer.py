@@ -301,11 +301,12 @@ def transfer_command(opts: TransferOptions) -> dict:
     """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
     from edge_memdec.corpus import split_documents_of
     from edge_memdec.train.base import load_base
-    from edge_memdec.train.export_gguf import export_memdec
+    from edge_memdec.train.export_gguf import check_export_options, export_memdec
     from edge_memdec.train.memdec_model import n_params
     from edge_memdec.train.stream import token_stream
     from edge_memdec.train.trainer import TrainConfig, Validator, distributed, train
 
+    check_export_options(opts)
     if opts.new_rows not in NEW_ROWS:
         raise UserError(f"--new-rows must be one of {', '.join(NEW_ROWS)}, got {opts.new_rows!r}")
     source = read_source(opts.memdec, opts.source_base)
@@ -414,7 +415,7 @@ def transfer_command(opts: TransferOptions) -> dict:
         if opts.export is not None:
             tokenizer_from = Path(opts.tokenizer_from or base_path)
             path = export_memdec(
-                out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary
+                out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary, opts.split_max_size
             )
             print(f"exported {path}")
     return summary
