@@ -57,7 +57,8 @@ def _exit_now() -> None:
 @app.command("convert")
 def convert_command(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM or Qwen2ForCausalLM).")
+        Path,
+        typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel)."),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output GGUF file.")],
     outtype: Annotated[
@@ -79,7 +80,7 @@ def convert_command(
         Optional[str], typer.Option("--base-model", help="Base model it was trained for (memdec.base_model).")
     ] = None,
 ) -> None:
-    """Convert a Hugging Face llama / qwen2 checkpoint (e.g. a trained memory decoder) to one GGUF file."""
+    """Convert a Hugging Face llama / qwen2 / GPT-2 checkpoint (e.g. a trained memory decoder) to one GGUF file."""
     from edge_memdec.convert import convert_checkpoint
 
     memdec = {"lambda": lam, "domain": domain, "base_model": base_model}
