@@ -57,7 +57,8 @@ def _exit_now() -> None:
 @app.command("convert")
 def convert_command(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM or Qwen2ForCausalLM).")
+        Path,
+        typer.Argument(help="Hugging Face checkpoint folder (LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel)."),
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output GGUF file.")],
     outtype: Annotated[
@@ -87,7 +88,7 @@ def convert_command(
     ] = None,
     split_max_size: SplitOpt = None,
 ) -> None:
-    """Convert a Hugging Face llama / qwen2 checkpoint (e.g. a trained memory decoder) to a GGUF file."""
+    """Convert a Hugging Face llama / qwen2 / GPT-2 checkpoint (e.g. a trained memory decoder) to a GGUF file."""
     from edge_memdec.convert import convert_checkpoint
     from edge_memdec.convert.rewrite import parse_size
 

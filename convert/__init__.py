@@ -1,4 +1,4 @@
-"""GGUF export: Hugging Face llama / qwen2 checkpoints (memory decoders included) -> llama.cpp files."""
+"""GGUF export: Hugging Face llama / qwen2 / GPT-2 checkpoints (memory decoders included) -> llama.cpp files."""
 
 from edge_memdec.convert.export import convert_checkpoint
 

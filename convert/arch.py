@@ -1,5 +1,7 @@
 """Hugging Face llama / qwen2 config and tensor names -> GGUF hyperparameters and tensor names.
 
+The architecture check and `TensorPlan` are shared with GPT-2, whose own names live in `gpt2.py`.
+
 GGUF shapes are PyTorch shapes reversed; the gguf writer does the reversal, so shapes here are PyTorch order.
 llama.cpp's llama graph applies rotary embeddings to interleaved pairs, Hugging Face's to the two halves of
 each head, so Q and K of the llama arch are permuted here; qwen2 uses the halves convention and is not.
@@ -17,7 +19,7 @@ from gguf import GGUFWriter, RopeScalingType
 
 from edge_memdec.errors import UserError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "GPT2LMHeadModel": "gpt2"}
 
 TOP_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -83,15 +85,21 @@ class Hparams:
             writer.add_rope_scaling_factor(float(self.rope["factor"]))
 
 
-def read_hparams(config: dict[str, Any], folder: object) -> Hparams:
-    """Hyperparameters from a transformers config.json (transformers 4 or 5 layout)."""
+def architecture(config: dict[str, Any], folder: object) -> str:
+    """The GGUF architecture of a config.json's model class ("llama", "qwen2" or "gpt2"); others fail."""
     names = config.get("architectures") or []
     supported = [ARCHITECTURES[name] for name in names if name in ARCHITECTURES]
     if not supported:
         shown = ", ".join(map(str, names)) or "none"
         raise UserError(
-            f"{folder} holds a {shown} model; only LlamaForCausalLM and Qwen2ForCausalLM checkpoints convert"
+            f"{folder} holds a {shown} model; only {', '.join(ARCHITECTURES)} checkpoints convert"
         )
+    return supported[0]
+
+
+def read_hparams(config: dict[str, Any], folder: object) -> Hparams:
+    """Hyperparameters of a llama or qwen2 config.json (transformers 4 or 5 layout)."""
+    arch = architecture(config, folder)
     if config.get("hidden_act", "silu") != "silu":
         raise UserError(f"{folder} uses the activation {config['hidden_act']!r}; llama and qwen2 need silu")
 
@@ -109,7 +117,7 @@ def read_hparams(config: dict[str, Any], folder: object) -> Hparams:
         raise UserError(f"{folder} uses {rope_type!r} rope scaling; only default, linear and llama3 convert")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     return Hparams(
-        arch=supported[0],
+        arch=arch,
         n_vocab=number("vocab_size"),
         n_embd=n_embd,
         n_ff=number("intermediate_size"),
@@ -133,6 +141,7 @@ class TensorPlan:
     hf_name: str  # name in the checkpoint; "" for tensors computed from the config (rope_freqs)
     shape: tuple[int, ...]  # PyTorch order
     permute_heads: int = 0  # llama Q/K: number of heads to permute over; 0 = copy as is
+    transpose: bool = False  # GPT-2 Conv1D weight: stored [in, out], written as nn.Linear's [out, in]
 
 
 def plan_tensors(
@@ -168,7 +177,7 @@ def plan_tensors(
     plans = []
     if hp.rope["rope_type"] == "llama3":
         plans.append(TensorPlan(ROPE_FREQS, "", (hp.head_dim // 2,)))
-    for gguf_name in sorted(wanted, key=_gguf_order):
+    for gguf_name in sorted(wanted, key=gguf_order):
         heads = 0
         if hp.arch == "llama" and ".attn_q." in gguf_name:
             heads = hp.n_head
@@ -178,7 +187,8 @@ def plan_tensors(
     return plans
 
 
-def _gguf_order(name: str) -> tuple[int, str]:
+def gguf_order(name: str) -> tuple[int, str]:
+    """Sort key of a GGUF tensor name: token_embd first, then the blocks in order, then the other top tensors."""
     match = re.fullmatch(r"blk\.(\d+)\..+", name)
     if match:
         return (1 + int(match[1]), name)

@@ -1,4 +1,4 @@
-"""`convert_checkpoint`: a Hugging Face llama / qwen2 checkpoint -> one GGUF that stock llama.cpp runs.
+"""`convert_checkpoint`: a Hugging Face llama / qwen2 / GPT-2 checkpoint -> one GGUF that stock llama.cpp runs.
 
 Tensors are streamed: the header is written from shapes alone, then each tensor is read, permuted, encoded
 and written in turn, so memory holds one tensor at a time. The file appears under its final name only when
@@ -17,9 +17,11 @@ from tqdm import tqdm
 from edge_memdec.files import atomic_path, check_output_path
 from edge_memdec.gguf_file import read_gguf
 
+from . import gpt2
 from .arch import (
     Hparams,
     TensorPlan,
+    architecture,
     llama3_rope_factors,
     permute_rotary,
     plan_tensors,
@@ -41,8 +43,8 @@ def convert_checkpoint(
     keep_equal_from: Path | None = None,
     split_max_bytes: int | None = None,
 ) -> Path:
-    """Write `checkpoint` (a LlamaForCausalLM or Qwen2ForCausalLM folder) as a GGUF at `out`; return the file
-    llama.cpp opens (`out`, or the first part of a split).
+    """Write `checkpoint` (a LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel folder) as a GGUF at `out`;
+    return the file llama.cpp opens (`out`, or the first part of a split).
 
     outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k.
     tokenizer_from: a base GGUF whose `tokenizer.*` keys are copied verbatim (a memory decoder then pairs with
@@ -57,8 +59,7 @@ def convert_checkpoint(
     out = check_output_path(out, suffix=".gguf")
     extra = memdec_fields(memdec)
     ckpt = Checkpoint(Path(checkpoint))
-    hp = read_hparams(ckpt.config, ckpt.folder)
-    plans = plan_tensors(hp, ckpt.names, {name: ckpt.shape(name) for name in ckpt.names}, ckpt.folder)
+    hp, plans = _plan(ckpt)
     if tokenizer_from is not None:
         tokenizer, source = tokenizer_from_gguf(read_gguf(tokenizer_from)), Path(tokenizer_from)
     else:
@@ -89,10 +90,20 @@ def convert_checkpoint(
     return out
 
 
+def _plan(ckpt: Checkpoint) -> tuple[Hparams | gpt2.Gpt2Hparams, list[TensorPlan]]:
+    """The checkpoint's hyperparameters and the GGUF tensors to write, by its architecture's rules."""
+    shapes = {name: ckpt.shape(name) for name in ckpt.names}
+    if architecture(ckpt.config, ckpt.folder) == "gpt2":
+        gpt2_hp = gpt2.read_hparams(ckpt.config, ckpt.folder)
+        return gpt2_hp, gpt2.plan_tensors(gpt2_hp, ckpt.names, shapes, ckpt.folder)
+    hp = read_hparams(ckpt.config, ckpt.folder)
+    return hp, plan_tensors(hp, ckpt.names, shapes, ckpt.folder)
+
+
 def _write(
     path: Path,
     ckpt: Checkpoint,
-    hp: Hparams,
+    hp: Hparams | gpt2.Gpt2Hparams,
     plans: list[TensorPlan],
     tokenizer: TokenizerKeys,
     extra: dict,
@@ -112,7 +123,7 @@ def _write(
 
     types = []
     for plan in plans:
-        qtype = tensor_type(plan.shape, kind.tensor_type)
+        qtype = tensor_type(plan.gguf_name, plan.shape, kind.tensor_type)
         types.append(qtype)
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             dtype = np.float32 if qtype == GGMLQuantizationType.F32 else np.float16
@@ -143,11 +154,13 @@ def _write(
         writer.close()
 
 
-def _values(ckpt: Checkpoint, hp: Hparams, plan: TensorPlan) -> np.ndarray:
+def _values(ckpt: Checkpoint, hp: Hparams | gpt2.Gpt2Hparams, plan: TensorPlan) -> np.ndarray:
     """The float32 values of one GGUF tensor, in PyTorch shape order."""
-    if not plan.hf_name:
+    if not plan.hf_name:  # only llama3-scaled llama / qwen2 plans hold one
         return llama3_rope_factors(hp)
     values = ckpt.tensor(plan.hf_name)
+    if plan.transpose:
+        return values.T
     return permute_rotary(values, plan.permute_heads) if plan.permute_heads else values
 
 

@@ -1,6 +1,6 @@
 """The `memdec.*` GGUF metadata that marks a file as a memory decoder, and how its values are typed.
 
-A memory decoder is an ordinary llama/qwen2 GGUF plus these keys; llama.cpp ignores them, the runtime reads
+A memory decoder is an ordinary llama/qwen2/gpt2 GGUF plus these keys; llama.cpp ignores them, the runtime reads
 them to pick a default lambda and to check the base model's tokenizer before pairing.
 """
 

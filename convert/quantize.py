@@ -2,7 +2,8 @@
 
 The gguf package encodes f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 and q4_0 directly; K-quants (q4_k_m, q5_k_m, q6_k) need
 llama.cpp's own quantizer with its per-tensor type mix, so those are made from an f32 GGUF written first.
-1-D tensors (norms, biases, rope factors) stay f32, as llama.cpp expects.
+1-D tensors (norms, biases, rope factors) and GPT-2's position embedding stay f32, as llama.cpp's own quantizer
+keeps them.
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ def out_type(name: str) -> OutType:
     return OUTTYPES[key]
 
 
-def tensor_type(shape: tuple[int, ...], wanted: GGMLQuantizationType) -> GGMLQuantizationType:
-    """The type a tensor of this PyTorch shape gets: f32 for 1-D, f16 when rows do not fill whole blocks."""
-    if len(shape) == 1:
+UNQUANTIZED = ("position_embd.weight",)  # 2-D tensors llama.cpp's quantizer leaves in f32
+
+
+def tensor_type(name: str, shape: tuple[int, ...], wanted: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The type a GGUF tensor of this PyTorch shape gets: f32 for 1-D and UNQUANTIZED ones, f16 when rows do
+    not fill whole blocks."""
+    if len(shape) == 1 or name in UNQUANTIZED:
         return Q.F32
     if shape[-1] % GGML_QUANT_SIZES[wanted][0]:
         return Q.F16

@@ -30,7 +30,6 @@ MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp aborts above it
 MAX_ARRAY_LEN = 1 << 22  # elements per metadata array; real vocabularies stay under 300k
 INT64_MAX = (1 << 63) - 1
 READ_CHUNK = 1 << 22  # bytes read at a time while walking the header
-SUPPORTED_ARCHS = ("llama", "qwen2")
 
 STRING, ARRAY = 8, 9
 # GGUF value type -> struct format of one element; STRING and ARRAY are handled apart.
@@ -54,18 +53,31 @@ BOOL = 7
 INTEGER_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
 FLOAT_TYPES = (6, 12)
 
-# Tensors every llama / qwen2 block needs (".weight" appended); llama.cpp checks their shapes itself.
-BLOCK_TENSORS = (
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
+
+@dataclass(frozen=True)
+class ArchRules:
+    """What one architecture's GGUF must hold beyond the common keys; llama.cpp checks tensor shapes itself."""
+
+    top_tensors: tuple[str, ...]  # needed beside token_embd (".weight" appended)
+    block_tensors: tuple[str, ...]  # needed in every block (".weight" appended)
+    norm_eps_key: str  # the normalisation epsilon, after "<arch>."
+
+
+_LLAMA_RULES = ArchRules(
+    ("output_norm",),
+    ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"),
+    "attention.layer_norm_rms_epsilon",
 )
+ARCH_RULES = {
+    "llama": _LLAMA_RULES,
+    "qwen2": _LLAMA_RULES,
+    "gpt2": ArchRules(
+        ("output_norm", "position_embd"),
+        ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"),
+        "attention.layer_norm_epsilon",
+    ),
+}
+SUPPORTED_ARCHS = tuple(ARCH_RULES)
 TOKENIZER_MODELS = ("gpt2", "llama")
 
 # llama.cpp's split GGUF: NAME-00001-of-0000N.gguf holds the metadata, every part its own tensors; llama.cpp
@@ -270,7 +282,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
 
     A split GGUF is read from its first part (NAME-00001-of-0000N.gguf), with every other part beside it.
     Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, holds an architecture
-    other than llama or qwen2, lacks what llama.cpp needs to load it, or is a split GGUF missing a part.
+    other than llama, qwen2 or gpt2, lacks what llama.cpp needs to load it, or is a split GGUF missing a part.
     """
     h, table = _read_table(Path(path))
     parts: tuple[Path, ...] = ()
@@ -482,8 +494,8 @@ def _check_model(
         raise h.fail("it has no general.architecture string")
     if arch not in SUPPORTED_ARCHS:
         raise UserError(
-            f"{h.path} is a {_short(arch)} model, but only {' and '.join(SUPPORTED_ARCHS)} models are "
-            "supported; use a llama or qwen2 GGUF"
+            f"{h.path} is a {_short(arch)} model, but only {', '.join(SUPPORTED_ARCHS)} models are "
+            "supported; use a GGUF of one of those"
         )
 
     def integer(key: str, low: int, high: int = INT64_MAX) -> int:
@@ -516,12 +528,12 @@ def _check_model(
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"{name} {size}" for name, size in sizes.items())
         raise h.fail(f"the head sizes disagree ({shown}); llama.cpp needs them equal")
-    eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
+    eps_key = f"{arch}.{ARCH_RULES[arch].norm_eps_key}"
     if eps_key not in meta or types[eps_key][0] not in FLOAT_TYPES:
         raise h.fail(f"the required float key {eps_key} is missing")
 
     tokens = _check_tokenizer(h, meta, types)
-    _check_tensors(h, tensors, n_layer, n_embd, len(tokens))
+    _check_tensors(h, arch, tensors, n_layer, n_embd, len(tokens))
     return arch
 
 
@@ -547,13 +559,15 @@ def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[in
 
 
 def _check_tensors(
-    h: _Header, tensors: dict[str, TensorInfo], n_layer: int, n_embd: int, n_vocab: int
+    h: _Header, arch: str, tensors: dict[str, TensorInfo], n_layer: int, n_embd: int, n_vocab: int
 ) -> None:
     embd = tensors.get("token_embd.weight")
     if embd is None or embd.shape != (n_embd, n_vocab):
         found = "missing" if embd is None else f"of shape {list(embd.shape)}"
         raise h.fail(f"token_embd.weight is {found}, expected shape [{n_embd}, {n_vocab}]")
-    names = ["output_norm.weight"] + [f"blk.{i}.{t}.weight" for i in range(n_layer) for t in BLOCK_TENSORS]
+    rules = ARCH_RULES[arch]
+    names = [f"{t}.weight" for t in rules.top_tensors]
+    names += [f"blk.{i}.{t}.weight" for i in range(n_layer) for t in rules.block_tensors]
     missing = [name for name in names if name not in tensors]
     if missing:
         raise h.fail(f"the tensor {missing[0]} is missing")

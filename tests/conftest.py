@@ -1,8 +1,9 @@
 """Shared session fixtures: the real SmolLM2 base, real licence text, and tiny real models built once.
 
-The tiny models are random (seeded) llama / qwen2 checkpoints saved by transformers, with byte-level BPE
+The tiny models are random (seeded) llama / qwen2 / GPT-2 checkpoints saved by transformers, with byte-level BPE
 tokenizers trained here on licence texts, and their f32 GGUFs made by our own converter. The tiny memory
-decoder carries SmolLM2's tokenizer, so it pairs with the real SmolLM2 GGUF.
+decoder carries SmolLM2's tokenizer, so it pairs with the real SmolLM2 GGUF; the tiny GPT-2 memory decoder
+carries the tiny GPT-2 base's tokenizer, so the two GPT-2 files pair.
 """
 
 from __future__ import annotations
@@ -107,29 +108,47 @@ def randomize(model, seed: int) -> None:
             if param.ndim > 1:
                 param.copy_(WEIGHT_STD * noise)
             else:
-                param.copy_((1.0 if "norm" in name else 0.0) + 0.1 * noise)
+                param.copy_((1.0 if _is_norm_weight(name) else 0.0) + 0.1 * noise)
+
+
+def _is_norm_weight(name: str) -> bool:
+    """A norm's scale: llama's "...norm.weight", GPT-2's "...ln_1.weight" (a GPT-2 norm's bias is a bias)."""
+    return "norm" in name or (".ln_" in name and name.endswith(".weight"))
+
+
+LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+)
+# hidden 256: every matrix row fills whole 256-value K-quant blocks, so q4_k_m quantizes them all
+GPT2_SHAPE = dict(n_embd=256, n_layer=2, n_head=4, n_positions=512, layer_norm_epsilon=1e-5)
 
 
 def save_checkpoint(
     folder: Path, arch: str, tokenizer, n_vocab: int, settings: dict, seed: int, **config
 ) -> Path:
-    """A random LlamaForCausalLM / Qwen2ForCausalLM (2 layers, hidden 64, 4 heads, 2 kv heads) + tokenizer."""
+    """A random LlamaForCausalLM / Qwen2ForCausalLM (LLAMA_SHAPE) or GPT2LMHeadModel (GPT2_SHAPE) + tokenizer."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    config_class, model_class = (
-        (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    )
-    options = dict(
-        vocab_size=n_vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-    )
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "gpt2": (GPT2Config, GPT2LMHeadModel),
+    }[arch]
+    options = dict(vocab_size=n_vocab, **(GPT2_SHAPE if arch == "gpt2" else LLAMA_SHAPE))
     options.update(config)
     torch.manual_seed(seed)
     model = model_class(config_class(**options))
@@ -210,6 +229,54 @@ def tiny_qwen2_ckpt(tmp_path_factory, tokenizer_corpus) -> Path:
     )
 
 
+def _gpt2_settings() -> dict:
+    """GPT-2's tokenizer_config: <|endoftext|> both begins and ends text, no BOS is added, no chat template."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+    }
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tokenizer_corpus):
+    """The 512-token GPT-2-style byte-level BPE tokenizer of the tiny GPT-2 pair."""
+    return train_tokenizer("gpt2", tokenizer_corpus)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_ckpt(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """A random GPT2LMHeadModel (2 layers, hidden 256, tied output) as a GPT-2 base model."""
+    return save_checkpoint(
+        tmp_path_factory.mktemp("tiny_gpt2"),
+        "gpt2",
+        gpt2_tokenizer,
+        gpt2_tokenizer.get_vocab_size(),
+        _gpt2_settings(),
+        seed=6,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_memdec_ckpt(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """A random one-layer GPT2LMHeadModel over the tiny GPT-2 base's vocabulary: its memory decoder."""
+    return save_checkpoint(
+        tmp_path_factory.mktemp("tiny_gpt2_memdec"),
+        "gpt2",
+        gpt2_tokenizer,
+        gpt2_tokenizer.get_vocab_size(),
+        _gpt2_settings(),
+        seed=7,
+        n_layer=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_memdec_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
     """A random llama memory decoder (2 layers, hidden 64) over SmolLM2's 49,152-token vocabulary."""
@@ -260,4 +327,22 @@ def tiny_memdec_gguf(tmp_path_factory, tiny_memdec_ckpt, smollm2_gguf) -> Path:
         "f32",
         tokenizer_from=smollm2_gguf,
         memdec={"lambda": 0.3, "domain": "legal", "base_model": "SmolLM2-135M-Instruct"},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_gguf(tmp_path_factory, tiny_gpt2_ckpt) -> Path:
+    """tiny_gpt2_ckpt as an f32 GGUF made by our converter."""
+    return convert_checkpoint(tiny_gpt2_ckpt, tmp_path_factory.mktemp("gguf") / "tiny-gpt2-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_memdec_gguf(tmp_path_factory, tiny_gpt2_memdec_ckpt, tiny_gpt2_gguf) -> Path:
+    """The tiny GPT-2 memory decoder as an f32 GGUF with the GPT-2 base's tokenizer keys and memdec.lambda 0.3."""
+    return convert_checkpoint(
+        tiny_gpt2_memdec_ckpt,
+        tmp_path_factory.mktemp("gguf") / "tiny-gpt2-memdec-f32.gguf",
+        "f32",
+        tokenizer_from=tiny_gpt2_gguf,
+        memdec={"lambda": 0.3, "domain": "legal", "base_model": "tiny-gpt2"},
     )

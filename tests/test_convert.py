@@ -17,6 +17,10 @@ from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 
 N_TOKENS = 256  # positions compared per model
+# Largest |logit difference| allowed between an f32 GGUF in llama.cpp and PyTorch. GPT-2's is looser because
+# ggml computes GELU from a table of f16 values (measured 2.5e-3 on tiny_gpt2; 1.4e-5 with the MLP's GELU
+# input zeroed, see test_gpt2_matches_pytorch_to_1e_4_without_gelu).
+F32_TOLERANCE = {"llama": 1e-4, "qwen2": 1e-4, "gpt2": 5e-3}
 TRICKY_TEXT = (
     "Section 4(a)(ii): the Licensee's  rights   end on 2024-12-31 at 23:59, don't they? I'LL SEE.\n\n"
     "\tTabs,\r\nCRLF, café, naïve, Straße, 東京, emoji 🙂, numbers 1234567 and 3.14159, URLs https://x.org/a?b=c\n"
@@ -90,15 +94,15 @@ def llama_tokens(tiny_llama_ckpt, legal_text) -> list[int]:
     return hf_tokenizer(tiny_llama_ckpt).encode(legal_text).ids[:N_TOKENS]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_f32_export_matches_pytorch_logits(arch, request, legal_text):
     checkpoint = request.getfixturevalue(f"tiny_{arch}_ckpt")
     gguf = request.getfixturevalue(f"tiny_{arch}_gguf")
     tokens = hf_tokenizer(checkpoint).encode(legal_text).ids[:N_TOKENS]
     expected = torch_logits(checkpoint, tokens)
     got = llama_logits(gguf, tokens)
-    assert expected.std() > 0.3  # logits spread enough for a 1e-4 bound to mean something
-    assert np.abs(got - expected).max() <= 1e-4
+    assert expected.std() > 0.3  # logits spread enough for the bound to mean something
+    assert np.abs(got - expected).max() <= F32_TOLERANCE[arch]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +138,7 @@ def test_q8_0_perplexity_within_one_percent_of_f32(tiny_llama_ckpt, tiny_llama_g
     assert abs(q8_0_ppl / f32_ppl - 1) < 0.01
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "memdec"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "memdec"])
 def test_llama_cpp_tokenizes_like_hugging_face(arch, request, legal_text):
     checkpoint = request.getfixturevalue(f"tiny_{arch}_ckpt")
     gguf = request.getfixturevalue(f"tiny_{arch}_gguf")
@@ -236,6 +240,136 @@ def test_tied_qwen2_matches_pytorch(tiny_qwen2_ckpt, tmp_path, legal_text):
     assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= 1e-4
 
 
+def _resaved(model, tokenizer_folder, folder):
+    """`model` saved at `folder` with the tokenizer files of `tokenizer_folder`."""
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokens(tiny_gpt2_ckpt, legal_text) -> list[int]:
+    return hf_tokenizer(tiny_gpt2_ckpt).encode(legal_text).ids[:N_TOKENS]
+
+
+def test_gpt2_matches_pytorch_to_1e_4_without_gelu(tiny_gpt2_ckpt, tmp_path, gpt2_tokens):
+    """With the MLP's input projection zeroed, GELU sees only 0 (exact in ggml's f16 table): everything else
+    the gpt2 graph computes (embeddings, LayerNorms, fused attention, biases, tied output) matches to 1e-4."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.zero_()
+            block.mlp.c_fc.bias.zero_()
+        expected = model(torch.tensor([gpt2_tokens])).logits[0].numpy()
+    folder = _resaved(model, tiny_gpt2_ckpt, tmp_path / "no_gelu")
+    out = convert_checkpoint(folder, tmp_path / "no-gelu.gguf", "f32")
+    assert expected.std() > 0.3
+    assert np.abs(llama_logits(out, gpt2_tokens) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("outtype", "min_argmax", "min_correlation", "block_type"),
+    [("f16", 0.99, 0.9999, "F16"), ("q8_0", 0.9, 0.995, "Q8_0"), ("q4_k_m", 0.6, 0.9, "Q4_K")],
+)
+def test_quantized_gpt2_loads_and_stays_close(
+    outtype, min_argmax, min_correlation, block_type, tiny_gpt2_ckpt, tmp_path, gpt2_tokens
+):
+    """Hidden 256 fills whole K-quant blocks, so q4_k_m really stores Q4_K blocks (no fallback type)."""
+    out = convert_checkpoint(tiny_gpt2_ckpt, tmp_path / f"gpt2-{outtype}.gguf", outtype)
+    info = read_gguf(out)
+    types = {t.name: t.dtype for t in info.tensors}
+    assert info.file_type == outtype.upper()
+    assert types["blk.0.attn_qkv.weight"] == types["blk.1.ffn_up.weight"] == block_type
+    assert types["position_embd.weight"] == "F32"  # as llama.cpp's own quantizer leaves it
+    expected = torch_logits(tiny_gpt2_ckpt, gpt2_tokens)
+    got = llama_logits(out, gpt2_tokens)
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).mean() >= min_argmax
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] >= min_correlation
+
+
+def test_gpt2_config_variants_match_pytorch(tmp_path, gpt2_tokenizer, gpt2_tokens):
+    """An untied output, exact (erf) GELU, a narrower MLP and fp32-upcast attention all convert faithfully."""
+    folder = save_checkpoint(
+        tmp_path / "variant",
+        "gpt2",
+        gpt2_tokenizer,
+        gpt2_tokenizer.get_vocab_size(),
+        {},
+        seed=8,
+        tie_word_embeddings=False,
+        activation_function="gelu",
+        n_inner=512,
+        reorder_and_upcast_attn=True,
+    )
+    out = convert_checkpoint(folder, tmp_path / "variant.gguf", "f32")
+    tensors = {t.name: t.shape for t in read_gguf(out).tensors}
+    assert tensors["output.weight"] == (256, 512) and tensors["blk.0.ffn_up.weight"] == (256, 512)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # eager attention: the only path where transformers applies reorder_and_upcast_attn
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        expected = model(torch.tensor([gpt2_tokens])).logits[0].numpy()
+    assert np.abs(llama_logits(out, gpt2_tokens) - expected).max() <= F32_TOLERANCE["gpt2"]
+
+
+def test_openai_layout_gpt2_gives_the_same_model(tiny_gpt2_ckpt, tiny_gpt2_gguf, tmp_path, gpt2_tokens):
+    """OpenAI's original GPT-2 files name tensors without "transformer." and also hold each block's causal-mask
+    buffers (attn.bias, attn.masked_bias): the same GGUF tensors come out, named as gguf-py's gpt2 lists them."""
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+    from safetensors.numpy import save_file
+
+    from edge_memdec.convert.checkpoint import Checkpoint
+
+    folder = _copy_checkpoint(tiny_gpt2_ckpt, tmp_path / "openai")
+    source = Checkpoint(tiny_gpt2_ckpt)
+    renamed = {name.removeprefix("transformer."): source.tensor(name) for name in source.names}
+    for i in range(2):
+        renamed[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 512, 512), dtype=np.uint8))
+        renamed[f"h.{i}.attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
+    save_file(renamed, str(folder / "model.safetensors"))
+    out = convert_checkpoint(folder, tmp_path / "openai.gguf", "f32")
+    np.testing.assert_array_equal(llama_logits(out, gpt2_tokens), llama_logits(tiny_gpt2_gguf, gpt2_tokens))
+    known = {
+        TENSOR_NAMES[t].format(bid=i) + suffix
+        for t in MODEL_TENSORS[MODEL_ARCH.GPT2]
+        for i in range(2)
+        for suffix in (".weight", ".bias")
+    }
+    assert {t.name for t in read_gguf(out).tensors} <= known
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"activation_function": "relu"}, "activation_function = 'relu', but llama.cpp's gpt2 computes GELU"),
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True, but llama.cpp"),
+        (
+            {"add_cross_attention": True},
+            "add_cross_attention = True, but llama.cpp's gpt2 has no cross-attention",
+        ),
+        ({"scale_attn_weights": False}, "scale_attn_weights = False"),
+        ({"n_head": 3}, "n_embd 256, not a multiple of n_head 3"),
+        ({"n_positions": 1024}, r"wpe\.weight has shape \[512, 256\], but config.json implies \[1024, 256\]"),
+        ({"n_layer": 3}, r"lacks the tensor for blk\.2\.attn_norm\.weight"),
+        ({"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon = '1e-5'; it needs a positive number"),
+    ],
+)
+def test_unsupported_gpt2_settings_are_one_sentence(edit, message, tiny_gpt2_ckpt, tmp_path):
+    folder = _copy_checkpoint(tiny_gpt2_ckpt, tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(UserError, match=message) as err:
+        convert_checkpoint(folder, tmp_path / "out.gguf", "f32")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.gguf").exists()
+
+
 def _copy_checkpoint(source, target):
     shutil.copytree(source, target)
     return target
@@ -247,9 +381,9 @@ def test_conversion_errors_are_one_sentence_and_leave_nothing(tiny_llama_ckpt, s
     out = out_dir / "model.gguf"
     no_config = _copy_checkpoint(tiny_llama_ckpt, tmp_path / "no_config")
     (no_config / "config.json").unlink()
-    gpt2 = _copy_checkpoint(tiny_llama_ckpt, tmp_path / "gpt2")
-    config = json.loads((gpt2 / "config.json").read_text())
-    (gpt2 / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    mistral = _copy_checkpoint(tiny_llama_ckpt, tmp_path / "mistral")
+    config = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
     no_weights = _copy_checkpoint(tiny_llama_ckpt, tmp_path / "no_weights")
     (no_weights / "model.safetensors").unlink()
     whitespace = _copy_checkpoint(tiny_llama_ckpt, tmp_path / "whitespace")
@@ -258,7 +392,7 @@ def test_conversion_errors_are_one_sentence_and_leave_nothing(tiny_llama_ckpt, s
     cases = [
         (tmp_path / "missing", {}, "does not exist"),
         (no_config, {}, "no config.json"),
-        (gpt2, {}, "GPT2LMHeadModel"),
+        (mistral, {}, "MistralForCausalLM model; only LlamaForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel"),
         (no_weights, {}, "no .safetensors"),
         (whitespace, {}, "pre-tokenizer"),
         (tiny_llama_ckpt, {"outtype": "q3_k"}, "unknown outtype"),

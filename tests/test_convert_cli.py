@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +37,39 @@ def test_convert_a_memory_decoder_with_its_metadata(tiny_memdec_ckpt, smollm2_gg
     assert info.memdec["lambda"] == pytest.approx(0.45)
     assert (info.memdec["domain"], info.memdec["base_model"]) == ("legal", "SmolLM2-135M-Instruct")
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_convert_a_gpt2_memory_decoder_that_pairs_with_its_gpt2_base(
+    tiny_gpt2_memdec_ckpt, tiny_gpt2_gguf, tmp_path
+):
+    out = tmp_path / "gpt2-memdec-q8_0.gguf"
+    proc = run_cli(
+        "convert", tiny_gpt2_memdec_ckpt, "-o", out, "--outtype", "q8_0", "--tokenizer-from", tiny_gpt2_gguf,
+        "--lambda", "0.4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {out}"
+    shown = run_cli("inspect", out, "--base", tiny_gpt2_gguf)
+    assert shown.returncode == 0, shown.stderr
+    assert "arch         gpt2, 1 layers, hidden 256, 4 heads (4 kv), trained context 512" in shown.stdout
+    assert "file type    Q8_0 (tensors: 11 F32, 5 Q8_0)" in shown.stdout
+    assert f"pair         compatible with {tiny_gpt2_gguf.name}" in shown.stdout
+
+
+def test_gpt2_setting_llama_cpp_cannot_follow_is_one_line(tiny_gpt2_ckpt, tmp_path):
+    folder = tmp_path / "layer-scaled"
+    shutil.copytree(tiny_gpt2_ckpt, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = run_cli("convert", folder, "-o", out_dir / "model.gguf")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"error: {folder}/config.json sets scale_attn_by_inverse_layer_idx = True, but llama.cpp does not divide "
+        "attention scores by the layer number; it cannot convert\n"
+    )
+    assert list(out_dir.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,7 @@ def _broken(tiny: tuple[list[KeyValue], list[Tensor]], case: str) -> bytes:
         ),
         "bad alignment": lambda: gguf_bytes(kvs + [("general.alignment", UINT32, 24, None)], tensors),
         "alignment as u64": lambda: gguf_bytes(kvs + [("general.alignment", UINT64, 32, None)], tensors),
-        "gpt2 arch": lambda: gguf_bytes(with_kv(kvs, "general.architecture", STRING, "gpt2"), tensors),
+        "falcon arch": lambda: gguf_bytes(with_kv(kvs, "general.architecture", STRING, "falcon"), tensors),
         "missing embedding length": lambda: gguf_bytes(with_kv(kvs, "llama.embedding_length"), tensors),
         "zero heads": lambda: gguf_bytes(with_kv(kvs, "llama.attention.head_count", UINT32, 0), tensors),
         "too many layers": lambda: gguf_bytes(with_kv(kvs, "llama.block_count", UINT32, 100_000), tensors),
@@ -201,7 +201,7 @@ BROKEN_CASES = {
     "non-UTF-8 key": "not valid UTF-8",
     "bad alignment": "general.alignment",
     "alignment as u64": "general.alignment",
-    "gpt2 arch": "only llama and qwen2",
+    "falcon arch": "only llama, qwen2, gpt2 models",
     "missing embedding length": "llama.embedding_length is missing",
     "zero heads": "head_count is 0",
     "too many layers": "block_count is 100000",
@@ -225,6 +225,29 @@ def test_broken_file_is_one_sentence_naming_file_and_problem(case, tiny, tmp_pat
         read_gguf(path)
     message = str(err.value)
     assert str(path) in message and "\n" not in message and len(message) < 400
+
+
+def test_gpt2_files_are_checked_by_gpt2_rules(tiny_gpt2_gguf, tmp_path):
+    """A gpt2 GGUF needs LayerNorm's epsilon, the position embedding and fused attn_qkv, not llama's tensors."""
+    info = read_gguf(tiny_gpt2_gguf)
+    assert (info.arch, info.n_ctx_train, info.n_layers) == ("gpt2", 512, 2)
+    kvs, tensors = gguf_parts(info)
+    broken = {
+        "gpt2.attention.layer_norm_epsilon is missing": (
+            with_kv(kvs, "gpt2.attention.layer_norm_epsilon"),
+            tensors,
+        ),
+        r"position_embd\.weight is missing": (kvs, [t for t in tensors if t[0] != "position_embd.weight"]),
+        r"blk\.1\.attn_qkv\.weight is missing": (
+            kvs,
+            [t for t in tensors if t[0] != "blk.1.attn_qkv.weight"],
+        ),
+    }
+    path = tmp_path / "model.gguf"
+    for message, parts in broken.items():
+        path.write_bytes(gguf_bytes(*parts))
+        with pytest.raises(UserError, match=message):
+            read_gguf(path)
 
 
 def test_paths_that_are_not_files(tmp_path):
