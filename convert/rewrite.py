@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +122,34 @@ def _plan_parts(sizes: list[int], first_header: int, max_bytes: int) -> list[int
     return [*counts, n]
 
 
+def write_top_blocks(model: GGUFInfo, first: int, out: Path) -> Path:
+    """`model` without its blocks below `first`: blocks first.. renumbered from 0, every other tensor (embedding,
+    final norm, head) kept. Fed the residual stream entering block `first` (llama.cpp's batch embeddings), it
+    computes what `model` computes from tokens."""
+    plan = []
+    for tensor in model.tensors:
+        name = tensor.name
+        if name.startswith("blk."):
+            index, rest = name.removeprefix("blk.").split(".", 1)
+            if int(index) < first:
+                continue
+            name = f"blk.{int(index) - first}.{rest}"
+        plan.append((model, replace(tensor, name=name)))
+    blocks = f"{model.arch}.block_count"
+    _write_parts(model, plan, [len(plan)], [out], {blocks: model.n_layers - first})
+    return out
+
+
 def _write_parts(
-    model: GGUFInfo, plan: list[tuple[GGUFInfo, TensorInfo]], counts: list[int], names: list[Path]
+    model: GGUFInfo,
+    plan: list[tuple[GGUFInfo, TensorInfo]],
+    counts: list[int],
+    names: list[Path],
+    changed: dict | None = None,
 ) -> None:
-    """Write `model`'s metadata and the planned tensors (each pair: the GGUF holding its bytes, the tensor) into
-    `names`, `counts[i]` tensors in file i. The files appear under their names only once all are written, the
-    first part (the one llama.cpp opens) last."""
+    """Write `model`'s metadata (with the `changed` values) and the planned tensors (each pair: the GGUF holding
+    its bytes, the tensor under the name to write) into `names`, `counts[i]` tensors in file i. The files appear
+    under their names only once all are written, the first part (the one llama.cpp opens) last."""
     with ExitStack() as stack:
         temps = [stack.enter_context(atomic_path(name)) for name in names]  # renamed in reverse order
         start = 0
@@ -135,7 +158,7 @@ def _write_parts(
             start += count
             writer = GGUFWriter(temp, model.arch)
             if i == 0:
-                for key, value in model.metadata.items():
+                for key, value in {**model.metadata, **(changed or {})}.items():
                     if key not in WRITER_KEYS:
                         vtype, etype = model.value_types[key]
                         sub = GGUFValueType(etype) if etype is not None else None
@@ -167,6 +190,6 @@ def _add_info(writer: GGUFWriter, tensor: TensorInfo) -> None:
 
 
 def _typed(owner: GGUFInfo, tensor: TensorInfo) -> np.ndarray:
-    raw = np.asarray(owner.tensor_bytes(tensor))
+    raw = np.asarray(owner.tensor_bytes(tensor))  # offset and part locate the bytes; the name may be new
     qtype = Q[tensor.dtype]
     return raw.view(np.float32 if qtype == Q.F32 else np.float16 if qtype == Q.F16 else np.uint8)

@@ -68,7 +68,15 @@ class LlamaModel:
     `n_past` counts the tokens held in the KV cache; `tokens` lists them, so a caller can reuse a common prefix.
     """
 
-    def __init__(self, path: str | Path, options: ModelOptions | None = None, info: GGUFInfo | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        options: ModelOptions | None = None,
+        info: GGUFInfo | None = None,
+        eval_callback=None,
+    ):
+        """`eval_callback`: a `ggml_backend_sched_eval_callback` the context calls for every graph tensor (the
+        shared trunk's capture of a hidden state, trunk.py); kept referenced while the context lives."""
         options = options or ModelOptions()
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
@@ -112,6 +120,10 @@ class LlamaModel:
         if options.f32_kv:
             cparams.type_k = llama_cpp.GGML_TYPE_F32
             cparams.type_v = llama_cpp.GGML_TYPE_F32
+        self._eval_callback = eval_callback
+        if eval_callback is not None:
+            cparams.cb_eval = eval_callback
+            cparams.cb_eval_user_data = None
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -123,6 +135,8 @@ class LlamaModel:
         self.n_batch: int = cparams.n_batch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._embd_batch = None  # made by the first eval_rows
+        self.n_embd: int = llama_cpp.llama_model_n_embd(self._model)
         self.bos: int = llama_cpp.llama_vocab_bos(self._vocab)
         self.eos: int = llama_cpp.llama_vocab_eos(self._vocab)
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
@@ -193,6 +207,20 @@ class LlamaModel:
         `logits_rows()` (all of them, in order) or `last_logits()`. Tokens beyond n_batch go in several calls;
         only the final call's rows are readable afterwards, so flag rows in the last n_batch tokens only.
         """
+        return self._decode(tokens, logits, None)
+
+    def eval_rows(
+        self, rows: np.ndarray, tokens: Sequence[int], logits: Sequence[bool] | None = None
+    ) -> int:
+        """As `eval`, but the model's input is `rows` (float32 [len(tokens), n_embd], e.g. another model's hidden
+        state) instead of the token embeddings; `tokens` only keeps the cache's token list in step."""
+        if rows.shape != (len(tokens), self.n_embd):
+            raise ValueError(f"rows of shape {rows.shape} for {len(tokens)} tokens of width {self.n_embd}")
+        if self._embd_batch is None:
+            self._embd_batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
+        return self._decode(tokens, logits, np.ascontiguousarray(rows, dtype=np.float32))
+
+    def _decode(self, tokens: Sequence[int], logits: Sequence[bool] | None, rows: np.ndarray | None) -> int:
         n = len(tokens)
         if n == 0:
             return 0
@@ -205,10 +233,14 @@ class LlamaModel:
         n_out = 0
         for start in range(0, n, self.n_batch):
             chunk = tokens[start : start + self.n_batch]
-            b = self._batch
+            b = self._batch if rows is None else self._embd_batch
+            if rows is not None:
+                part = rows[start : start + len(chunk)]
+                ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
             n_out = 0
             for j, tok in enumerate(chunk):
-                b.token[j] = tok
+                if rows is None:
+                    b.token[j] = tok
                 b.pos[j] = self.n_past + j
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = 0
@@ -247,6 +279,8 @@ class LlamaModel:
                 self._threadpool.detach(self._ctx)
                 self._threadpool = None
             llama_cpp.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                llama_cpp.llama_batch_free(self._embd_batch)
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_model", None):

