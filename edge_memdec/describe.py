@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from edge_memdec.gguf_file import GGUFInfo, read_gguf
-from edge_memdec.pair_check import pair_problems
+from edge_memdec.pair_check import pair_problems, shared_blocks
 
 LABEL_WIDTH = 12
 
@@ -35,6 +35,9 @@ def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
         )
         lines.append(("pair", verdict))
         lines += [("", f"- {problem}") for problem in problems]
+        shared = shared_blocks(base_info, info) if not problems else 0
+        if shared:
+            lines.append(("trunk", f"its first {shared} blocks are the base's own: beside it they run once"))
     return "\n".join(f"{label:<{LABEL_WIDTH}} {text}".rstrip() for label, text in lines)
 
 

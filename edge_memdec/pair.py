@@ -11,9 +11,9 @@ from pathlib import Path
 from edge_memdec.defaults import DEFAULT_LAMBDA, check_lambda
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
-from edge_memdec.pair_check import check_pair
+from edge_memdec.pair_check import check_pair, shared_blocks
 from edge_memdec.threadpool import CpuThreadPool
-from edge_memdec.trunk import HiddenCapture, TopDecoder, shared_blocks
+from edge_memdec.trunk import HiddenCapture, TopDecoder
 
 
 def recommended_lambda(memdec_path: Path, default: float = DEFAULT_LAMBDA) -> float:

@@ -22,47 +22,6 @@ from edge_memdec.gguf_file import GGUFInfo, read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions
 from edge_memdec.paths import cache_dir
 
-# Hyperparameters that must agree for the base's hidden state to be the decoder's (besides equal tensors).
-SHARED_KEYS = (
-    "embedding_length",
-    "feed_forward_length",
-    "attention.head_count",
-    "attention.head_count_kv",
-    "attention.layer_norm_rms_epsilon",
-    "rope.freq_base",
-    "rope.dimension_count",
-    "rope.scaling.type",
-    "rope.scaling.factor",
-)
-
-
-def shared_blocks(base: GGUFInfo, memdec: GGUFInfo) -> int:
-    """How many leading blocks the decoder holds byte for byte as the base does (0: nothing to share).
-
-    Only llama-family files of the same architecture share: every tensor of such a block has the same name, type,
-    shape and bytes in both, and the hyperparameters that shape a block agree."""
-    if base.arch != memdec.arch or base.arch not in ("llama", "qwen2"):
-        return 0
-    if any(base.get(f"{base.arch}.{k}") != memdec.get(f"{memdec.arch}.{k}") for k in SHARED_KEYS):
-        return 0
-    theirs = {t.name: t for t in base.tensors}
-    ours: dict[int, list] = {}
-    for tensor in memdec.tensors:
-        if tensor.name.startswith("blk."):
-            ours.setdefault(int(tensor.name.split(".")[1]), []).append(tensor)
-    n = 0
-    while n < min(base.n_layers, memdec.n_layers) - 1 and ours.get(n):
-        for tensor in ours[n]:
-            other = theirs.get(tensor.name)
-            if other is None or (other.dtype, other.shape) != (tensor.dtype, tensor.shape):
-                return n
-            if not np.array_equal(base.tensor_bytes(other), memdec.tensor_bytes(tensor)):
-                return n
-        if len(ours[n]) != sum(1 for name in theirs if name.startswith(f"blk.{n}.")):
-            return n
-        n += 1
-    return n
-
 
 def top_model_path(memdec: GGUFInfo, first: int) -> Path:
     """The decoder's blocks `first`.. as their own GGUF in the cache folder, written on first use."""

@@ -10,7 +10,7 @@ import pytest
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.gguf_file import read_gguf
-from edge_memdec.trunk import shared_blocks
+from edge_memdec.pair_check import shared_blocks
 
 
 @pytest.fixture(autouse=True)
