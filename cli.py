@@ -123,7 +123,20 @@ NglOpt = Annotated[
 MemNglOpt = Annotated[
     Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Print llama.cpp's log and speed figures.")]
+VerboseOpt = Annotated[
+    int,
+    typer.Option(
+        "-v", "--verbose", count=True, help="Print our figures (tokens/s, prompt cache, lambda); -vv adds llama.cpp's log."
+    ),
+]
+LogLlamaOpt = Annotated[
+    bool, typer.Option("--log-llama", help="Print llama.cpp's own log (model loader, context) to stderr.")
+]
+
+
+def _log_llama(verbose: int, log_llama: bool) -> bool:
+    """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
+    return log_llama or verbose >= 2
 FlashAttnOpt = Annotated[
     str,
     typer.Option(
@@ -179,7 +192,8 @@ def chat(
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
 ) -> None:
     """Chat with the base model + memory decoder (streamed; Ctrl-C stops an answer)."""
     from edge_memdec.api import MemoryDecoderLM
@@ -199,9 +213,9 @@ def chat(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
-        verbose=verbose,
+        log_llama=_log_llama(verbose, log_llama),
     )
-    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose)
+    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0)
     if prompt is not None:
         session.answer(prompt)
     else:
@@ -254,7 +268,8 @@ def perplexity(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "off",
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
 ) -> None:
     """Perplexity of base, memory decoder and their mixture on a text, in one pass."""
     import json
@@ -298,7 +313,7 @@ def perplexity(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
-        verbose=verbose,
+        log_llama=_log_llama(verbose, log_llama),
     )
     on_window = None
     if protocol == "llama":
@@ -682,7 +697,8 @@ def serve(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
     import logging
@@ -695,7 +711,8 @@ def serve(
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), verbose=verbose)
+                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn),
+                         log_llama=_log_llama(verbose, log_llama))
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens)
         server.warm_up()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from cli import app
@@ -74,6 +75,20 @@ def test_interactive_session_reads_turns_until_eof(smollm2_gguf, tiny_memdec_ggu
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("tok/s") == 2
     assert "Traceback" not in proc.stderr
+    assert "llama_" not in proc.stderr  # -v is our figures only, none of llama.cpp's log
+    assert len(proc.stderr.strip().splitlines()) == 3  # the banner and the two answers' figures
+
+
+@pytest.mark.parametrize("flag", ["-vv", "--log-llama"])
+def test_llama_cpp_log_only_when_asked_for(smollm2_gguf, flag):
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_memdec.cli", "chat", "-m", str(smollm2_gguf), "--no-memdec", "-c", "64",
+         "-t", "2", "-p", "Hi", "-n", "1", "--temp", "0", flag],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "llama_model_loader: loaded meta data" in proc.stderr
+    assert ("tok/s" in proc.stderr) == (flag == "-vv")
 
 
 def test_ctrl_c_stops_the_answer_but_not_the_session(smollm2_gguf, tiny_memdec_gguf):
