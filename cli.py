@@ -186,6 +186,18 @@ def chat(
     top_p: Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).")] = defaults.TOP_P,
     min_p: Annotated[float, typer.Option("--min-p", help="Min-p (0 = off).")] = defaults.MIN_P,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: random).")] = None,
+    repeat_penalty: Annotated[
+        float, typer.Option("--repeat-penalty", help="Penalise the last --repeat-last-n tokens (1 = off).")
+    ] = defaults.REPEAT_PENALTY,
+    repeat_last_n: Annotated[
+        int, typer.Option("--repeat-last-n", help="Tokens the penalties look at (0 = off, -1 = context size).")
+    ] = defaults.REPEAT_LAST_N,
+    presence_penalty: Annotated[
+        float, typer.Option("--presence-penalty", help="Subtracted from the logit of each such token (0 = off).")
+    ] = defaults.PRESENCE_PENALTY,
+    frequency_penalty: Annotated[
+        float, typer.Option("--frequency-penalty", help="Subtracted per occurrence (0 = off).")
+    ] = defaults.FREQUENCY_PENALTY,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
@@ -202,7 +214,11 @@ def chat(
     if prompt is not None and not prompt.strip():
         raise UserError("the prompt is empty; give some text after -p")
     base, mem = _model_paths(model, memdec, no_memdec)
-    sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    sampling = dict(
+        max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+    )  # fmt: skip
     lm = MemoryDecoderLM(
         base,
         mem,

@@ -38,6 +38,20 @@ def test_one_shot_greedy_answer_is_deterministic(smollm2_gguf, tiny_memdec_gguf)
     assert first.output == second.output
 
 
+def test_penalties_reach_the_decode_loop(smollm2_gguf, tiny_memdec_gguf):
+    from edge_memdec import MemoryDecoderLM
+
+    penalties = ["--repeat-penalty", "1.5", "--repeat-last-n", "16", "--presence-penalty", "0.4",
+                 "--frequency-penalty", "0.3"]  # fmt: skip
+    args = chat_args(smollm2_gguf, tiny_memdec_gguf, "-p", "What is a licence?", "-n", "16", "--temp", "0")
+    plain, penalised = (CliRunner().invoke(app, args + extra) for extra in ([], penalties))
+    assert plain.exit_code == 0 and penalised.exit_code == 0, penalised.output
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=512, n_threads=2) as lm:
+        want = lm.chat([{"role": "user", "content": "What is a licence?"}], max_tokens=16, temperature=0.0,
+                       repeat_penalty=1.5, repeat_last_n=16, presence_penalty=0.4, frequency_penalty=0.3)  # fmt: skip
+    assert penalised.output == want + "\n" != plain.output
+
+
 def test_raw_completion_and_no_memdec(smollm2_gguf):
     result = CliRunner().invoke(
         app,

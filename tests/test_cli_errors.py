@@ -125,6 +125,8 @@ PPL = ["perplexity", "--memdec", "{mem}", "-f", "{d}/legal.txt", "-c", "64"]
         (["chat", "--memdec", "{mem}", "-p", "hi", "-c", "100000"], "training context 8192"),
         (["chat", "--memdec", "{mem}", "-p", "hi", "--top-p", "2"], "top-p"),
         (["chat", "--memdec", "{mem}", "-p", "hi", "-n", "0"], "max tokens"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "--repeat-penalty", "0"], "repeat penalty must be above 0"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "--repeat-last-n", "-5"], "repeat-last-n must be -1"),
         (["chat", "--memdec", "{o}/folder", "-p", "hi"], "is not a file"),
         (["serve", "--memdec", "{mem}", "--port", "99999"], "--port must be between 0 and 65535"),
         (["chat", "--memdec", "{mem}", "-p", "hi", "-fa", "maybe"], "--flash-attn must be on, off or auto"),
