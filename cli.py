@@ -706,8 +706,9 @@ def serve(
     lam: LambdaOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (keep the loopback unless you mean it).")] = defaults.SERVER_HOST,
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = defaults.SERVER_PORT,
-    alias: Annotated[Optional[str], typer.Option("--alias", help="Model id clients name (default: base+memdec file names).")] = None,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Model id /v1/models lists (default: base+memdec file names); any name a request gives is answered.")] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = defaults.SERVER_MAX_TOKENS,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_MEMDEC_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health.")] = None,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer).")] = 4096,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
@@ -716,7 +717,8 @@ def serve(
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
-    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models), with llama-server's
+    /tokenize, /detokenize, /props, /metrics and /health."""
     import logging
 
     from edge_memdec.api import MemoryDecoderLM
@@ -730,7 +732,7 @@ def serve(
                          n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn),
                          log_llama=_log_llama(verbose, log_llama))
     try:
-        server = MemdecServer(lm, host, port, alias, max_tokens)
+        server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)
         server.warm_up()
         print(f"serving {server.model_id} (lambda {lm.lam:.2f}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
         try:

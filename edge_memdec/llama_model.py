@@ -158,6 +158,19 @@ class LlamaModel:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, special)
         return self._piece_buf.raw[:n]
 
+    def detokenize(self, tokens: Sequence[int], special: bool = True) -> bytes:
+        """The bytes of `tokens` joined as llama.cpp joins them (control tokens as their text when `special`).
+        Safe beside a running decode: it uses a buffer of its own, unlike `piece`."""
+        ids = (llama_cpp.llama_token * max(1, len(tokens)))(*tokens)
+        cap = 8 * len(tokens) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = llama_cpp.llama_detokenize(self._vocab, ids, len(tokens), buf, cap, False, special)
+            if n >= 0:
+                return buf.raw[:n]
+            cap = -n
+        raise RuntimeError(f"llama_detokenize wanted {cap} bytes twice")
+
     def token_text(self, token: int) -> str:
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
