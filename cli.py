@@ -134,7 +134,20 @@ NglOpt = Annotated[
 MemNglOpt = Annotated[
     Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")
 ]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Print llama.cpp's log and speed figures.")]
+VerboseOpt = Annotated[
+    int,
+    typer.Option(
+        "-v", "--verbose", count=True, help="Print our figures (tokens/s, prompt cache, lambda); -vv adds llama.cpp's log."
+    ),
+]
+LogLlamaOpt = Annotated[
+    bool, typer.Option("--log-llama", help="Print llama.cpp's own log (model loader, context) to stderr.")
+]
+
+
+def _log_llama(verbose: int, log_llama: bool) -> bool:
+    """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
+    return log_llama or verbose >= 2
 FlashAttnOpt = Annotated[
     str,
     typer.Option(
@@ -184,13 +197,26 @@ def chat(
     top_p: Annotated[float, typer.Option("--top-p", help="Top-p (1 = off).")] = defaults.TOP_P,
     min_p: Annotated[float, typer.Option("--min-p", help="Min-p (0 = off).")] = defaults.MIN_P,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: random).")] = None,
+    repeat_penalty: Annotated[
+        float, typer.Option("--repeat-penalty", help="Penalise the last --repeat-last-n tokens (1 = off).")
+    ] = defaults.REPEAT_PENALTY,
+    repeat_last_n: Annotated[
+        int, typer.Option("--repeat-last-n", help="Tokens the penalties look at (0 = off, -1 = context size).")
+    ] = defaults.REPEAT_LAST_N,
+    presence_penalty: Annotated[
+        float, typer.Option("--presence-penalty", help="Subtracted from the logit of each such token (0 = off).")
+    ] = defaults.PRESENCE_PENALTY,
+    frequency_penalty: Annotated[
+        float, typer.Option("--frequency-penalty", help="Subtracted per occurrence (0 = off).")
+    ] = defaults.FREQUENCY_PENALTY,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
 ) -> None:
     """Chat with the base model + memory decoder (streamed; Ctrl-C stops an answer)."""
     from edge_memdec.api import MemoryDecoderLM
@@ -199,7 +225,11 @@ def chat(
     if prompt is not None and not prompt.strip():
         raise UserError("the prompt is empty; give some text after -p")
     base, mem = _model_paths(model, memdec, no_memdec)
-    sampling = dict(max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    sampling = dict(
+        max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+    )  # fmt: skip
     lm = MemoryDecoderLM(
         base,
         mem,
@@ -210,9 +240,9 @@ def chat(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
-        verbose=verbose,
+        log_llama=_log_llama(verbose, log_llama),
     )
-    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose)
+    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0)
     if prompt is not None:
         session.answer(prompt)
     else:
@@ -265,7 +295,8 @@ def perplexity(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "off",
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
 ) -> None:
     """Perplexity of base, memory decoder and their mixture on a text, in one pass."""
     import json
@@ -309,7 +340,7 @@ def perplexity(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
-        verbose=verbose,
+        log_llama=_log_llama(verbose, log_llama),
     )
     on_window = None
     if protocol == "llama":
@@ -695,16 +726,19 @@ def serve(
     lam: LambdaOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (keep the loopback unless you mean it).")] = defaults.SERVER_HOST,
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = defaults.SERVER_PORT,
-    alias: Annotated[Optional[str], typer.Option("--alias", help="Model id clients name (default: base+memdec file names).")] = None,
+    alias: Annotated[Optional[str], typer.Option("--alias", help="Model id /v1/models lists (default: base+memdec file names); any name a request gives is answered.")] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = defaults.SERVER_MAX_TOKENS,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_MEMDEC_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health.")] = None,
     ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer).")] = 4096,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
 ) -> None:
-    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models), with llama-server's
+    /tokenize, /detokenize, /props, /metrics and /health."""
     import logging
 
     from edge_memdec.api import MemoryDecoderLM
@@ -715,9 +749,10 @@ def serve(
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), verbose=verbose)
+                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn),
+                         log_llama=_log_llama(verbose, log_llama))
     try:
-        server = MemdecServer(lm, host, port, alias, max_tokens)
+        server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)
         server.warm_up()
         print(f"serving {server.model_id} (lambda {lm.lam:.2f}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
         try:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +29,14 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)  # text that ends the answer (not included in it)
     lam: float | None = None  # memory decoder weight for this request; None = the pair's lambda
     ignore_eos: bool = False  # never end on EOS/EOT (their logits are masked), as llama.cpp's --ignore-eos
+    # llama.cpp's penalties and logit bias, on the mixture's logits (kernels/adjust.py)
+    repeat_penalty: float = defaults.REPEAT_PENALTY
+    repeat_last_n: int = defaults.REPEAT_LAST_N  # 0 = off, -1 = the context size
+    presence_penalty: float = defaults.PRESENCE_PENALTY
+    frequency_penalty: float = defaults.FREQUENCY_PENALTY
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (-100 all but bans it)
 
-    def check(self) -> None:
+    def check(self, n_vocab: int) -> None:
         if self.max_tokens < 1:
             raise UserError(f"max tokens must be at least 1, got {self.max_tokens}")
         if self.top_k < 0:
@@ -40,6 +47,18 @@ class SamplingParams:
             raise UserError(f"min-p must be in [0, 1], got {self.min_p}")
         if self.lam is not None:
             defaults.check_lambda(self.lam)
+        if not 0.0 < self.repeat_penalty < math.inf:
+            raise UserError(f"the repeat penalty must be above 0 (1 = off), got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise UserError(f"repeat-last-n must be -1 (the context), 0 (off) or more, got {self.repeat_last_n}")
+        for name, value in (("presence", self.presence_penalty), ("frequency", self.frequency_penalty)):
+            if not math.isfinite(value):
+                raise UserError(f"the {name} penalty must be a finite number, got {value}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not 0 <= token < n_vocab:
+                raise UserError(f"logit bias names token {token}, but token ids go from 0 to {n_vocab - 1}")
+            if not math.isfinite(bias):
+                raise UserError(f"the logit bias of token {token} must be a finite number, got {bias}")
 
 
 class Generation:
@@ -58,7 +77,7 @@ class Generation:
     ) -> None:
         if not prompt_tokens:
             raise UserError("the prompt is empty; give some text to continue")
-        params.check()
+        params.check(pair.base.n_vocab)
         if len(prompt_tokens) >= pair.n_ctx:
             raise UserError(
                 f"the prompt has {len(prompt_tokens)} tokens but the context holds {pair.n_ctx}; shorten it or pass "
@@ -80,7 +99,8 @@ class Generation:
         return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def __iter__(self) -> Iterator[str]:
-        from edge_memdec.kernels import make_scratch, sample_token  # numba: loaded by the warmup thread
+        # numba: loaded by the warmup thread
+        from edge_memdec.kernels import make_logit_bias, make_scratch, sample_token
 
         pair, params = self.pair, self.params
         lam = pair.lam if params.lam is None else params.lam
@@ -88,6 +108,11 @@ class Generation:
         rng = np.random.default_rng(params.seed)
         scratch = make_scratch(pair.n_shared)
         stream = TextStream(params.stop)
+        bias = make_logit_bias(params.logit_bias) if params.logit_bias else None
+        last_n = pair.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+        n_seen = len(self.prompt_tokens)  # the penalties count the last_n tokens of prompt + answer in history
+        history = np.zeros(min(n_seen + params.max_tokens, pair.n_ctx + 1), np.int64)
+        history[:n_seen] = self.prompt_tokens
         with pair.lock:
             t0 = time.perf_counter()
             self.n_cached = pair.reuse_prefix(self.prompt_tokens)
@@ -115,7 +140,14 @@ class Generation:
                         params.min_p,
                         rng.random(),
                         scratch,
+                        history[max(0, n_seen - last_n) : n_seen],
+                        params.repeat_penalty,
+                        params.frequency_penalty,
+                        params.presence_penalty,
+                        bias,
                     )
+                    history[n_seen] = token
+                    n_seen += 1
                     if pair.base.is_eog(token):
                         self.finish_reason = "stop"
                         break

@@ -23,6 +23,10 @@ TEMPERATURE = 0.8  # <= 0 means greedy
 TOP_K = 40  # 0 = off
 TOP_P = 0.95  # 1.0 = off
 MIN_P = 0.05  # 0.0 = off
+REPEAT_PENALTY = 1.0  # 1.0 = off; tokens among the last REPEAT_LAST_N: logit / p if positive, else * p
+REPEAT_LAST_N = 64  # tokens (prompt included) the penalties look at; 0 = off, -1 = the whole context
+PRESENCE_PENALTY = 0.0  # subtracted once from the logit of every token among them
+FREQUENCY_PENALTY = 0.0  # subtracted per occurrence among them
 
 # `serve`
 SERVER_HOST = "127.0.0.1"  # the loopback: other machines reach the server only when asked to

@@ -18,19 +18,13 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from edge_memdec import llama_log
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import GGUFInfo, read_gguf
 from edge_memdec.threadpool import CpuThreadPool
 
 _backend_lock = threading.Lock()
 _backend_ready = False
-
-
-def _quiet_llama_logs(verbose: bool) -> None:
-    """llama.cpp logs through llama-cpp-python's logger: errors only unless verbose."""
-    import llama_cpp._logger as llama_logger
-
-    llama_logger.set_verbose(verbose)
 
 
 def _init_backend() -> None:
@@ -59,7 +53,7 @@ class ModelOptions:
     # None: llama.cpp decides (on for CPU): ~10% faster decode here, legal test PPL +0.13%; False for exact logits
     flash_attn: bool | None = None
     cpu_threadpool: bool = True  # one persistent ggml thread pool per model pair (False: a pool per decode call)
-    verbose: bool = False  # let llama.cpp print its load log
+    log_llama: bool = False  # print llama.cpp's own log (loader, context) to stderr; errors reach ours anyway
 
 
 class LlamaModel:
@@ -81,15 +75,18 @@ class LlamaModel:
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
         self.options = options
-        _quiet_llama_logs(options.verbose)
+        llama_log.show(options.log_llama)
         _init_backend()
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
+        llama_log.clear_errors()
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
             raise UserError(
-                f"llama.cpp could not load {self.path}; check that it is a complete GGUF model file"
+                llama_log.explain(
+                    f"llama.cpp could not load {self.path}; check that it is a complete GGUF model file"
+                )
             )
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -124,12 +121,15 @@ class LlamaModel:
         if eval_callback is not None:
             cparams.cb_eval = eval_callback
             cparams.cb_eval_user_data = None
+        llama_log.clear_errors()
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             self._model = None
             raise UserError(
-                f"llama.cpp could not create a context for {self.path}; try a smaller -c/--ctx-size"
+                llama_log.explain(
+                    f"llama.cpp could not create a context for {self.path}; try a smaller -c/--ctx-size"
+                )
             )
         self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch: int = cparams.n_batch
@@ -171,6 +171,19 @@ class LlamaModel:
             self._piece_buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -n, 0, special)
         return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], special: bool = True) -> bytes:
+        """The bytes of `tokens` joined as llama.cpp joins them (control tokens as their text when `special`).
+        Safe beside a running decode: it uses a buffer of its own, unlike `piece`."""
+        ids = (llama_cpp.llama_token * max(1, len(tokens)))(*tokens)
+        cap = 8 * len(tokens) + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(cap)
+            n = llama_cpp.llama_detokenize(self._vocab, ids, len(tokens), buf, cap, False, special)
+            if n >= 0:
+                return buf.raw[:n]
+            cap = -n
+        raise RuntimeError(f"llama_detokenize wanted {cap} bytes twice")
 
     def token_text(self, token: int) -> str:
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
@@ -248,9 +261,12 @@ class LlamaModel:
                 b.logits[j] = want
                 n_out += want
             b.n_tokens = len(chunk)
+            llama_log.clear_errors()
             status = llama_cpp.llama_decode(self._ctx, b)
             if status != 0:
-                raise RuntimeError(f"llama_decode failed with status {status} on {self.path.name}")
+                raise RuntimeError(
+                    llama_log.explain(f"llama_decode failed with status {status} on {self.path.name}")
+                )
             self.tokens.extend(chunk)
         return n_out
 

