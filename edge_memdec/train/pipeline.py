@@ -83,8 +83,9 @@ def train_command(opts: TrainOptions) -> dict:
     from edge_memdec.train.datastore import read_manifest
     from edge_memdec.train.export_gguf import export_memdec
     from edge_memdec.train.memdec_model import MemdecShape, parse_layers
+    from edge_memdec.train.steps import distributed
     from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import TrainConfig, distributed, train
+    from edge_memdec.train.trainer import TrainConfig, train
 
     ds = read_manifest(opts.datastore)
     base_path = Path(opts.model or ds["base"])
