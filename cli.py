@@ -13,7 +13,7 @@ import typer
 
 from edge_memdec import defaults
 from edge_memdec.errors import UserError
-from edge_memdec.train.options import TrainOptions, TransferOptions
+from edge_memdec.train.options import FinetuneOptions, TrainOptions, TransferOptions
 
 app = typer.Typer(
     name="edge-memdec",
@@ -124,6 +124,10 @@ MemNglOpt = Annotated[
     Optional[int], typer.Option("--memdec-ngl", help="Memory decoder layers on the GPU (default: as -ngl).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Print llama.cpp's log and speed figures.")]
+LoraOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--lora", help="LoRA adapter GGUF on the base, FILE[:SCALE] (scale 1 unless given); repeatable."),
+]
 FlashAttnOpt = Annotated[
     str,
     typer.Option(
@@ -179,9 +183,10 @@ def chat(
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
+    lora: LoraOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Chat with the base model + memory decoder (streamed; Ctrl-C stops an answer)."""
+    """Chat with the base model (+ LoRA) + memory decoder (streamed; Ctrl-C stops an answer)."""
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.chat_session import ChatSession
 
@@ -199,6 +204,7 @@ def chat(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
+        lora=lora or (),
         verbose=verbose,
     )
     session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose)
@@ -254,9 +260,10 @@ def perplexity(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "off",
+    lora: LoraOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Perplexity of base, memory decoder and their mixture on a text, in one pass."""
+    """Perplexity of base (+ LoRA), memory decoder and their mixture on a text, in one pass."""
     import json
 
     from edge_memdec.api import MemoryDecoderLM
@@ -298,6 +305,7 @@ def perplexity(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
+        lora=lora or (),
         verbose=verbose,
     )
     on_window = None
@@ -578,6 +586,75 @@ def train_memdec(
     train_command(opts)
 
 
+lora_app = typer.Typer(
+    help="The base itself adapted to a domain: a LoRA adapter, or every weight with --full (DAPT).",
+    no_args_is_help=True,
+)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("train")
+def lora_train(
+    source: Annotated[
+        Path, typer.Argument(help="Datastore folder (its tokens: the memory decoder's budget) or split folder")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, adapter/ or hf/, train.json)")],
+    model: Annotated[
+        Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder (default: the datastore's)")
+    ] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Cut the training tokens to this many")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight (DAPT) instead of a LoRA")] = False,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank)")] = 32.0,
+    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input")] = 0.05,
+    targets: Annotated[
+        str, typer.Option(help="Modules the LoRA adapts")
+    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    epochs: Annotated[int, typer.Option(help="Passes over the training tokens")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    lr: Annotated[
+        Optional[float], typer.Option(help="Peak learning rate, linear decay to 0 (default 2e-4, --full 2e-5)")
+    ] = None,
+    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
+    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
+    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    checkpoint_every: CheckpointEveryOpt = 50,
+    valid_corpus: Annotated[
+        Optional[Path], typer.Option(help="Split folder for validation (default: the tokens' corpus)")
+    ] = None,
+    valid_tokens: ValidTokensOpt = 20000,
+    valid_every: Annotated[
+        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
+    ] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    export: Annotated[
+        Optional[Path], typer.Option(help="Also write this GGUF (the LoRA adapter, or the --full model)")
+    ] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF weight type for --export (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
+    threads: TorchThreadsOpt = 2,
+    seed: Annotated[int, typer.Option(help="Seed for data order and the LoRA init")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+) -> None:
+    """Train a LoRA adapter of the base (or, with --full, every weight) on the domain text; runs under torchrun too."""
+    opts = FinetuneOptions(**locals())  # first: locals() is exactly the options here
+    from edge_memdec.train.pipeline import finetune_command
+
+    finetune_command(opts)
+
+
+@lora_app.command("export")
+def lora_export(
+    run: Annotated[Path, typer.Argument(help="Run folder of `lora train`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF (default: the run's)")] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF weight type (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
+) -> None:
+    """Write a run's LoRA adapter as a GGUF LoRA (checked against the base), or a --full run as a model GGUF."""
+    from edge_memdec.train.export_gguf import export_finetuned
+
+    print(f"exported {export_finetuned(run, out, outtype, model)}")
+
+
 parts_app = typer.Typer(
     help="A trained decoder as small files: the tensors training changed, in parts of at most 16 MiB.",
     no_args_is_help=True,
@@ -682,6 +759,7 @@ def serve(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
+    lora: LoraOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)."""
@@ -695,7 +773,7 @@ def serve(
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), verbose=verbose)
+                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), lora=lora or (), verbose=verbose)
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens)
         server.warm_up()

@@ -1,20 +1,25 @@
 """`edge-memdec inspect`: what a GGUF holds (arch, size, quantization, tokenizer, memdec metadata), and
-whether a memory decoder pairs with a base model."""
+whether a memory decoder pairs with a base model; for a LoRA adapter, its rank, alpha and targets, and whether
+it fits a base."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-from edge_memdec.gguf_file import GGUFInfo, read_gguf
+from edge_memdec.gguf_file import BLOCK_TENSORS, GGUFInfo, read_any_gguf, read_gguf
+from edge_memdec.lora_file import LoraInfo, lora_problems, read_lora
 from edge_memdec.pair_check import pair_problems
 
 LABEL_WIDTH = 12
 
 
 def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
-    """A short human-readable report on one GGUF file; with `base`, also whether the two models pair."""
-    info = read_gguf(path)
+    """A short human-readable report on one GGUF file; with `base`, also whether the two models pair (or the
+    adapter fits the base)."""
+    info = read_any_gguf(path)
+    if info.get("general.type") == "adapter":
+        return _lines(_lora_lines(read_lora(path), base))
     lines = [
         ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version})"),
         ("name", str(info.get("general.name", "-"))),
@@ -35,7 +40,36 @@ def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
         )
         lines.append(("pair", verdict))
         lines += [("", f"- {problem}") for problem in problems]
+    return _lines(lines)
+
+
+def _lines(lines: list[tuple[str, str]]) -> str:
     return "\n".join(f"{label:<{LABEL_WIDTH}} {text}".rstrip() for label, text in lines)
+
+
+def _lora_lines(lora: LoraInfo, base: str | Path | None) -> list[tuple[str, str]]:
+    info = lora.header
+    ranks = "/".join(map(str, lora.ranks))
+    scale = f"{lora.alpha / lora.ranks[0]:.3g} x B @ A per unit of --lora's scale" if len(lora.ranks) == 1 else ""
+    blocks = sorted({p.target.split(".")[1] for p in lora.pairs if p.target.startswith("blk.")}, key=int)
+    kinds = Counter(p.target.split(".")[-2] if p.target.startswith("blk.") else p.target for p in lora.pairs)
+    order = {name: i for i, name in enumerate(BLOCK_TENSORS)}
+    lines = [
+        ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version})"),
+        ("name", str(info.get("general.name", "-"))),
+        ("kind", f"LoRA adapter for a {lora.arch} model" + (f", made for {lora.base_name}" if lora.base_name else "")),
+        ("lora", f"rank {ranks}, alpha {lora.alpha:g}" + (f" ({scale})" if scale else "")),
+        ("targets", f"{len(lora.pairs)} matrices in {len(blocks)} blocks: " + ", ".join(sorted(kinds, key=lambda k: order.get(k, -1)))),
+        ("parameters", f"{_count(info.n_params)} ({info.n_params:,})"),
+        ("file type", f"tensors: {_tensor_types(info)}"),
+    ]
+    if base is not None:
+        base_info = read_gguf(base)
+        problems = lora_problems(base_info, lora)
+        verdict = f"fits {base_info.path.name}" if not problems else f"does NOT fit {base_info.path.name}"
+        lines.append(("base", verdict))
+        lines += [("", f"- {problem}") for problem in problems]
+    return lines
 
 
 def _arch(info: GGUFInfo) -> str:

@@ -244,12 +244,26 @@ class _Header:
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
-    """Read and validate a GGUF file's header (metadata and tensor table) without reading tensor data.
+    """Read and validate a model GGUF's header (metadata and tensor table) without reading tensor data.
 
-    Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, holds an architecture
-    other than llama or qwen2, or lacks what llama.cpp needs to load it.
+    Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, is a LoRA adapter,
+    holds an architecture other than llama or qwen2, or lacks what llama.cpp needs to load it.
     """
-    path = Path(path)
+    return _read(Path(path), adapter=False)
+
+
+def read_adapter_gguf(path: str | Path) -> GGUFInfo:
+    """Read a LoRA adapter GGUF's header (general.type = adapter), checked as far as any GGUF is; what makes
+    it a LoRA llama.cpp loads is checked by `edge_memdec.lora_file`."""
+    return _read(Path(path), adapter=True)
+
+
+def read_any_gguf(path: str | Path) -> GGUFInfo:
+    """A model or a LoRA adapter GGUF, each checked as `read_gguf` or `read_adapter_gguf` checks it."""
+    return _read(Path(path), adapter=None)
+
+
+def _read(path: Path, adapter: bool | None) -> GGUFInfo:
     if not path.exists():
         raise UserError(f"{path} does not exist; check the path")
     if not path.is_file():
@@ -258,14 +272,14 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         with path.open("rb") as handle:
             size = path.stat().st_size
             header = _Header(path, handle, size)
-            return _parse(header)
+            return _parse(header, adapter)
     except PermissionError:
         raise UserError(f"{path} cannot be read (permission denied); check its permissions") from None
     except IsADirectoryError:
         raise UserError(f"{path} is not a file; give the path of a .gguf model file") from None
 
 
-def _parse(h: _Header) -> GGUFInfo:
+def _parse(h: _Header, adapter: bool | None) -> GGUFInfo:
     if h.size < 4 or _peek(h, 4) != GGUF_MAGIC:
         raise UserError(
             f"{h.path} is not a GGUF file (it does not start with the bytes 'GGUF'); give a .gguf model"
@@ -305,7 +319,11 @@ def _parse(h: _Header) -> GGUFInfo:
     data_offset = -(-h.pos // alignment) * alignment
     tensors = _place_tensors(h, entries, data_offset, alignment)
 
-    arch = _check_model(h, metadata, value_types, {t.name: t for t in tensors})
+    if adapter is None:
+        adapter = metadata.get("general.type") == "adapter"
+    arch = _check_kind(h, metadata, value_types, adapter)
+    if not adapter:
+        _check_model(h, metadata, value_types, {t.name: t for t in tensors})
     return GGUFInfo(
         path=h.path,
         version=version,
@@ -379,18 +397,33 @@ def _place_tensors(
     return tensors
 
 
-def _check_model(
-    h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], tensors: dict[str, TensorInfo]
-) -> str:
-    """Check the architecture, its hyperparameters, the tokenizer and the core tensors; return the arch."""
+def _check_kind(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], adapter: bool) -> str:
+    """Check that the file is the kind asked for (a model, or an adapter: general.type, a string llama.cpp
+    reads unchecked) of a supported architecture; return the architecture."""
+    if "general.type" in meta and types["general.type"][0] != STRING:
+        raise h.fail("general.type is not a string")
+    if (meta.get("general.type") == "adapter") != adapter:
+        raise UserError(
+            f"{h.path} is a LoRA adapter, not a model; give the base model's GGUF here and the adapter to --lora"
+            if not adapter
+            else f"{h.path} is not a LoRA adapter (its general.type is not 'adapter'); pass a GGUF LoRA adapter"
+        )
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise h.fail("it has no general.architecture string")
     if arch not in SUPPORTED_ARCHS:
         raise UserError(
-            f"{h.path} is a {_short(arch)} model, but only {' and '.join(SUPPORTED_ARCHS)} models are "
-            "supported; use a llama or qwen2 GGUF"
+            f"{h.path} is a {_short(arch)} {'adapter' if adapter else 'model'}, but only "
+            f"{' and '.join(SUPPORTED_ARCHS)} models are supported; use a llama or qwen2 GGUF"
         )
+    return arch
+
+
+def _check_model(
+    h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], tensors: dict[str, TensorInfo]
+) -> None:
+    """Check the architecture's hyperparameters, the tokenizer and the core tensors."""
+    arch = meta["general.architecture"]
 
     def integer(key: str, low: int, high: int = INT64_MAX) -> int:
         if key not in meta:
@@ -428,7 +461,6 @@ def _check_model(
 
     tokens = _check_tokenizer(h, meta, types)
     _check_tensors(h, tensors, n_layer, n_embd, len(tokens))
-    return arch
 
 
 def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> list[str]:

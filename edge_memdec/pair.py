@@ -60,7 +60,7 @@ class ModelPair:
         self.memdec: LlamaModel | None = None
         if memdec_info is not None:
             gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
-            mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers)
+            mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers, lora=())  # base's
             self.memdec = LlamaModel(memdec_path, mem_opts, info=memdec_info)
         if lam is None:
             lam = float(memdec_info.memdec.get("lambda", DEFAULT_LAMBDA)) if memdec_info is not None else 0.0

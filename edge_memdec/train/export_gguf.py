@@ -46,3 +46,23 @@ def export_memdec(
         )
     facts = memdec_facts(summary, domain, Path(base_gguf).stem)
     return convert_checkpoint(hf, Path(out), outtype, tokenizer_from=Path(base_gguf), memdec=facts)
+
+
+def export_finetuned(run_dir: Path, out: Path, outtype: str, base_gguf: Path | None = None) -> Path:
+    """A `lora train` run as a GGUF: its adapter as a GGUF LoRA for the base, or (a `--full` run) the whole
+    fine-tuned model with the base's tokenizer keys. `base_gguf` defaults to the run's base."""
+    import json
+
+    from edge_memdec.convert.lora import convert_lora
+    from edge_memdec.train.finetune import ADAPTER_DIR, HF_DIR
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "train.json").is_file():
+        raise UserError(f"{run_dir} holds no finished `edge-memdec lora train` run (train.json)")
+    summary = json.loads((run_dir / "train.json").read_text())
+    base = Path(base_gguf or summary.get("base", ""))
+    if base.suffix != ".gguf":
+        raise UserError("exporting needs the base as a GGUF file; pass --model BASE.gguf")
+    if summary.get("kind") == "full":
+        return convert_checkpoint(run_dir / HF_DIR, Path(out), outtype, tokenizer_from=base)
+    return convert_lora(run_dir / ADAPTER_DIR, base, Path(out), outtype)

@@ -15,18 +15,20 @@ import torch.distributed as dist
 
 from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
-from edge_memdec.files import atomic_dir, write_json_atomic, write_npz_atomic
+from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.carry import run_blocks
 from edge_memdec.train.datastore import load_hidden, read_manifest
 from edge_memdec.train.device import autocast, resolve_device
 from edge_memdec.train.knn_targets import load_targets
-from edge_memdec.train.logprobs import target_logprobs
+from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
 from edge_memdec.train.steps import StepPlan, best_validation, distributed, optimise
 from edge_memdec.windows import Window, sliding_windows
+
+VALID_BASE_CACHE = "valid-base-logprobs.npz"  # the base's target log-probs on the validation text
 
 
 @dataclass
@@ -112,18 +114,7 @@ class Validator:
 
     def __init__(self, base: Base, tokens: np.ndarray, out: Path, n_ctx: int, stride: int, lambdas):
         self.tokens, self.n_ctx, self.stride, self.lambdas = tokens, n_ctx, stride, list(lambdas)
-        cache = out / "valid-base-logprobs.npz"
-        if cache.is_file():
-            data = np.load(cache)
-            if (
-                np.array_equal(data["tokens"], tokens)
-                and int(data["n_ctx"]) == n_ctx
-                and int(data["stride"]) == stride
-            ):
-                self.base_lp = data["logprobs"]
-                return
-        self.base_lp = target_logprobs(base.model, tokens, n_ctx, stride)
-        write_npz_atomic(cache, tokens=tokens, n_ctx=n_ctx, stride=stride, logprobs=self.base_lp)
+        self.base_lp = cached_target_logprobs(base.model, tokens, n_ctx, stride, out / VALID_BASE_CACHE)
 
     def __call__(self, model: torch.nn.Module) -> dict:
         """{"base_ppl", "memdec_ppl", "mixed": {lambda: ppl}, "best_lambda", "best_ppl"} of the current model."""
