@@ -344,6 +344,68 @@ def perplexity(
     lm.close()
 
 
+@app.command()
+def compare(
+    file: Annotated[Path, typer.Option("-f", "--file", help="UTF-8 domain text to score (e.g. the test split).")],
+    general: Annotated[
+        Optional[Path], typer.Option("--general", help="UTF-8 general text: the PPL there shows forgetting.")
+    ] = None,
+    model: ModelOpt = None,
+    lora: LoraOpt = None,
+    dapt: Annotated[Optional[Path], typer.Option("--dapt", help="Fully fine-tuned model GGUF (lora train --full).")] = None,
+    memdec: Annotated[Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF.")] = None,
+    lam: LambdaOpt = None,
+    knn: Annotated[Optional[Path], typer.Option("--knn", help="Datastore for the kNN-LM row (needs the train extra).")] = None,
+    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
+    knn_temperature: Annotated[float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature.")] = 1.0,
+    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window size in tokens.")] = 1024,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Window step (default: half of -c).")] = None,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed per row (0: none).")] = 32,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write a bar chart (PNG) here.")] = None,
+    n_gpu_layers: NglOpt = 0,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Base, base + LoRA, DAPT, kNN-LM, base + memory decoder, base + LoRA + memory decoder: one text, one protocol."""
+    import json
+
+    from edge_memdec.compare import CompareSettings, format_compare, rows_of
+    from edge_memdec.compare import compare as run_compare
+    from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
+    from edge_memdec.llama_model import ModelOptions
+    from edge_memdec.paths import default_base_gguf
+
+    text = read_text_file(file)
+    general_text = read_text_file(general) if general is not None else None
+    for out in (json_out, plot_out):
+        if out is not None:
+            check_output_path(out)
+    if lam is not None:
+        defaults.check_lambda(lam)
+    defaults.check_lambda(knn_lambda)
+    if knn is not None:
+        from edge_memdec.train.datastore import read_manifest
+
+        read_manifest(knn)
+    if ctx_size < 2:
+        raise UserError(f"-c must be at least 2, got {ctx_size}")
+    rows = rows_of(model or default_base_gguf(), tuple(lora or ()), dapt, knn, memdec)
+    options = ModelOptions(n_ctx=ctx_size, n_batch=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                           flash_attn=False, verbose=verbose)  # fmt: skip
+    settings = CompareSettings(n_ctx=ctx_size, stride=stride, lam=lam, knn_lambda=knn_lambda, knn_k=knn_k,
+                               knn_temperature=knn_temperature, decode_tokens=decode_tokens, options=options)  # fmt: skip
+    report = run_compare(rows, text, general_text, settings, progress=True)
+    print(format_compare(report))
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
+    if plot_out is not None:
+        from edge_memdec.plot import plot_compare
+
+        plot_compare(report, plot_out)
+
+
 def _parse_lambdas(text: str) -> list[float]:
     return _parse_numbers(text, float, "--lambda-sweep", "0,0.25,0.5", "lambda")
 

@@ -9,6 +9,7 @@ llama.cpp scales B @ A by alpha / rank as peft does. The llama arch's Q and K ro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from gguf import GGMLQuantizationType, GGUFType, GGUFWriter, Keys
@@ -20,6 +21,7 @@ from edge_memdec.lora_file import LORA_A, LORA_B, check_lora, read_lora
 
 from .arch import BLOCK_NAME, BLOCK_TENSORS, TOP_TENSORS, permute_rotary
 from .checkpoint import Checkpoint
+from .metadata import memdec_fields
 from .quantize import encode, out_type, tensor_type
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,9 +31,12 @@ LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # llama.cpp's converter offers t
 PLAIN = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
 
 
-def convert_lora(adapter: Path, base_gguf: Path, out: Path, outtype: str = "f16") -> Path:
+def convert_lora(
+    adapter: Path, base_gguf: Path, out: Path, outtype: str = "f16", train: Mapping[str, object] | None = None
+) -> Path:
     """Write the peft adapter folder `adapter` (adapter_config.json + safetensors) as a GGUF LoRA for the
-    model `base_gguf` at `out`, check that the written file fits that base, and return `out`."""
+    model `base_gguf` at `out`, check that the written file fits that base, and return `out`. `train`: training
+    facts stored as `memdec.train.*` keys (llama.cpp ignores them)."""
     if outtype.lower() not in LORA_OUTTYPES:
         raise UserError(f"a LoRA adapter is written as {', '.join(LORA_OUTTYPES)}; got --outtype {outtype}")
     kind = out_type(outtype)
@@ -49,6 +54,8 @@ def convert_lora(adapter: Path, base_gguf: Path, out: Path, outtype: str = "f16"
         writer.add_name(f"{base_name}-lora")
         writer.add_base_model_count(1)
         writer.add_base_model_name(0, base_name)
+        for key, (value, vtype) in memdec_fields({"train": train or {}}).items():
+            writer.add_key_value(key, value, vtype)
         for name, hf_name, heads in tensors:
             values = ckpt.tensor(hf_name)
             if heads:

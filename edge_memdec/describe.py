@@ -21,7 +21,7 @@ def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
     if info.get("general.type") == "adapter":
         return _lines(_lora_lines(read_lora(path), base))
     lines = [
-        ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version})"),
+        ("file", f"{info.path.name} ({size_text(info.n_bytes)}, GGUF v{info.version})"),
         ("name", str(info.get("general.name", "-"))),
         ("arch", _arch(info)),
         ("parameters", f"{_count(info.n_params)} ({info.n_params:,})"),
@@ -30,6 +30,8 @@ def inspect_text(path: str | Path, base: str | Path | None = None) -> str:
         ("chat", "has a chat template" if info.get("tokenizer.chat_template") else "no chat template"),
         ("memdec", _memdec(info)),
     ]
+    if "lambda" not in info.memdec and _training(info):
+        lines.append(("training", _training(info)))
     if base is not None:
         base_info = read_gguf(base)
         problems = pair_problems(base_info, info)
@@ -55,7 +57,7 @@ def _lora_lines(lora: LoraInfo, base: str | Path | None) -> list[tuple[str, str]
     kinds = Counter(p.target.split(".")[-2] if p.target.startswith("blk.") else p.target for p in lora.pairs)
     order = {name: i for i, name in enumerate(BLOCK_TENSORS)}
     lines = [
-        ("file", f"{info.path.name} ({_bytes(info.n_bytes)}, GGUF v{info.version})"),
+        ("file", f"{info.path.name} ({size_text(info.n_bytes)}, GGUF v{info.version})"),
         ("name", str(info.get("general.name", "-"))),
         ("kind", f"LoRA adapter for a {lora.arch} model" + (f", made for {lora.base_name}" if lora.base_name else "")),
         ("lora", f"rank {ranks}, alpha {lora.alpha:g}" + (f" ({scale})" if scale else "")),
@@ -63,6 +65,8 @@ def _lora_lines(lora: LoraInfo, base: str | Path | None) -> list[tuple[str, str]
         ("parameters", f"{_count(info.n_params)} ({info.n_params:,})"),
         ("file type", f"tensors: {_tensor_types(info)}"),
     ]
+    if _training(info):
+        lines.append(("training", _training(info)))
     if base is not None:
         base_info = read_gguf(base)
         problems = lora_problems(base_info, lora)
@@ -100,9 +104,15 @@ def _tokenizer(info: GGUFInfo) -> str:
     return ", ".join(parts)
 
 
+def _training(info: GGUFInfo) -> str:
+    """The `memdec.train.*` facts a fine-tuned model or adapter carries, e.g. "kind lora, tokens 5176, ..."."""
+    facts = {k.removeprefix("train."): v for k, v in info.memdec.items() if k.startswith("train.")}
+    return ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in facts.items())
+
+
 def _memdec(info: GGUFInfo) -> str:
     facts = info.memdec
-    if not facts:
+    if "lambda" not in facts:
         return "none (an ordinary model, not a memory decoder)"
     shown = []
     for key, value in facts.items():
@@ -121,7 +131,8 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _bytes(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count for people: "3.2 MiB"."""
     for scale, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
         if n >= scale:
             return f"{n / scale:.1f} {suffix}"

@@ -112,12 +112,19 @@ def test_lora_of_a_qwen2_base_from_a_split_folder_matches_pytorch(stores, tiny_q
     assert "fits tiny-qwen2-f32.gguf" in invoke("inspect", str(gguf), "--base", str(tiny_qwen2_gguf))
 
 
-def test_full_fine_tune_exports_a_model_llama_cpp_runs(stores, tiny_llama_gguf, tmp_path):
-    run, gguf = tmp_path / "run", tmp_path / "dapt.gguf"
+@pytest.fixture(scope="module")
+def dapt(stores, tiny_llama_gguf) -> dict[str, Path]:
+    """Two steps of full fine-tuning on the datastore's tokens, exported as an f32 GGUF."""
+    run, gguf = stores["work"] / "run-dapt", stores["work"] / "dapt.gguf"
     invoke(
         *lora_args(stores["ds"], run, tiny_llama_gguf, "--full", "--max-steps", "2", "--lr", "1e-2"),
         "--export", str(gguf), "--outtype", "f32",
     )  # fmt: skip
+    return {"run": run, "gguf": gguf}
+
+
+def test_full_fine_tune_exports_a_model_llama_cpp_runs(dapt, tiny_llama_gguf):
+    run, gguf = dapt["run"], dapt["gguf"]
     summary = json.loads((run / "train.json").read_text())
     assert summary["kind"] == "full" and summary["params_trained"] == summary["params_total"]
     tuned = pytorch_logits(tiny_llama_gguf, hf=run / "hf")
@@ -234,3 +241,52 @@ def test_bad_adapters_are_one_sentence_before_llama_cpp_opens_them(
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert needle in lines[0]
+
+
+def test_compare_reports_every_row_on_one_protocol(stores, llama_lora, dapt, tiny_llama_gguf, tiny_llama_ckpt, legal_text, tmp_path):
+    pytest.importorskip("faiss")
+    from conftest import licence_folder, licence_text
+
+    from edge_memdec.api import MemoryDecoderLM
+
+    invoke("knn-targets", str(stores["ds"]), "-k", "8", "--top", "4", "--chunk", "64", "--threads", "1")
+    memdec = tmp_path / "memdec.gguf"
+    invoke(
+        "train", str(stores["ds"]), "--out", str(tmp_path / "run-mem"), "-m", str(tiny_llama_ckpt), "--layers", "1",
+        "--n-ctx", "32", "--stride", "32", "--batch-windows", "2", "--threads", "1", "--max-steps", "2",
+        "--export", str(memdec), "--outtype", "f32", "--tokenizer-from", str(tiny_llama_gguf),
+    )  # fmt: skip
+    domain, general = tmp_path / "domain.txt", tmp_path / "general.txt"
+    domain.write_text(legal_text[:2000], encoding="utf-8")
+    general.write_text(licence_text(licence_folder() / "gpl-2.0.LICENSE")[:2000], encoding="utf-8")
+    report_path, plot = tmp_path / "compare.json", tmp_path / "compare.png"
+    table = invoke(
+        "compare", "-f", str(domain), "--general", str(general), "-m", str(tiny_llama_gguf),
+        "--lora", str(llama_lora["gguf"]), "--dapt", str(dapt["gguf"]), "--memdec", str(memdec),
+        "--knn", str(stores["ds"]), "-k", "8", "-c", "64", "--decode-tokens", "4", "-t", "1",
+        "--json", str(report_path), "--plot", str(plot),
+    )  # fmt: skip
+    report = json.loads(report_path.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == [
+        "base", "base + LoRA", "DAPT (full fine-tune)", "kNN-LM", "base + memory decoder",
+        "base + LoRA + memory decoder",
+    ]  # fmt: skip
+    assert all(name in table for name in rows)
+    assert all(r["tokens_scored"] == report["tokens_scored"] for r in rows.values())
+    assert all(r["stderr"] > 0 and r["general_ppl"] > 1 for r in rows.values())
+    assert rows["kNN-LM"]["decode_ms_per_token"] is None
+    assert all(r["decode_ms_per_token"] > 0 for name, r in rows.items() if name != "kNN-LM")
+    options = dict(n_ctx=64, n_batch=64, n_threads=1, flash_attn=False)  # as compare opens its models
+    with MemoryDecoderLM(tiny_llama_gguf, None, lora=[llama_lora["gguf"]], **options) as lm:
+        alone = lm.perplexity(legal_text[:2000], n_ctx=64, lambdas=[])["base"]["ppl"]
+    assert rows["base + LoRA"]["ppl"] == pytest.approx(alone, rel=1e-9)  # the same protocol as `perplexity`
+    lora_run = json.loads((llama_lora["run"] / "train.json").read_text())
+    memdec_run = json.loads((tmp_path / "run-mem" / "train.json").read_text())
+    assert rows["base + LoRA"]["training"]["positions"] == lora_run["positions_trained"]
+    both = rows["base + LoRA + memory decoder"]["training"]
+    assert both["positions"] == lora_run["positions_trained"] + memdec_run["positions_trained"]
+    assert both["seconds"] == pytest.approx(lora_run["seconds"] + memdec_run["seconds"], rel=1e-5)
+    assert rows["kNN-LM"]["training"]["positions"] == len(np.load(stores["ds"] / "tokens.npy")) - 1
+    assert rows["DAPT (full fine-tune)"]["bytes"] == dapt["gguf"].stat().st_size
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
