@@ -13,7 +13,7 @@ import typer
 
 from edge_memdec import defaults
 from edge_memdec.errors import UserError
-from edge_memdec.train.options import TrainOptions, TransferOptions
+from edge_memdec.train.options import FinetuneOptions, TrainOptions, TransferOptions
 
 app = typer.Typer(
     name="edge-memdec",
@@ -148,6 +148,10 @@ LogLlamaOpt = Annotated[
 def _log_llama(verbose: int, log_llama: bool) -> bool:
     """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
     return log_llama or verbose >= 2
+LoraOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--lora", help="LoRA adapter GGUF on the base, FILE[:SCALE] (scale 1 unless given); repeatable."),
+]
 FlashAttnOpt = Annotated[
     str,
     typer.Option(
@@ -215,10 +219,11 @@ def chat(
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
+    lora: LoraOpt = None,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
-    """Chat with the base model + memory decoder (streamed; Ctrl-C stops an answer)."""
+    """Chat with the base model (+ LoRA) + memory decoder (streamed; Ctrl-C stops an answer)."""
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.chat_session import ChatSession
 
@@ -240,6 +245,7 @@ def chat(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
+        lora=lora or (),
         log_llama=_log_llama(verbose, log_llama),
     )
     session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0)
@@ -295,10 +301,11 @@ def perplexity(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "off",
+    lora: LoraOpt = None,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
-    """Perplexity of base, memory decoder and their mixture on a text, in one pass."""
+    """Perplexity of base (+ LoRA), memory decoder and their mixture on a text, in one pass."""
     import json
 
     from edge_memdec.api import MemoryDecoderLM
@@ -340,6 +347,7 @@ def perplexity(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
+        lora=lora or (),
         log_llama=_log_llama(verbose, log_llama),
     )
     on_window = None
@@ -376,6 +384,69 @@ def perplexity(
 
         plot_lambda_sweep(report, plot_out)
     lm.close()
+
+
+@app.command()
+def compare(
+    file: Annotated[Path, typer.Option("-f", "--file", help="UTF-8 domain text to score (e.g. the test split).")],
+    general: Annotated[
+        Optional[Path], typer.Option("--general", help="UTF-8 general text: the PPL there shows forgetting.")
+    ] = None,
+    model: ModelOpt = None,
+    lora: LoraOpt = None,
+    dapt: Annotated[Optional[Path], typer.Option("--dapt", help="Fully fine-tuned model GGUF (lora train --full).")] = None,
+    memdec: Annotated[Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF.")] = None,
+    lam: LambdaOpt = None,
+    knn: Annotated[Optional[Path], typer.Option("--knn", help="Datastore for the kNN-LM row (needs the train extra).")] = None,
+    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
+    knn_temperature: Annotated[float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature.")] = 1.0,
+    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window size in tokens.")] = 1024,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="Window step (default: half of -c).")] = None,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed per row (0: none).")] = 32,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write a bar chart (PNG) here.")] = None,
+    n_gpu_layers: NglOpt = 0,
+    threads: ThreadsOpt = None,
+    verbose: VerboseOpt = 0,
+    log_llama: LogLlamaOpt = False,
+) -> None:
+    """Base, base + LoRA, DAPT, kNN-LM, base + memory decoder, base + LoRA + memory decoder: one text, one protocol."""
+    import json
+
+    from edge_memdec.compare import CompareSettings, format_compare, rows_of
+    from edge_memdec.compare import compare as run_compare
+    from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
+    from edge_memdec.llama_model import ModelOptions
+    from edge_memdec.paths import default_base_gguf
+
+    text = read_text_file(file)
+    general_text = read_text_file(general) if general is not None else None
+    for out in (json_out, plot_out):
+        if out is not None:
+            check_output_path(out)
+    if lam is not None:
+        defaults.check_lambda(lam)
+    defaults.check_lambda(knn_lambda)
+    if knn is not None:
+        from edge_memdec.train.datastore import read_manifest
+
+        read_manifest(knn)
+    if ctx_size < 2:
+        raise UserError(f"-c must be at least 2, got {ctx_size}")
+    rows = rows_of(model or default_base_gguf(), tuple(lora or ()), dapt, knn, memdec)
+    options = ModelOptions(n_ctx=ctx_size, n_batch=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                           flash_attn=False, log_llama=_log_llama(verbose, log_llama))  # fmt: skip
+    settings = CompareSettings(n_ctx=ctx_size, stride=stride, lam=lam, knn_lambda=knn_lambda, knn_k=knn_k,
+                               knn_temperature=knn_temperature, decode_tokens=decode_tokens, options=options)  # fmt: skip
+    report = run_compare(rows, text, general_text, settings, progress=True)
+    print(format_compare(report))
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
+    if plot_out is not None:
+        from edge_memdec.plot import plot_compare
+
+        plot_compare(report, plot_out)
 
 
 def _parse_lambdas(text: str) -> list[float]:
@@ -628,6 +699,75 @@ def train_memdec(
     train_command(opts)
 
 
+lora_app = typer.Typer(
+    help="The base itself adapted to a domain: a LoRA adapter, or every weight with --full (DAPT).",
+    no_args_is_help=True,
+)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("train")
+def lora_train(
+    source: Annotated[
+        Path, typer.Argument(help="Datastore folder (its tokens: the memory decoder's budget) or split folder")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, adapter/ or hf/, train.json)")],
+    model: Annotated[
+        Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder (default: the datastore's)")
+    ] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Cut the training tokens to this many")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight (DAPT) instead of a LoRA")] = False,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank)")] = 32.0,
+    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input")] = 0.05,
+    targets: Annotated[
+        str, typer.Option(help="Modules the LoRA adapts")
+    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    epochs: Annotated[int, typer.Option(help="Passes over the training tokens")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    lr: Annotated[
+        Optional[float], typer.Option(help="Peak learning rate, linear decay to 0 (default 2e-4, --full 2e-5)")
+    ] = None,
+    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
+    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
+    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    checkpoint_every: CheckpointEveryOpt = 50,
+    valid_corpus: Annotated[
+        Optional[Path], typer.Option(help="Split folder for validation (default: the tokens' corpus)")
+    ] = None,
+    valid_tokens: ValidTokensOpt = 20000,
+    valid_every: Annotated[
+        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
+    ] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    export: Annotated[
+        Optional[Path], typer.Option(help="Also write this GGUF (the LoRA adapter, or the --full model)")
+    ] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF weight type for --export (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
+    threads: TorchThreadsOpt = 2,
+    seed: Annotated[int, typer.Option(help="Seed for data order and the LoRA init")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+) -> None:
+    """Train a LoRA adapter of the base (or, with --full, every weight) on the domain text; runs under torchrun too."""
+    opts = FinetuneOptions(**locals())  # first: locals() is exactly the options here
+    from edge_memdec.train.pipeline import finetune_command
+
+    finetune_command(opts)
+
+
+@lora_app.command("export")
+def lora_export(
+    run: Annotated[Path, typer.Argument(help="Run folder of `lora train`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="GGUF file to write")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF (default: the run's)")] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF weight type (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
+) -> None:
+    """Write a run's LoRA adapter as a GGUF LoRA (checked against the base), or a --full run as a model GGUF."""
+    from edge_memdec.train.export_gguf import export_finetuned
+
+    print(f"exported {export_finetuned(run, out, outtype, model)}")
+
+
 parts_app = typer.Typer(
     help="A trained decoder as small files: the tensors training changed, in parts of at most 16 MiB.",
     no_args_is_help=True,
@@ -734,6 +874,7 @@ def serve(
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
+    lora: LoraOpt = None,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -749,7 +890,7 @@ def serve(
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn),
+                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), lora=lora or (),
                          log_llama=_log_llama(verbose, log_llama))
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)

@@ -43,16 +43,17 @@ class _Entry:
 class Checkpoint:
     """The config and the tensors of one checkpoint directory, by their Hugging Face names."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, config: str = "config.json") -> None:
+        """`config`: the folder's JSON settings file (a peft adapter's is adapter_config.json)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(
                 f"the checkpoint folder {folder} does not exist; give a Hugging Face model folder"
             )
-        config_path = folder / "config.json"
+        config_path = folder / config
         if not config_path.is_file():
             raise UserError(
-                f"{folder} has no config.json; give a Hugging Face model folder saved with save_pretrained"
+                f"{folder} has no {config}; give a Hugging Face model folder saved with save_pretrained"
             )
         self.folder = folder
         self.config: dict[str, Any] = _read_json(config_path)

@@ -21,9 +21,10 @@ class MemoryDecoderLM:
 
     `base` and `memdec` are GGUF paths (`memdec=None` runs the base alone); `lam=None` takes the memory
     decoder's recommended `memdec.lambda`. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
-    n_gpu_layers, flash_attn, f32_kv, ...), plus `memdec_gpu_layers`, `overlap`, `skip_blas_probe` (see
-    `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no other thread) and `shared_trunk`
-    (a decoder holding the base's own lower blocks runs only its upper ones, on the base's hidden state). Safe to share between
+    n_gpu_layers, flash_attn, f32_kv, lora: GGUF LoRA adapters on the base, ...), plus `memdec_gpu_layers`,
+    `overlap`, `skip_blas_probe` (see `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no
+    other thread) and `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
+    the base's hidden state). Safe to share between
     threads: calls are served one at a time. `flash_attn=None` (llama.cpp's choice, on for CPU) decodes ~10%
     faster; pass `flash_attn=False` for the exact attention `edge-memdec perplexity` uses by default.
     """

@@ -278,18 +278,39 @@ class _Header:
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
-    """Read and validate a GGUF file's header (metadata and tensor table) without reading tensor data.
+    """Read and validate a model GGUF's header (metadata and tensor table) without reading tensor data.
 
     A split GGUF is read from its first part (NAME-00001-of-0000N.gguf), with every other part beside it.
-    Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, holds an architecture
-    other than llama, qwen2 or gpt2, lacks what llama.cpp needs to load it, or is a split GGUF missing a part.
+    Raises UserError when the file is missing, is not a GGUF, is truncated or corrupted, is a LoRA adapter,
+    holds an architecture other than llama, qwen2 or gpt2, lacks what llama.cpp needs to load it, or is a split
+    GGUF missing a part.
     """
-    h, table = _read_table(Path(path))
+    return _read(Path(path), adapter=False)
+
+
+def read_adapter_gguf(path: str | Path) -> GGUFInfo:
+    """Read a LoRA adapter GGUF's header (general.type = adapter), checked as far as any GGUF is; what makes
+    it a LoRA llama.cpp loads is checked by `edge_memdec.lora_file`."""
+    return _read(Path(path), adapter=True)
+
+
+def read_any_gguf(path: str | Path) -> GGUFInfo:
+    """A model or a LoRA adapter GGUF, each checked as `read_gguf` or `read_adapter_gguf` checks it."""
+    return _read(Path(path), adapter=None)
+
+
+def _read(path: Path, adapter: bool | None) -> GGUFInfo:
+    """One GGUF (every part of a split one) read and checked as a model, an adapter, or whichever it says."""
+    h, table = _read_table(path)
     parts: tuple[Path, ...] = ()
     tensors = table.tensors
     if SPLIT_COUNT in table.metadata:
         parts, tensors = _read_split(h, table)
-    arch = _check_model(h, table.metadata, table.value_types, {t.name: t for t in tensors})
+    if adapter is None:
+        adapter = table.metadata.get("general.type") == "adapter"
+    arch = _check_kind(h, table.metadata, table.value_types, adapter)
+    if not adapter:
+        _check_model(h, table.metadata, table.value_types, {t.name: t for t in tensors})
     return GGUFInfo(
         path=h.path,
         version=table.version,
@@ -485,18 +506,33 @@ def _place_tensors(
     return tensors
 
 
-def _check_model(
-    h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], tensors: dict[str, TensorInfo]
-) -> str:
-    """Check the architecture, its hyperparameters, the tokenizer and the core tensors; return the arch."""
+def _check_kind(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], adapter: bool) -> str:
+    """Check that the file is the kind asked for (a model, or an adapter: general.type, a string llama.cpp
+    reads unchecked) of a supported architecture; return the architecture."""
+    if "general.type" in meta and types["general.type"][0] != STRING:
+        raise h.fail("general.type is not a string")
+    if (meta.get("general.type") == "adapter") != adapter:
+        raise UserError(
+            f"{h.path} is a LoRA adapter, not a model; give the base model's GGUF here and the adapter to --lora"
+            if not adapter
+            else f"{h.path} is not a LoRA adapter (its general.type is not 'adapter'); pass a GGUF LoRA adapter"
+        )
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise h.fail("it has no general.architecture string")
     if arch not in SUPPORTED_ARCHS:
         raise UserError(
-            f"{h.path} is a {_short(arch)} model, but only {', '.join(SUPPORTED_ARCHS)} models are "
-            "supported; use a GGUF of one of those"
+            f"{h.path} is a {_short(arch)} {'adapter' if adapter else 'model'}, but only "
+            f"{', '.join(SUPPORTED_ARCHS)} models are supported; use a GGUF of one of those"
         )
+    return arch
+
+
+def _check_model(
+    h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], tensors: dict[str, TensorInfo]
+) -> None:
+    """Check the architecture's hyperparameters, the tokenizer and the core tensors."""
+    arch = meta["general.architecture"]
 
     def integer(key: str, low: int, high: int = INT64_MAX) -> int:
         if key not in meta:
@@ -534,7 +570,6 @@ def _check_model(
 
     tokens = _check_tokenizer(h, meta, types)
     _check_tensors(h, arch, tensors, n_layer, n_embd, len(tokens))
-    return arch
 
 
 def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> list[str]:

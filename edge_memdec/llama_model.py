@@ -21,8 +21,10 @@ import numpy as np
 from edge_memdec import llama_log
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import GGUFInfo, read_gguf
+from edge_memdec.lora_file import LoraInfo, check_lora, lora_spec, read_lora
 from edge_memdec.threadpool import CpuThreadPool
 
+LoraSpecs = str | Path | Sequence[str | Path | tuple[str | Path, float]]  # one adapter or several
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -40,6 +42,16 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def lora_adapters(base: GGUFInfo, loras: LoraSpecs) -> list[tuple[LoraInfo, float]]:
+    """Each adapter (see `lora_spec`) read and checked to fit `base`, with its scale."""
+    adapters = []
+    for path, scale in map(lora_spec, [loras] if isinstance(loras, str | Path) else loras):
+        info = read_lora(path)
+        check_lora(base, info)
+        adapters.append((info, scale))
+    return adapters
+
+
 @dataclass
 class ModelOptions:
     """How to open a GGUF in llama.cpp."""
@@ -54,6 +66,8 @@ class ModelOptions:
     flash_attn: bool | None = None
     cpu_threadpool: bool = True  # one persistent ggml thread pool per model pair (False: a pool per decode call)
     log_llama: bool = False  # print llama.cpp's own log (loader, context) to stderr; errors reach ours anyway
+    # LoRA adapters on this model: GGUF adapter paths, (path, scale) pairs or `--lora`'s "FILE[:SCALE]" strings
+    lora: LoraSpecs = ()
 
 
 class LlamaModel:
@@ -75,6 +89,7 @@ class LlamaModel:
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
         self.options = options
+        self.loras = lora_adapters(self.info, options.lora)  # checked before llama.cpp opens anything
         llama_log.show(options.log_llama)
         _init_backend()
 
@@ -131,6 +146,7 @@ class LlamaModel:
                     f"llama.cpp could not create a context for {self.path}; try a smaller -c/--ctx-size"
                 )
             )
+        self._apply_loras()
         self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch: int = cparams.n_batch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -142,6 +158,22 @@ class LlamaModel:
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.tokens: list[int] = []
         self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _apply_loras(self) -> None:
+        """Load the checked adapters into llama.cpp and set them on the context (freed with the model)."""
+        if not self.loras:
+            return
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(self.loras))()
+        scales = (ctypes.c_float * len(self.loras))()
+        for i, (lora, scale) in enumerate(self.loras):
+            handle = llama_cpp.llama_adapter_lora_init(self._model, str(lora.path).encode())
+            if not handle:
+                self.close()
+                raise UserError(f"llama.cpp could not load the LoRA adapter {lora.path}; re-export it")
+            handles[i], scales[i] = handle, scale
+        if llama_cpp.llama_set_adapters_lora(self._ctx, handles, len(self.loras), scales) != 0:
+            self.close()
+            raise UserError(f"llama.cpp could not apply the LoRA adapters to {self.path.name}")
 
     @property
     def n_past(self) -> int:

@@ -56,7 +56,9 @@ class ModelPair:
         memdec_info = read_gguf(memdec_path) if memdec_path is not None else None
         if memdec_info is not None:
             check_pair(base_info, memdec_info)
-        self.shared = shared_blocks(base_info, memdec_info) if memdec_info is not None and shared_trunk else 0
+        # A LoRA on the base changes its lower blocks, which the decoder then no longer shares.
+        sharing = memdec_info is not None and shared_trunk and not options.lora
+        self.shared = shared_blocks(base_info, memdec_info) if sharing else 0
         threads = options.n_threads or default_threads()
         self.overlap = overlap and memdec_info is not None and threads > 1 and not self.shared
         step_threads = max(1, threads // 2) if self.overlap else threads
@@ -73,7 +75,7 @@ class ModelPair:
         self.memdec: LlamaModel | None = None
         if memdec_info is not None:
             gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
-            mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers)
+            mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers, lora=())  # base's
             if capture is not None:
                 self.memdec = TopDecoder(memdec_info, capture, mem_opts)
             else:

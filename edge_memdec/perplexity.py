@@ -105,6 +105,7 @@ def job_key(
         "lambdas": list(lambdas),
         "lambda": pair.lam,
         "models": files,
+        **({"lora": [[lora.path.name, lora.n_bytes, scale] for lora, scale in pair.base.loras]} if pair.base.loras else {}),
     }
 
 
@@ -240,6 +241,7 @@ def _report(
         "stride": stride if protocol == "paper" else n_ctx,
         "tokens_scored": acc_base.count,
         "base": acc_base.report(),
+        "lora": [{"file": lora.path.name, "scale": scale} for lora, scale in pair.base.loras],
         "memdec": acc_mem.report() if has_memdec else None,
         "lambda": pair.lam if has_memdec else None,
         "selected": {"lambda": pair.lam, **acc_mix[-1].report()} if has_memdec else None,

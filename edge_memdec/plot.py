@@ -77,3 +77,36 @@ def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -
         title or f"{report['tokens_scored']} tokens scored",
         annotate_best=True,
     )
+
+
+def plot_compare(report: dict, out: str | Path) -> Path:
+    """Bars of each `compare` row's PPL on the domain text (+/- stderr) and, when scored, on the general text;
+    writes a PNG to `out` atomically and returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = report["rows"]
+    general = report.get("general_tokens_scored") is not None
+    x = np.arange(len(rows))
+    width = 0.4 if general else 0.6
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4), dpi=110)
+    domain = ax.bar(x - (width / 2 if general else 0), [r["ppl"] for r in rows], width,
+                    yerr=[r["stderr"] for r in rows], capsize=3, color="tab:blue", label="domain text")  # fmt: skip
+    ax.bar_label(domain, fmt="%.2f", fontsize=7)
+    if general:
+        bars = ax.bar(x + width / 2, [r["general_ppl"] for r in rows], width,
+                      yerr=[r["general_stderr"] for r in rows], capsize=3, color="tab:gray", label="general text")  # fmt: skip
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, [r["name"].replace(" + ", "\n+ ") for r in rows], fontsize=8)
+    ax.set_ylabel(f"perplexity ({report['protocol']} protocol, n_ctx {report['n_ctx']})")
+    ax.set_title(f"{report['tokens_scored']} domain tokens scored")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)

@@ -108,7 +108,8 @@ def format_report(report: dict) -> str:
     decoder, for the mixture at the selected lambda (the model the running `[i]` lines follow)."""
     lines = [f"{'model':<28}{'PPL':>10}{'+/-':>10}"]
     base = report["base"]
-    lines.append(f"{'base':<28}{base['ppl']:>10.4f}{base['stderr']:>10.5f}")
+    label = "base + LoRA" if report.get("lora") else "base"
+    lines.append(f"{label:<28}{base['ppl']:>10.4f}{base['stderr']:>10.5f}")
     headline = base
     if report["memdec"] is not None:
         mem = report["memdec"]

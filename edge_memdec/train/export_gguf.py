@@ -38,6 +38,10 @@ def memdec_facts(summary: dict, domain: str, base_name: str) -> dict[str, object
             "lr": float(cfg["lr"]),
             "valid_ppl": float(valid["best_ppl"]) if valid else None,
             "valid_base_ppl": float(valid["base_ppl"]) if valid else None,
+            "seconds": float(summary["seconds"]) if "seconds" in summary else None,
+            "peak_rss_mib": max(
+                (float(r["peak_rss_mib"]) for r in summary.get("ranks", []) if "peak_rss_mib" in r), default=None
+            ),
             "transfer": summary.get("transfer"),  # cross-tokenizer transfer facts (train/transfer.py), if any
         },
     }
@@ -67,3 +71,41 @@ def export_memdec(
     return convert_checkpoint(
         hf, Path(out), outtype, Path(base_gguf), facts, keep_equal_from=Path(base_gguf), split_max_bytes=split
     )
+
+
+def export_finetuned(run_dir: Path, out: Path, outtype: str, base_gguf: Path | None = None) -> Path:
+    """A `lora train` run as a GGUF: its adapter as a GGUF LoRA for the base, or (a `--full` run) the whole
+    fine-tuned model with the base's tokenizer keys. `base_gguf` defaults to the run's base."""
+    import json
+
+    from edge_memdec.convert.lora import convert_lora
+    from edge_memdec.train.finetune import ADAPTER_DIR, HF_DIR
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "train.json").is_file():
+        raise UserError(f"{run_dir} holds no finished `edge-memdec lora train` run (train.json)")
+    summary = json.loads((run_dir / "train.json").read_text())
+    base = Path(base_gguf or summary.get("base", ""))
+    if base.suffix != ".gguf":
+        raise UserError("exporting needs the base as a GGUF file; pass --model BASE.gguf")
+    facts = finetune_facts(summary)
+    if summary.get("kind") == "full":
+        return convert_checkpoint(run_dir / HF_DIR, Path(out), outtype, tokenizer_from=base, memdec={"train": facts})
+    return convert_lora(run_dir / ADAPTER_DIR, base, Path(out), outtype, train=facts)
+
+
+def finetune_facts(summary: dict) -> dict[str, object]:
+    """The training facts a fine-tuned GGUF carries (`memdec.train.*`, as a memory decoder's): what it cost
+    (positions, seconds, peak memory) and its validation PPL."""
+    valid = summary.get("validation") or {}
+    return {
+        "kind": summary["kind"],
+        "tokens": int(summary["positions_trained"]),
+        "steps": int(summary["steps"]),
+        "epochs": float(summary["epochs"]),
+        "lr": float(summary["config"]["lr"]),
+        "seconds": float(summary["seconds"]),
+        "peak_rss_mib": float(summary["peak_rss_mib"]),
+        "valid_ppl": float(valid["ppl"]) if valid else None,
+        "valid_base_ppl": float(valid["base_ppl"]) if valid else None,
+    }

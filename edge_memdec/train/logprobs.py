@@ -8,10 +8,12 @@ mixing itself is `edge_memdec.scoring`'s.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from edge_memdec.files import write_npz_atomic
 from edge_memdec.windows import Window, sliding_windows
 
 
@@ -45,3 +47,17 @@ def target_logprobs(model: torch.nn.Module, tokens: np.ndarray, n_ctx: int, stri
     for w, logprobs in window_logprobs(model, tokens, n_ctx, stride):
         out[w.first_new : w.stop] = logprobs
     return out
+
+
+def cached_target_logprobs(
+    model: torch.nn.Module, tokens: np.ndarray, n_ctx: int, stride: int, cache: Path
+) -> np.ndarray:
+    """`target_logprobs`, kept in the npz `cache` and read back while the tokens and windows are the same (a
+    resumed run does not score its base again)."""
+    if cache.is_file():
+        data = np.load(cache)
+        if np.array_equal(data["tokens"], tokens) and int(data["n_ctx"]) == n_ctx and int(data["stride"]) == stride:
+            return data["logprobs"]
+    logprobs = target_logprobs(model, tokens, n_ctx, stride)
+    write_npz_atomic(cache, tokens=tokens, n_ctx=n_ctx, stride=stride, logprobs=logprobs)
+    return logprobs

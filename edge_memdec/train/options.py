@@ -68,3 +68,34 @@ class TransferOptions(RunOptions):
     batch_windows: int | None
     n_ctx: int | None
     stride: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions:
+    """`edge-memdec lora train`: a LoRA adapter of the base (or, with `full`, every weight) on the domain text."""
+
+    source: Path  # datastore folder (its tokens) or corpus split folder (its train documents)
+    out: Path  # run folder: checkpoints, adapter/ or hf/, train.json
+    model: Path | None  # base GGUF or HF folder (None: the datastore's base, else the built-in one)
+    max_tokens: int | None  # cut the training tokens to this many
+    full: bool  # fine-tune every weight (DAPT) instead of a LoRA adapter
+    rank: int  # LoRA rank
+    alpha: float  # LoRA alpha: the update B @ A is scaled by alpha / rank
+    dropout: float  # dropout on the LoRA input
+    targets: str  # comma-separated modules the LoRA adapts, e.g. q_proj,v_proj
+    epochs: int  # passes over the training tokens
+    max_steps: int | None  # stop after this many optimizer steps
+    lr: float | None  # peak learning rate (None: the kind's default), linear decay to 0
+    batch_windows: int  # windows per step (all ranks)
+    n_ctx: int  # training window length, tokens
+    stride: int  # training window stride, tokens
+    checkpoint_every: int  # optimizer steps between checkpoints
+    valid_corpus: Path | None  # split folder whose validation documents are scored
+    valid_tokens: int  # validation tokens (whole documents, seeded sample)
+    valid_every: int  # also validate every N steps (0: at epoch ends only)
+    resume: bool  # continue the run in `out` from its checkpoint
+    export: Path | None  # also write this GGUF (the adapter, or the whole model with `full`)
+    outtype: str  # GGUF weight type for `export`
+    threads: int  # torch threads per process
+    seed: int  # seed of the data order and the LoRA init
+    device: str  # auto, cpu, cuda or mps

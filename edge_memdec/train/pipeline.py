@@ -13,7 +13,7 @@ from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
-from edge_memdec.train.options import TrainOptions
+from edge_memdec.train.options import FinetuneOptions, TrainOptions
 
 
 def check_threads(threads: int) -> None:
@@ -83,8 +83,9 @@ def train_command(opts: TrainOptions) -> dict:
     from edge_memdec.train.datastore import read_manifest
     from edge_memdec.train.export_gguf import check_export_options, export_memdec
     from edge_memdec.train.memdec_model import MemdecShape, parse_layers
+    from edge_memdec.train.steps import distributed
     from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import TrainConfig, distributed, train
+    from edge_memdec.train.trainer import TrainConfig, train
 
     check_export_options(opts)
     ds = read_manifest(opts.datastore)
@@ -267,3 +268,90 @@ def sweep_knn_params(
         "seconds": time.perf_counter() - t0,
     }
     return sweep, (keys, values, index)
+
+
+def finetune_tokens(source: Path, model: Path | None, max_tokens: int | None, seed: int) -> tuple:
+    """(training tokens, base path, facts about the source) of `lora train`: a datastore's own tokens (the memory
+    decoder's token budget), or the train documents of a split folder tokenized by the base."""
+    from edge_memdec.train.datastore import MANIFEST, read_manifest
+    from edge_memdec.train.stream import token_stream
+
+    source = Path(source)
+    if (source / MANIFEST).is_file():
+        ds = read_manifest(source)
+        base = Path(model or ds["base"])
+        if model is not None and Path(model) != Path(ds["base"]):
+            if load_tokenizer(base).get_vocab() != load_tokenizer(Path(ds["base"])).get_vocab():
+                raise UserError(
+                    f"the datastore {source} was tokenized by {ds['base']}, whose vocabulary differs from "
+                    f"{base}'s; train on a datastore of this base or on a split folder"
+                )
+        tokens = np.load(source / "tokens.npy")
+        facts = {"datastore": str(source), "corpus": ds.get("corpus")}
+    else:
+        base = Path(model or default_base_gguf())
+        tokens = token_stream(load_tokenizer(base), split_documents_of(source, "train"), max_tokens, seed)
+        facts = {"corpus": str(source), "split": "train"}
+    return (tokens if max_tokens is None else tokens[:max_tokens]), base, facts
+
+
+def finetune_command(opts: FinetuneOptions) -> dict:
+    """`edge-memdec lora train`: a LoRA adapter (or with --full every weight) of the base on the domain text,
+    validated on the validation split, exported when asked."""
+    from edge_memdec.train.export_gguf import export_finetuned
+    from edge_memdec.train.finetune import DEFAULT_LR, FinetuneConfig, finetune
+    from edge_memdec.train.steps import distributed
+    from edge_memdec.train.stream import token_stream
+
+    check_threads(opts.threads)
+    if opts.export is not None:
+        from edge_memdec.files import check_output_path
+
+        check_output_path(opts.export, suffix=".gguf")
+    tokens, base, facts = finetune_tokens(opts.source, opts.model, opts.max_tokens, opts.seed)
+    if opts.export is not None and base.suffix != ".gguf":
+        raise UserError("--export needs the base as a GGUF file (the adapter is checked against it); pass -m BASE.gguf")
+    valid_corpus = opts.valid_corpus
+    if valid_corpus is None and facts.get("corpus") and (Path(facts["corpus"]) / "manifest.json").is_file():
+        valid_corpus = Path(facts["corpus"])  # the validation split of the corpus the tokens came from
+    rank, _ = distributed()
+    valid = None
+    if valid_corpus is not None and rank == 0:
+        docs = split_documents_of(valid_corpus, "validation")
+        valid = token_stream(load_tokenizer(base), docs, opts.valid_tokens, opts.seed)
+    kind = "full" if opts.full else "lora"
+    cfg = FinetuneConfig(
+        base=base,
+        out=Path(opts.out),
+        full=opts.full,
+        rank=opts.rank,
+        alpha=opts.alpha,
+        dropout=opts.dropout,
+        targets=tuple(t.strip() for t in opts.targets.split(",") if t.strip()),
+        epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        lr=opts.lr if opts.lr is not None else DEFAULT_LR[kind],
+        batch_windows=opts.batch_windows,
+        n_ctx=opts.n_ctx,
+        stride=opts.stride,
+        checkpoint_every=opts.checkpoint_every,
+        seed=opts.seed,
+        threads=opts.threads,
+        device=opts.device,
+        valid_every=opts.valid_every,
+    )
+    summary = finetune(cfg, tokens, valid, opts.resume, facts)
+    if rank == 0:
+        v = summary["validation"]
+        what = "fine-tuned every weight" if opts.full else "trained a LoRA adapter"
+        line = (
+            f"{what}: {summary['params_trained'] / 1e6:.2f}M of {summary['params_total'] / 1e6:.2f}M params, "
+            f"{summary['steps']} steps, {summary['positions_trained']} positions, {summary['seconds']:.0f} s, "
+            f"peak {summary['peak_rss_mib']:.0f} MiB"
+        )
+        if v:
+            line += f"; validation PPL base {v['base_ppl']:.3f}, fine-tuned {v['ppl']:.3f}"
+        print(line)
+        if opts.export is not None:
+            print(f"exported {export_finetuned(opts.out, opts.export, opts.outtype, base)}")
+    return summary

@@ -303,8 +303,9 @@ def transfer_command(opts: TransferOptions) -> dict:
     from edge_memdec.train.base import load_base
     from edge_memdec.train.export_gguf import check_export_options, export_memdec
     from edge_memdec.train.memdec_model import n_params
+    from edge_memdec.train.steps import distributed
     from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import TrainConfig, Validator, distributed, train
+    from edge_memdec.train.trainer import TrainConfig, Validator, train
 
     check_export_options(opts)
     if opts.new_rows not in NEW_ROWS:

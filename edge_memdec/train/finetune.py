@@ -1,0 +1,247 @@
+"""Fine-tuning the base itself on the domain text: a LoRA adapter (peft), or every weight (`full`: DAPT).
+
+The baselines a memory decoder is weighed against, trained on the same tokens (a datastore's, or a split's train
+documents) cut into the same sliding windows, with next-token cross-entropy and the loop every training command
+shares (`steps.py`: checkpoints, `--resume`, torchrun ranks). A LoRA run leaves `adapter/` (peft's folder), a
+full one `hf/` (a checkpoint `convert` reads), and both `train.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from edge_memdec.errors import UserError
+from edge_memdec.files import atomic_dir, write_json_atomic
+from edge_memdec.scoring import ppl_of
+from edge_memdec.train.base import load_base
+from edge_memdec.train.device import autocast, resolve_device
+from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
+from edge_memdec.train.steps import StepPlan, best_validation, distributed, optimise
+from edge_memdec.train.trainer import VALID_BASE_CACHE, save_model, window_states
+from edge_memdec.windows import Window, sliding_windows
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's matrices
+ADAPTER_DIR, HF_DIR = "adapter", "hf"  # what a LoRA run and a full run leave in the run folder
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual starting points for each kind
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on; its fingerprint is checkpointed so a resume uses the same."""
+
+    base: Path  # base GGUF or HF folder
+    out: Path  # run folder
+    full: bool = False  # every weight (DAPT) instead of a LoRA adapter
+    rank: int = 16
+    alpha: float = 32.0  # the LoRA update is scaled by alpha / rank
+    dropout: float = 0.05  # dropout on the LoRA's input
+    targets: tuple[str, ...] = LORA_TARGETS
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = DEFAULT_LR["lora"]
+    batch_windows: int = 4  # windows per optimizer step (over all ranks)
+    n_ctx: int = 1024
+    stride: int = 512
+    checkpoint_every: int = 50  # steps
+    eval_ctx: int = 1024
+    eval_stride: int = 512
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.full else "lora"
+
+    def check(self) -> None:
+        """One sentence for the first option out of range."""
+        if not self.full:
+            unknown = [t for t in self.targets if t not in LORA_TARGETS]
+            if unknown or not self.targets:
+                raise UserError(
+                    f"--targets takes some of {','.join(LORA_TARGETS)}, got {','.join(self.targets) or 'none'}"
+                )
+            if self.rank < 1 or not self.alpha > 0 or not 0 <= self.dropout < 1:
+                raise UserError("--rank must be at least 1, --alpha above 0 and --dropout in [0, 1)")
+        if not (self.n_ctx >= 2 and 0 < self.stride <= self.n_ctx):
+            raise UserError(f"need --n-ctx >= 2 and 0 < --stride <= --n-ctx, got {self.n_ctx} and {self.stride}")
+        if self.batch_windows < 1 or self.epochs < 1 or not self.lr > 0 or self.checkpoint_every < 1:
+            raise UserError("--batch-windows, --epochs and --checkpoint-every must be at least 1 and --lr above 0")
+
+    def fingerprint(self, tokens: np.ndarray) -> dict:
+        """The settings and training tokens that must not change across a resume."""
+        skip = {"out", "threads", "device", "checkpoint_every", "valid_every"}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
+        settings["targets"] = list(self.targets)
+        return {**settings, "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
+
+
+class OwnPpl:
+    """The adapted model's own PPL on validation text, beside the base's (computed once, cached in the run)."""
+
+    key = "ppl"
+
+    def __init__(self, base: torch.nn.Module, tokens: np.ndarray, out: Path, n_ctx: int, stride: int):
+        self.tokens, self.n_ctx, self.stride = tokens, n_ctx, stride
+        self.base_lp = cached_target_logprobs(base, tokens, n_ctx, stride, out / VALID_BASE_CACHE)
+
+    def __call__(self, model: torch.nn.Module) -> dict:
+        """{"tokens", "base_ppl", "ppl"} of the current model."""
+        model.eval()
+        lp = target_logprobs(causal_lm(model), self.tokens, self.n_ctx, self.stride)
+        model.train()
+        return {"tokens": len(lp), "base_ppl": ppl_of(self.base_lp), "ppl": ppl_of(lp)}
+
+    def describe(self, v: dict) -> str:
+        return f"base {v['base_ppl']:.3f} fine-tuned {v['ppl']:.3f}"
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside a peft model (with its LoRA layers), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def adaptable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """The base wrapped in a fresh LoRA adapter (B = 0: it starts as the base), or the base with every weight
+    trainable."""
+    if cfg.full:
+        return plain_copy(model, f"{Path(cfg.base).stem}-dapt").requires_grad_(True)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
+    )
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def plain_copy(model: PreTrainedModel, name: str) -> PreTrainedModel:
+    """The same model named `name`, without the record of a GGUF it was read from (transformers refuses to save
+    a model it believes quantized), so a full fine-tune saves as an ordinary checkpoint."""
+    settings = model.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings["_name_or_path"] = name
+    copy = type(model)(type(model.config)(**settings))
+    copy.load_state_dict(model.state_dict())
+    return copy.to(model.device)
+
+
+def window_ce(model, tokens: np.ndarray, w: Window, a: int, b: int, count: int, device) -> torch.Tensor:
+    """Forward window `w`, backpropagate the next-token cross-entropy of its positions [a, b) / `count`;
+    returns the summed cross-entropy (nats) on the CPU, float [1]."""
+    with autocast(device):
+        states = window_states(model, tokens, None, w, 0, device)
+        logits = model.lm_head(states[a - w.begin : b - w.begin])
+    targets = torch.from_numpy(tokens[a + 1 : b + 1].astype(np.int64)).to(device)
+    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    (ce / count).backward()
+    return ce.detach().cpu()[None]
+
+
+def save_trained(model: torch.nn.Module, out: Path, full: bool) -> None:
+    """The fine-tuned model as `out/hf` (full) or the adapter alone as `out/adapter`, atomically."""
+    if full:
+        save_model(model, out / HF_DIR)
+        return
+    with atomic_dir(out / ADAPTER_DIR) as temp:
+        model.save_pretrained(temp, save_embedding_layers=False)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    tokens: np.ndarray,
+    valid_tokens: np.ndarray | None = None,
+    resume: bool = False,
+    source: dict | None = None,
+) -> dict:
+    """Train (or resume) a LoRA adapter or a full fine-tune of `cfg.base` on `tokens` (int32 ids of the base's
+    tokenizer); rank 0 writes the model and `out/train.json` and returns its summary."""
+    cfg.check()
+    rank, world = distributed()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(tokens) < 2:
+        raise UserError("the training text has fewer than 2 tokens; give it more text")
+    base = load_base(Path(cfg.base))
+    n_vocab = base.model.config.vocab_size
+    if int(tokens.max()) >= n_vocab:
+        raise UserError(
+            f"the training tokens hold id {int(tokens.max())} but the base has {n_vocab} tokens; "
+            "make them with this base's tokenizer"
+        )
+    device = resolve_device(cfg.device)
+    base.model.to(device)
+    validator = None
+    if valid_tokens is not None and rank == 0:
+        validator = OwnPpl(base.model, valid_tokens, out, cfg.eval_ctx, cfg.eval_stride)
+    torch.manual_seed(cfg.seed)
+    model = adaptable(base.model, cfg).to(device)
+    inner = causal_lm(model)
+    plan = StepPlan(
+        sliding_windows(len(tokens), cfg.n_ctx, cfg.stride),
+        len(tokens) - 1,
+        cfg.batch_windows,
+        cfg.epochs,
+        cfg.max_steps,
+        cfg.seed,
+    )
+
+    def window_loss(w: Window, a: int, b: int, count: int) -> torch.Tensor:
+        return window_ce(inner, tokens, w, a, b, count, device)
+
+    done, ranks = optimise(
+        model,
+        plan,
+        window_loss,
+        parts=("ce",),
+        lr=cfg.lr,
+        out=out,
+        fingerprint=cfg.fingerprint(tokens),
+        checkpoint_every=cfg.checkpoint_every,
+        valid_every=cfg.valid_every,
+        validator=validator,
+        keep=lambda m: save_trained(m, out, cfg.full),
+        resume=resume,
+        device=device,
+    )
+    summary = {}
+    if rank == 0:
+        best = best_validation(done.history, OwnPpl.key)
+        if best is None:
+            save_trained(model, out, cfg.full)
+        summary = {
+            "kind": cfg.kind,
+            "base": str(cfg.base),
+            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "steps": done.step,
+            "epochs": done.step / plan.per_epoch,
+            "positions_trained": done.positions,
+            "source_positions": plan.n_positions,
+            "seconds": done.seconds,
+            "positions_per_second": done.positions / max(done.seconds, 1e-9),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
+            "ranks": ranks,
+            "source": source or {},
+            "config": cfg.fingerprint(tokens),
+            "validation": best["validation"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "history": done.history,
+        }
+        write_json_atomic(out / "train.json", summary)
+    if world > 1:
+        dist.barrier()
+    return summary
+
