@@ -105,6 +105,8 @@ def job_key(
         "lambdas": list(lambdas),
         "lambda": pair.lam,
         "models": files,
+        "flash_attn": pair.base.options.flash_attn,
+        "n_ubatch": pair.base.n_ubatch,
     }
 
 
@@ -238,6 +240,8 @@ def _report(
         "protocol": protocol,
         "n_ctx": n_ctx,
         "stride": stride if protocol == "paper" else n_ctx,
+        "flash_attn": {None: "auto", True: "on", False: "off"}[pair.base.options.flash_attn],
+        "n_ubatch": pair.base.n_ubatch,
         "tokens_scored": acc_base.count,
         "base": acc_base.report(),
         "memdec": acc_mem.report() if has_memdec else None,
