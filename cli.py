@@ -270,9 +270,18 @@ def perplexity(
         ),
     ] = None,
     protocol: Annotated[
-        str, typer.Option("--protocol", help="paper (sliding windows) or llama (llama-perplexity's chunks).")
+        str,
+        typer.Option(
+            "--protocol", help="paper (sliding windows) or llama (llama-perplexity's chunks and its defaults)."
+        ),
     ] = "paper",
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window (chunk) size in tokens.")] = 1024,
+    ctx_size: Annotated[
+        Optional[int], typer.Option("-c", "--ctx-size", help="Window (chunk) size in tokens (paper 1024, llama 512).")
+    ] = None,
+    ubatch_size: Annotated[
+        Optional[int],
+        typer.Option("-ub", "--ubatch-size", help="Tokens llama.cpp computes at once (paper: the window, llama 512)."),
+    ] = None,
     stride: Annotated[
         Optional[int],
         typer.Option("--stride", help="Window step for the paper protocol (default: half of -c)."),
@@ -300,7 +309,10 @@ def perplexity(
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
-    flash_attn: FlashAttnOpt = "off",
+    flash_attn: Annotated[
+        Optional[str],
+        typer.Option("-fa", "--flash-attn", help="on, off or auto (paper: off, exact attention; llama: auto)."),
+    ] = None,
     lora: LoraOpt = None,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
@@ -334,6 +346,10 @@ def perplexity(
         else ([lam] if lam is not None else list(defaults.PERPLEXITY_LAMBDAS))
     )
     base, mem = _model_paths(model, memdec, no_memdec)
+    protocol_defaults = defaults.PERPLEXITY_SETTINGS.get(protocol, defaults.PERPLEXITY_SETTINGS["paper"])
+    ctx_size = protocol_defaults["n_ctx"] if ctx_size is None else ctx_size
+    ubatch_size = protocol_defaults["n_ubatch"] if ubatch_size is None else ubatch_size
+    flash_attn = protocol_defaults["flash_attn"] if flash_attn is None else flash_attn
     if ctx_size < 2:
         raise UserError(f"-c must be at least 2, got {ctx_size}")
     lm = MemoryDecoderLM(
@@ -344,6 +360,7 @@ def perplexity(
         memdec_gpu_layers=memdec_ngl,
         n_ctx=ctx_size,
         n_batch=ctx_size,
+        n_ubatch=ubatch_size,
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),

@@ -9,7 +9,7 @@ from typing import Any
 
 from edge_memdec.chat_format import ChatFormat
 from edge_memdec.decode import Generation, SamplingParams
-from edge_memdec.defaults import PERPLEXITY_LAMBDAS
+from edge_memdec.defaults import PERPLEXITY_LAMBDAS, PERPLEXITY_SETTINGS
 from edge_memdec.errors import UserError
 from edge_memdec.llama_model import ModelOptions
 from edge_memdec.pair import ModelPair
@@ -116,7 +116,7 @@ class MemoryDecoderLM:
         self,
         text: str,
         protocol: str = "paper",
-        n_ctx: int = 1024,
+        n_ctx: int | None = None,
         stride: int | None = None,
         lambdas: Sequence[float] = PERPLEXITY_LAMBDAS,
         max_windows: int | None = None,
@@ -124,7 +124,11 @@ class MemoryDecoderLM:
     ) -> dict:
         """Base, memory decoder and mixed perplexity of `text` in one pass (the `--json` report's data).
 
-        Windows of `n_ctx` tokens moved by `stride` (default n_ctx // 2) for the paper protocol."""
+        Windows of `n_ctx` tokens (default: the protocol's, 1024 paper, 512 llama) moved by `stride` (default
+        n_ctx // 2) for the paper protocol. Flash attention and the compute batch are the pair's, set when it
+        was opened (`flash_attn`, `n_ubatch`)."""
+        if n_ctx is None:
+            n_ctx = PERPLEXITY_SETTINGS.get(protocol, PERPLEXITY_SETTINGS["paper"])["n_ctx"]
         return perplexity(self.pair, text, protocol, n_ctx, stride, lambdas, max_windows, progress)
 
     def close(self) -> None:

@@ -17,6 +17,13 @@ DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM'
 PERPLEXITY_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))  # `perplexity`'s table: 0, 0.1, ..., 1
 VALIDATION_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # training: validation, kNN sweep
 
+# `perplexity` per protocol: window (tokens), flash attention, and tokens per llama.cpp compute batch (None: the
+# whole window in one); "llama" takes llama-perplexity's own defaults, so the same flags give the same number
+PERPLEXITY_SETTINGS = {
+    "paper": {"n_ctx": 1024, "flash_attn": "off", "n_ubatch": None},  # off: exact attention (CPU fa is f16)
+    "llama": {"n_ctx": 512, "flash_attn": "auto", "n_ubatch": 512},
+}
+
 # sampling (llama.cpp's names and defaults): SamplingParams, `chat` and the llm plugin
 MAX_TOKENS = 256  # most tokens generated; the answer also ends on EOS/EOT, a stop string or a full context
 TEMPERATURE = 0.8  # <= 0 means greedy

@@ -58,6 +58,7 @@ class ModelOptions:
 
     n_ctx: int = 2048  # context length in tokens (KV cache size); 0 = the model's training context
     n_batch: int = 512  # most tokens given to one llama_decode call
+    n_ubatch: int | None = None  # tokens llama.cpp computes at once inside a call (llama.cpp's -ub); None = n_batch
     n_threads: int | None = None  # CPU threads for one-token decode steps; None = default_threads()
     n_threads_batch: int | None = None  # CPU threads for prompt batches; None = n_threads
     n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); ignored by a CPU-only build
@@ -113,11 +114,13 @@ class LlamaModel:
                 f"context size {n_ctx} is larger than {self.path.name}'s training context {self.n_ctx_train}; "
                 f"pass -c {self.n_ctx_train} or less"
             )
+        if options.n_ubatch is not None and options.n_ubatch < 1:
+            raise UserError(f"-ub/--ubatch-size must be at least 1, got {options.n_ubatch}")
         n_threads = options.n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = min(options.n_batch, n_ctx)
-        cparams.n_ubatch = min(options.n_batch, n_ctx)
+        cparams.n_ubatch = min(options.n_ubatch or options.n_batch, cparams.n_batch)
         cparams.n_seq_max = 1
         cparams.n_threads = n_threads
         cparams.n_threads_batch = options.n_threads_batch or n_threads
@@ -149,6 +152,7 @@ class LlamaModel:
         self._apply_loras()
         self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch: int = cparams.n_batch
+        self.n_ubatch: int = cparams.n_ubatch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._embd_batch = None  # made by the first eval_rows

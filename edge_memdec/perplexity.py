@@ -105,6 +105,8 @@ def job_key(
         "lambdas": list(lambdas),
         "lambda": pair.lam,
         "models": files,
+        "flash_attn": pair.base.options.flash_attn,
+        "n_ubatch": pair.base.n_ubatch,
         **({"lora": [[lora.path.name, lora.n_bytes, scale] for lora, scale in pair.base.loras]} if pair.base.loras else {}),
     }
 
@@ -239,6 +241,8 @@ def _report(
         "protocol": protocol,
         "n_ctx": n_ctx,
         "stride": stride if protocol == "paper" else n_ctx,
+        "flash_attn": {None: "auto", True: "on", False: "off"}[pair.base.options.flash_attn],
+        "n_ubatch": pair.base.n_ubatch,
         "tokens_scored": acc_base.count,
         "base": acc_base.report(),
         "lora": [{"file": lora.path.name, "scale": scale} for lora, scale in pair.base.loras],

@@ -139,9 +139,13 @@ def format_report(report: dict) -> str:
             f"(kNN-LM: base in PyTorch fp32, PPL {knn['base_pytorch']['ppl']:.4f}; k {knn['k']}, T {knn['temperature']:g}, "
             f"{knn['datastore_positions']} datastore entries)"
         )
+    settings = "".join(
+        f", {label} {report[key]}" for key, label in (("flash_attn", "flash attention"), ("n_ubatch", "ubatch"))
+        if key in report
+    )  # fmt: skip
     lines.append(
         f"{report['tokens_scored']} tokens scored, {report['protocol']} protocol, n_ctx {report['n_ctx']}, "
-        f"stride {report['stride']}, {report['seconds']:.1f} s"
+        f"stride {report['stride']}{settings}, {report['seconds']:.1f} s"
     )
     lines.append(f"Final estimate: PPL = {headline['ppl']:.4f} +/- {headline['stderr']:.5f}")
     return "\n".join(lines)

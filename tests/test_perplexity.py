@@ -123,6 +123,28 @@ def test_cli_llama_protocol_prints_running_lines_and_final_estimate(
     assert re.search(r"Final estimate: PPL = \d+\.\d{4} \+/- \d+\.\d{5}", result.output)
 
 
+def test_cli_llama_protocol_takes_llama_perplexitys_defaults(smollm2_gguf, tmp_path, legal_text):
+    """--protocol llama alone means llama-perplexity's -c 512 -fa auto -ub 512; the paper protocol keeps its
+    exact attention. Flash attention moves the number, so the defaults must agree for the numbers to."""
+    text = tmp_path / "legal.txt"
+    text.write_text(legal_text, encoding="utf-8")
+
+    def report(*flags: str) -> dict:
+        out = tmp_path / "report.json"
+        args = ["perplexity", "-m", str(smollm2_gguf), "--no-memdec", "-f", str(text), "--chunks", "2", "-t", "2"]
+        result = CliRunner().invoke(app, [*args, *flags, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())
+
+    llama = report("--protocol", "llama")
+    assert (llama["n_ctx"], llama["flash_attn"], llama["n_ubatch"]) == (512, "auto", 512)
+    assert report("--protocol", "llama", "-c", "512", "-fa", "auto", "-ub", "512")["base"] == llama["base"]
+    exact = report("--protocol", "llama", "-fa", "off")
+    assert exact["flash_attn"] == "off" and exact["base"]["ppl"] != llama["base"]["ppl"]
+    paper = report("--chunks", "1")
+    assert (paper["n_ctx"], paper["flash_attn"], paper["n_ubatch"]) == (1024, "off", 1024)
+
+
 def test_cli_json_and_plot(smollm2_gguf, tiny_memdec_gguf, tmp_path, legal_text):
     text = tmp_path / "legal.txt"
     text.write_text(legal_text, encoding="utf-8")
