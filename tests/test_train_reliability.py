@@ -198,7 +198,7 @@ def test_full_disk_during_knn_targets_is_one_line(reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def small(reference, tmp_path_factory) -> Path:
-    """The first 25 shards (3,232 positions) of the reference datastore as a datastore of its own."""
+    """The first 25 shards (~3,200 positions) of the reference datastore as a datastore of its own."""
     ds = copy_datastore(reference, tmp_path_factory.mktemp("small") / "ds")
     unfinish(ds, keep=25)
     trim_to_finished(ds)
@@ -206,12 +206,13 @@ def small(reference, tmp_path_factory) -> Path:
 
 
 def test_ivfpq_excludes_self_by_index_and_agrees_with_exact_search(small, tmp_path):
-    """IVF-PQ scaled down to 3,232 64-dim keys. Coarse codes (16 lists, 8 bytes) rank another key above the
+    """IVF-PQ scaled down to ~3,200 64-dim keys (25 shards). Coarse codes (16 lists, 8 bytes) rank another key above the
     query's own entry for ~3% of queries: it is still the one dropped, by index. Targets from `auto` above its
     threshold (32 lists, 32-byte codes, nprobe 8) are normalised, and their top-1 token agrees with exact search
-    on ~0.91 of positions (measured 0.911)."""
-    keys, n = load_keys(small), 3_232
-    assert keys.shape == (n, 64)
+    on ~0.9 of positions (measured 0.903 on carried keys, 0.911 on windowed ones)."""
+    keys = load_keys(small)
+    n = keys.shape[0]  # 25 shards: 3,200 positions of the carried pass (3,232 of 1024/512-style windows)
+    assert keys.shape == (n, 64) and 3_000 < n < 3_300
     coarse = build_index(keys, "ivfpq", nprobe=4, lists=16, pq_bytes=8)
     distances, neighbours = coarse.search(keys, 9)
     own = np.arange(n)
