@@ -52,11 +52,7 @@ def lambda_plot(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        return write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    return _save(fig, out)
 
 
 def plot_lambda_sweep(report: dict, out: str | Path, title: str | None = None) -> Path:
@@ -105,6 +101,13 @@ def plot_compare(report: dict, out: str | Path) -> Path:
     ax.set_title(f"{report['tokens_scored']} domain tokens scored")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    """Lay out `fig`, write it as a PNG at `out` atomically, and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         return write_atomic(out, lambda tmp: fig.savefig(tmp, format="png"))
