@@ -219,11 +219,18 @@ def chat(
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
     raw: Annotated[bool, typer.Option("--raw", help="Plain text completion, no chat template.")] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain", help="Show how the memory decoder moved each token (colour on a terminal, a table piped)."
+        ),
+    ] = False,
     lora: LoraOpt = None,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
-    """Chat with the base model (+ LoRA) + memory decoder (streamed; Ctrl-C stops an answer)."""
+    """Chat with the base model (+ LoRA) + memory decoder (streamed; Ctrl-C stops an answer, /help lists the
+    chat commands)."""
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.chat_session import ChatSession
 
@@ -248,7 +255,7 @@ def chat(
         lora=lora or (),
         log_llama=_log_llama(verbose, log_llama),
     )
-    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0)
+    session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0, explain=explain)
     if prompt is not None:
         session.answer(prompt)
     else:

@@ -2,6 +2,7 @@
 
 Ctrl-C during an answer stops that answer and keeps the session; Ctrl-C or Ctrl-D at the prompt ends it.
 When the conversation no longer fits the context, the oldest turns are dropped (and the user is told).
+Interactive lines starting with "/" are commands (COMMANDS; "//" sends a message that starts with "/").
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, TextIO
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
+from edge_memdec.defaults import check_lambda
 from edge_memdec.errors import UserError
+from edge_memdec.explain_view import LEGEND, is_terminal, report, tint, use_colour
 
 RESERVE_TOKENS = 16  # room kept free for at least the start of an answer
 
@@ -27,21 +30,34 @@ class ChatSession:
         raw: bool = False,
         sampling: dict[str, Any] | None = None,
         verbose: bool = False,
+        explain: bool = False,
         out: TextIO | None = None,
         err: TextIO | None = None,
     ) -> None:
         self.lm = lm
         self.raw = raw
-        self.sampling = sampling or {}
+        self.sampling = dict(sampling or {})
         self.verbose = verbose
+        self.explain = explain
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict[str, str]] = []
         self.cancel = threading.Event()
+        self.lam: float | None = self.sampling.pop("lam", None)  # None: the pair's own lambda
+        self.memdec_on = True
 
     def reset(self) -> None:
         self.turns.clear()
+
+    @property
+    def effective_lambda(self) -> float | None:
+        """The memory decoder's weight for the next answer (None when the pair has no decoder)."""
+        if self.lm.pair.memdec is None:
+            return None
+        if not self.memdec_on:
+            return 0.0
+        return self.lm.lam if self.lam is None else self.lam
 
     def _prompt_tokens(self, user_text: str) -> list[int]:
         if self.raw:
@@ -68,12 +84,17 @@ class ChatSession:
         """Generate and print the reply to one user message (or one raw prompt)."""
         tokens = self._prompt_tokens(user_text)
         self.cancel.clear()
-        generation = self.lm.start(tokens, cancel=self.cancel, **self.sampling)
+        lam = self.effective_lambda
+        sampling = self.sampling if lam is None else self.sampling | {"lam": lam}
+        coloured = self.explain and use_colour(self.out)
+        generation = self.lm.start(tokens, cancel=self.cancel, explain=self.explain, **sampling)
         with _ctrl_c_sets(self.cancel):
             for piece in generation:
-                self.out.write(piece)
+                self.out.write(tint(piece, piece.tokens) if coloured else piece)
                 self.out.flush()
         self.out.write("\n")
+        if self.explain:
+            self.out.write("".join(line + "\n" for line in report(generation.traces, is_terminal(self.out))))
         self.out.flush()
         if not self.raw:
             self.turns.append({"role": "assistant", "content": generation.text})
@@ -86,14 +107,16 @@ class ChatSession:
                 f"[{len(generation.tokens)} tokens in {generation.decode_seconds:.2f} s, "
                 f"{generation.tokens_per_second:.1f} tok/s; prompt {len(generation.prompt_tokens)} tokens "
                 f"({generation.n_cached} cached) in {generation.prompt_seconds:.2f} s; "
-                f"lambda {format(self.lm.lam, 'g') if self.lm.pair.memdec else 'none'}]",
+                f"lambda {'none' if lam is None else format(lam, 'g')}]",
                 file=self.err,
             )
         return generation
 
     def interact(self, read: Callable[[str], str] = input) -> None:
-        """Read messages until EOF, Ctrl-C at the prompt, or /exit; /reset forgets the conversation."""
-        print("chat: Ctrl-C stops an answer, Ctrl-D or /exit ends, /reset starts over", file=self.err)
+        """Read messages until EOF, Ctrl-C at the prompt, or /exit; other /commands change the session."""
+        print("chat: Ctrl-C stops an answer, Ctrl-D or /exit ends, /help lists the commands", file=self.err)
+        if self.explain and use_colour(self.out):
+            print(LEGEND, file=self.err)
         while True:
             try:
                 line = read("> ")
@@ -101,17 +124,76 @@ class ChatSession:
                 print(file=self.err)
                 return
             text = line.strip()
-            if text in ("/exit", "/quit"):
-                return
-            if text == "/reset":
-                self.reset()
-                continue
             if not text:
                 continue
             try:
-                self.answer(line)
+                if text.startswith("/") and not text.startswith("//"):
+                    if self.command(text) == "exit":
+                        return
+                    continue
+                self.answer(line.replace("//", "/", 1) if text.startswith("//") else line)
             except UserError as err:
                 print(f"error: {err}", file=self.err)
+
+    def command(self, text: str) -> str | None:
+        """Run one /command line; "exit" when the session should end. A bad one raises UserError."""
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name not in COMMANDS:
+            raise UserError(f"unknown command {name}; /help lists the commands")
+        if name == "/help":
+            print("\n".join(f"  {usage:<18} {what}" for usage, what in COMMANDS.values()), file=self.err)
+        elif name == "/reset":
+            self.reset()
+            print("[conversation cleared]", file=self.err)
+        elif name == "/system":
+            self.system = [{"role": "system", "content": arg}] if arg else []
+            print(f"[system message {'set' if arg else 'removed'}]", file=self.err)
+        elif name == "/explain":
+            self.explain = _on_off(name, arg)
+            print(f"[explain {'on' if self.explain else 'off'}]", file=self.err)
+            if self.explain and use_colour(self.out):
+                print(LEGEND, file=self.err)
+        else:
+            self._memdec_command(name, arg)
+        return None
+
+    def _memdec_command(self, name: str, arg: str) -> None:
+        """/lambda X and /memdec on|off."""
+        if self.lm.pair.memdec is None:
+            raise UserError(f"{name} needs a memory decoder; this chat runs the base model alone")
+        if name == "/memdec":
+            self.memdec_on = _on_off(name, arg)
+        else:
+            try:
+                lam = float(arg)
+            except ValueError:
+                raise UserError(f"/lambda takes a number between 0 and 1, got {arg!r}") from None
+            self.lam = check_lambda(lam)
+            self.memdec_on = True
+        if self.memdec_on:
+            print(f"[memory decoder on, lambda {format(self.effective_lambda, 'g')}]", file=self.err)
+        else:
+            print("[memory decoder off: the base model answers alone (lambda 0)]", file=self.err)
+
+
+COMMANDS = {
+    "/lambda": ("/lambda X", "the memory decoder's weight (0 to 1) from the next answer on"),
+    "/memdec": ("/memdec on|off", "mix the memory decoder in, or answer with the base alone"),
+    "/explain": ("/explain on|off", "show how the memory decoder moved each token"),
+    "/system": ("/system TEXT", "set the system message (no text: remove it)"),
+    "/reset": ("/reset", "forget the conversation"),
+    "/help": ("/help", "this list"),
+    "/exit": ("/exit", "end the chat (also /quit, Ctrl-D)"),
+}
+
+
+def _on_off(name: str, arg: str) -> bool:
+    if arg.lower() not in ("on", "off"):
+        raise UserError(f"{name} takes on or off, got {arg!r}")
+    return arg.lower() == "on"
 
 
 class _ctrl_c_sets:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -142,3 +143,77 @@ def test_ctrl_c_stops_the_answer_but_not_the_session(smollm2_gguf, tiny_memdec_g
     assert proc.returncode == 0, err
     assert "[stopped]" in err
     assert "Traceback" not in err
+
+
+def _chat(args: list[str], stdin: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_memdec.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=240, env=env)  # fmt: skip
+
+
+def test_chat_commands_change_the_next_answer_and_bad_ones_are_one_line(smollm2_gguf, tiny_memdec_gguf):
+    from edge_memdec import MemoryDecoderLM
+
+    question = "What is copyleft?"
+    lines = ["/lambda 2", "/memdec maybe", "/nope", "/explain on", "/memdec off", question, "/memdec on",
+             "/lambda 0.9", "/reset", question, "/explain off", "/system Answer in French.", "/reset",
+             "//lambda is a word", "/exit", "never read"]  # fmt: skip
+    proc = _chat(chat_args(smollm2_gguf, tiny_memdec_gguf, "-n", "8", "--temp", "0"), "\n".join(lines) + "\n")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 3
+    assert "lambda must be between 0 and 1, got 2.0" in errors[0] and "on or off" in errors[1]
+    assert "unknown command /nope; /help lists the commands" in errors[2]
+    out = [re.sub(r"^(> )+", "", line) for line in proc.stdout.split("\n")]  # input()'s prompts
+    first = out.index("token\tp_base\tp_mem\tp_mix\trank_base\trank_mix\tchanged\ttop_base\ttop_mix")
+    second = out.index(out[first], first + 1)  # the two explained answers' tables
+    rows_off = [[float(x) for x in row.split("\t")[1:4]] for row in out[first + 1 : first + 9]]
+    rows_09 = [[float(x) for x in row.split("\t")[1:4]] for row in out[second + 1 : second + 9]]
+    assert all(p_mix == p_base for p_base, _, p_mix in rows_off)  # /memdec off: lambda 0
+    assert all(abs(p_mix - (0.1 * p_base + 0.9 * p_mem)) < 2e-3 for p_base, p_mem, p_mix in rows_09)
+    assert any(p_mix < 0.5 * p_base for p_base, _, p_mix in rows_09)
+    messages = [{"role": "user", "content": question}]
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=512, n_threads=2) as lm:
+        off = lm.chat(messages, max_tokens=8, temperature=0.0, lam=0.0)
+        slash = lm.chat([{"role": "system", "content": "Answer in French."},
+                         {"role": "user", "content": "/lambda is a word"}], max_tokens=8, temperature=0.0)  # fmt: skip
+    assert out[first - 1] == off and out[second + 10] == slash
+
+
+def test_explain_piped_prints_a_table_and_a_summary(smollm2_gguf, tiny_memdec_gguf):
+    proc = _chat(chat_args(smollm2_gguf, tiny_memdec_gguf, "-p", "What is a licence?", "-n", "10", "--temp", "0",
+                           "--explain", "--lambda", "0.7"), "")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    answer, header, *rows, summary, _ = proc.stdout.split("\n")
+    assert "\x1b[" not in proc.stdout
+    assert header.startswith("token\tp_base\tp_mem\tp_mix") and len(rows) == 10
+    assert "".join(eval(row.split("\t")[0]) for row in rows) == answer  # tokens are Python literals
+    changed = sum(row.split("\t")[6] == "yes" for row in rows)
+    assert summary.startswith(f"[explain: 10 tokens; the memory decoder changed the top token {changed} times")
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_explain_on_a_terminal_tints_tokens(smollm2_gguf, tiny_memdec_gguf, no_color):
+    import os
+    import pty
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | ({"NO_COLOR": "1"} if no_color else {})
+    args = chat_args(smollm2_gguf, tiny_memdec_gguf, "-p", "What is a licence?", "-n", "10", "--temp", "0",
+                     "--explain", "--lambda", "0.9")  # fmt: skip
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_memdec.cli", *args], stdout=follower,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    os.close(leader)
+    assert proc.wait(timeout=240) == 0
+    text = output.decode("utf-8", errors="replace")
+    assert ("\x1b[" in text) != no_color  # at lambda 0.9 the tiny decoder moves every token
+    assert "[explain: 10 tokens" in text and "token\tp_base" not in text
