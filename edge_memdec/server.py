@@ -125,8 +125,9 @@ class DecodeWorker:
             self.metrics.count_generation(generation)
         job.events.put(("done", None))
         logger.info(
-            "%s: %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
+            "%s: lambda %.2f, %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
             job.label,
+            generation.pair.lam if generation.params.lam is None else generation.params.lam,
             len(generation.prompt_tokens),
             generation.n_cached,
             generation.prompt_seconds,
