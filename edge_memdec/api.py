@@ -14,6 +14,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.llama_model import ModelOptions
 from edge_memdec.pair import ModelPair
 from edge_memdec.perplexity import perplexity
+from edge_memdec.trace import alternatives
 
 
 class MemoryDecoderLM:
@@ -85,17 +86,23 @@ class MemoryDecoderLM:
         self,
         prompt_tokens: Sequence[int],
         cancel: threading.Event | None = None,
+        explain: bool | int = False,
         **sampling: Any,
     ) -> Generation:
-        """A `Generation` over prompt tokens (iterate it for text); sampling keywords as in `SamplingParams`."""
+        """A `Generation` over prompt tokens (iterate it for text); sampling keywords as in `SamplingParams`.
+
+        `explain` (True, or the number of alternatives per token, 0..20) makes every piece a `TracedText`: a
+        str whose `.tokens` are the `TokenTrace`s of its tokens (base, memory decoder and mixed probability,
+        ranks, top alternatives; see edge_memdec.trace)."""
         try:
             params = SamplingParams(**sampling)
         except TypeError as err:
             raise UserError(f"unknown sampling option: {err}") from None
-        return Generation(self.pair, prompt_tokens, params, cancel)
+        return Generation(self.pair, prompt_tokens, params, cancel, alternatives(explain))
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
-        """Plain completion of `prompt`, as text pieces while they are generated."""
+        """Plain completion of `prompt`, as text pieces while they are generated (`explain=True`: pieces
+        carrying per-token traces, see `start`)."""
         if not prompt:
             raise UserError("the prompt is empty; give some text to continue")
         yield from self.start(self.tokenize(prompt), **sampling)

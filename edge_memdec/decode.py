@@ -14,6 +14,7 @@ from edge_memdec import defaults
 from edge_memdec.detok import TextStream
 from edge_memdec.errors import UserError
 from edge_memdec.pair import ModelPair
+from edge_memdec.trace import MAX_ALTERNATIVES, TokenTrace, TracedText, trace_step
 
 
 @dataclass
@@ -64,6 +65,9 @@ class SamplingParams:
 class Generation:
     """One answer: iterate it for text pieces as they become valid UTF-8; stats are filled in as it runs.
 
+    With `explain` (alternatives per token, 0..20) every piece is a `TracedText` carrying the `TokenTrace`s of
+    the tokens it completes, and `traces` collects them all.
+
     `finish_reason` ends as "stop" (EOS/EOT or a stop string), "length" (max_tokens), "context" (the context
     is full) or "cancelled" (the `cancel` event was set, e.g. by Ctrl-C).
     """
@@ -74,16 +78,22 @@ class Generation:
         prompt_tokens: Sequence[int],
         params: SamplingParams,
         cancel: threading.Event | None = None,
+        explain: int | None = None,
     ) -> None:
         if not prompt_tokens:
             raise UserError("the prompt is empty; give some text to continue")
         params.check(pair.base.n_vocab)
+        if explain is not None and not 0 <= explain <= MAX_ALTERNATIVES:
+            raise UserError(f"explain takes 0 to {MAX_ALTERNATIVES} alternatives per token, got {explain}")
         if len(prompt_tokens) >= pair.n_ctx:
             raise UserError(
                 f"the prompt has {len(prompt_tokens)} tokens but the context holds {pair.n_ctx}; shorten it or pass "
                 "a larger -c/--ctx-size"
             )
         self.pair = pair
+        self.explain = explain  # None: no trace; else alternatives per token in each TokenTrace (0..20)
+        self.traces: list[TokenTrace] = []  # one per generated token when explaining
+        self._n_yielded = 0  # traces already handed out with a piece
         self.prompt_tokens = list(prompt_tokens)
         self.params = params
         self.cancel = cancel or threading.Event()
@@ -152,9 +162,11 @@ class Generation:
                         self.finish_reason = "stop"
                         break
                     self.tokens.append(token)
+                    if self.explain is not None:
+                        self.traces.append(trace_step(pair.base, base_row, mem_row, lam, token, self.explain))
                     piece = stream.push(pair.base.piece(token))
                     if piece:
-                        yield piece
+                        yield self._traced(piece)
                     if stream.stopped:
                         self.finish_reason = "stop"
                         break
@@ -167,12 +179,20 @@ class Generation:
                     pair.eval([token])
                 tail = stream.flush()
                 if tail:
-                    yield tail
+                    yield self._traced(tail)
             finally:
                 self.text = stream.text
                 self.decode_seconds = time.perf_counter() - t1
                 if self.finish_reason is None:
                     self.finish_reason = "cancelled"
+
+    def _traced(self, piece: str) -> str:
+        """The piece, carrying the traces of the tokens since the last piece when explaining."""
+        if self.explain is None:
+            return piece
+        tokens = tuple(self.traces[self._n_yielded :])
+        self._n_yielded = len(self.traces)
+        return TracedText(piece, tokens)
 
     def run(self) -> str:
         """Generate to the end; return the whole answer."""

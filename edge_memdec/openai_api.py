@@ -1,22 +1,29 @@
 """OpenAI's wire format: request bodies in, prompt tokens and sampling settings out; answers back as its objects.
 
 Every request field is either honoured, ignored because it changes no token (it only tunes a hosted service:
-user, store, metadata, ...), accepted only at the value that turns it off (n=1, no logprobs, no tools), or
+user, store, metadata, ...), accepted only at the value that turns it off (n=1, no tools), or
 refused with a 400 that names it; unknown fields are refused too. llama-server's own sampling fields
 (top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` are honoured. Omitted sampling
 fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
+
+`logprobs` (chat: true plus `top_logprobs` 0..20; completions: the number of alternatives 0..20) reports the
+mixture the tokens are drawn from (temperature 1, before penalties and filters, as llama-server by default),
+and each token entry carries a `memdec` extension: the chosen token's probability under the base, the memory
+decoder and the mixture, its ranks, whether the decoder changed the top token, and each model's alternatives.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.defaults import LAMBDA_MAX, LAMBDA_MIN
+from edge_memdec.trace import MAX_ALTERNATIVES, Alternative, TokenTrace
 
 CHAT, TEXT = "chat", "text"  # /v1/chat/completions and /v1/completions
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
@@ -62,6 +69,7 @@ class CompletionRequest:
     sampling: dict[str, Any]  # keywords of SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk carrying `usage`
+    explain: int | None = None  # logprobs asked for: alternatives per token (None: no logprobs)
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -81,14 +89,15 @@ def _number(body: dict, name: str, low: float | None = None, high: float | None 
     return float(value)
 
 
-def _integer(body: dict, name: str, low: int) -> int | None:
+def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"'{name}' must be an integer, got {value!r}")
-    if value < low:
-        raise _bad(name, f"'{name}' must be at least {low}, got {value}")
+    if value < low or (high is not None and value > high):
+        span = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise _bad(name, f"'{name}' must be {span}, got {value}")
     return value
 
 
@@ -106,8 +115,8 @@ def _stop_strings(value: Any) -> list[str]:
 
 
 HONOURED = {
-    CHAT: {"messages", "max_completion_tokens"},
-    TEXT: {"prompt"},
+    CHAT: {"messages", "max_completion_tokens", "logprobs", "top_logprobs"},
+    TEXT: {"prompt", "logprobs"},
     "both": {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
              "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
              "lambda", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos"},
@@ -120,8 +129,6 @@ _NO_TOOLS = "tools and functions are not supported"
 OFF_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "n": ((1,), "only one choice per request is supported (n=1)"),
     "best_of": ((1,), "only one choice per request is supported (best_of=1)"),
-    "logprobs": ((False, 0), "logprobs are not supported"),
-    "top_logprobs": ((0,), "logprobs are not supported"),
     "echo": ((False,), "echo is not supported"),
     "suffix": (("",), "'suffix' (text after the insertion) is not supported"),
     "tools": (([],), _NO_TOOLS),
@@ -268,6 +275,19 @@ def prompt_tokens(body: dict, lm: MemoryDecoderLM) -> list[int]:
     raise _bad("prompt", "'prompt' must be a non-empty string or token list (one prompt per request)")
 
 
+def logprobs_asked(kind: str, body: dict) -> int | None:
+    """Alternatives per token the request wants logprobs with (None: no logprobs)."""
+    if kind == TEXT:
+        return _integer(body, "logprobs", 0, MAX_ALTERNATIVES)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad("logprobs", "'logprobs' must be true or false")
+    top = _integer(body, "top_logprobs", 0, MAX_ALTERNATIVES)
+    if top is not None and not wanted:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (top or 0) if wanted else None
+
+
 def parse_request(kind: str, body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> CompletionRequest:
     """Check a chat or text completion body; UserErrors from the runtime (e.g. a too-long prompt) pass through."""
     _refuse_unsupported(kind, body)
@@ -279,7 +299,8 @@ def parse_request(kind: str, body: dict, lm: MemoryDecoderLM, max_tokens_cap: in
         raise _bad("stream_options", "'stream_options' must be an object")
     sampling = sampling_settings(body, lm, max_tokens_cap)
     tokens = lm.chat_format.tokens(chat_messages(body)) if kind == CHAT else prompt_tokens(body, lm)
-    return CompletionRequest(kind, tokens, sampling, stream, bool(options.get("include_usage")))
+    explain = logprobs_asked(kind, body)
+    return CompletionRequest(kind, tokens, sampling, stream, bool(options.get("include_usage")), explain)
 
 
 class Answer:
@@ -290,6 +311,7 @@ class Answer:
         self.model = model
         self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self._text_offset = 0  # characters of completion text already covered by logprobs (completions)
 
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
@@ -303,34 +325,60 @@ class Answer:
             "total_tokens": n_prompt + n_completion,
         }
 
-    def _choice(self, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+    def _choice(self, text: str | None, finish: str | None, first: bool, logprobs: Any) -> dict[str, Any]:
         if self.kind == TEXT:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def complete(self, generation: Generation) -> dict[str, Any]:
         """The whole answer: a `chat.completion` or `text_completion` object."""
         finish = FINISH_REASONS[generation.finish_reason or "cancelled"]
+        logprobs = self.logprobs(generation, generation.traces)
         if self.kind == CHAT:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": generation.text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
             head = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": generation.text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": generation.text, "logprobs": logprobs, "finish_reason": finish}
             head = self._head("text_completion")
         return head | {"choices": [choice], "usage": self.usage(generation)}
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict[str, Any]:
-        """One streamed piece (`chat.completion.chunk` or `text_completion`); the last one has a finish_reason."""
+    def chunk(
+        self, text: str | None, finish: str | None = None, first: bool = False, generation: Generation | None = None
+    ) -> dict[str, Any]:
+        """One streamed piece (`chat.completion.chunk` or `text_completion`); the last one has a finish_reason.
+        With logprobs asked for (`generation.explain`), a piece carries its tokens' entries."""
         name = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
-        return self._head(name) | {"choices": [self._choice(text, finish, first)]}
+        logprobs = None
+        if generation is not None and text:
+            logprobs = self.logprobs(generation, getattr(text, "tokens", ()))
+        return self._head(name) | {"choices": [self._choice(text, finish, first, logprobs)]}
+
+    def logprobs(self, generation: Generation, traces: Sequence[TokenTrace]) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for these tokens (None when the request asked for none)."""
+        if generation.explain is None:
+            return None
+        if self.kind == CHAT:
+            return {"content": [_chat_entry(t) for t in traces], "refusal": None}
+        offsets, at = [], self._text_offset
+        for t in traces:
+            offsets.append(at)
+            at += len(t.text)
+        self._text_offset = at
+        return {
+            "tokens": [t.text for t in traces],
+            "token_logprobs": [_finite(t.logprob_mix) for t in traces],
+            "top_logprobs": [{a.text: _finite(a.logprob) for a in t.top_mix[: t.n_top]} for t in traces],
+            "text_offset": offsets,
+            "memdec": [_memdec_entry(t) for t in traces],
+        }
 
     def final_chunk(self, generation: Generation) -> dict[str, Any]:
         return self.chunk(None, FINISH_REASONS[generation.finish_reason or "cancelled"])
@@ -339,3 +387,40 @@ class Answer:
         """stream_options.include_usage: a last chunk with no choices and the token counts."""
         name = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
         return self._head(name) | {"choices": [], "usage": self.usage(generation)}
+
+
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for a log-prob of -inf (JSON has no infinity)
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def _alternative(a: Alternative) -> dict[str, Any]:
+    return {"token": a.text, "logprob": _finite(a.logprob), "bytes": list(a.piece)}
+
+
+def _memdec_entry(t: TokenTrace) -> dict[str, Any]:
+    """Our extension: the chosen token under each model, and each model's alternatives."""
+    return {
+        "p_base": t.p_base,
+        "p_mem": t.p_mem,
+        "p_mix": t.p_mix,
+        "rank_base": t.rank_base,
+        "rank_mem": t.rank_mem,
+        "rank_mix": t.rank_mix,
+        "changed": t.changed,
+        "lambda": t.lam,
+        "top_base": [_alternative(a) for a in t.top_base[: t.n_top]],
+        "top_mem": None if t.top_mem is None else [_alternative(a) for a in t.top_mem[: t.n_top]],
+    }
+
+
+def _chat_entry(t: TokenTrace) -> dict[str, Any]:
+    return {
+        "token": t.text,
+        "logprob": _finite(t.logprob_mix),
+        "bytes": list(t.piece),
+        "top_logprobs": [_alternative(a) for a in t.top_mix[: t.n_top]],
+        "memdec": _memdec_entry(t),
+    }

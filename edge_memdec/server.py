@@ -467,7 +467,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         server = self.server
         model = server.model_name(body)
         request = parse_request(kind, body, server.lm, server.max_tokens)
-        generation = server.lm.start(request.prompt_tokens, cancel=threading.Event(), **request.sampling)
+        generation = server.lm.start(
+            request.prompt_tokens, cancel=threading.Event(), explain=request.explain, **request.sampling
+        )
         answer = Answer(kind, model)
         job = server.worker.submit(generation, answer.id)
         try:
@@ -511,7 +513,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         while True:
             kind, value = self._next_event(job)
             if kind == "piece":
-                self._send_event(answer.chunk(value))
+                self._send_event(answer.chunk(value, generation=job.generation))
             elif kind == "error":
                 raise _as_api_error(value)
             else:

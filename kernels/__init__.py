@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
-from .api import make_logit_bias, make_scratch, mix_logprobs, sample_token, score_rows
+from .api import make_logit_bias, make_scratch, mix_logprobs, sample_token, score_rows, trace_token
 
-__all__ = ["make_logit_bias", "make_scratch", "mix_logprobs", "sample_token", "score_rows", "warmup"]
+__all__ = ["make_logit_bias", "make_scratch", "mix_logprobs", "sample_token", "score_rows", "trace_token", "warmup"]
 
 
 def warmup(skip_blas_probe: bool = False) -> None:
@@ -43,3 +43,5 @@ def _compile_all() -> None:
     mix_logprobs(base, mem, 0.5)
     sample_token(base, mem, 0.5, 0.8, 40, 0.95, 0.05, 0.5, make_scratch(128))
     score_rows(base[None, :], mem[None, :], np.zeros(1, np.int64), np.array([0.0, 0.5, 1.0]))
+    trace_token(base, mem, 0.5, 3, 5)
+    trace_token(base, None, 0.0, 3, 5)

@@ -15,6 +15,7 @@ from edge_memdec.defaults import check_lambda
 from .mixture import mix_into
 from .sample import sample_core
 from .score import score_core
+from .trace import trace_core
 
 
 def _row(logits: np.ndarray, name: str) -> np.ndarray:
@@ -149,3 +150,29 @@ def score_rows(
     if rows and n:
         score_core(base, mem, has_mem, targets, lambdas, nll_base, nll_mem, nll_mix)
     return nll_base, nll_mem, nll_mix
+
+
+def trace_token(
+    base_logits: np.ndarray, mem_logits: np.ndarray | None, lam: float, token: int, top_n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How the base, the memory decoder and their lam-mixture rate `token` (see kernels/trace.py).
+
+    Returns (top_ids int64 [3, k], top_logp float64 [3, k], chosen_logp float64 [3], chosen_rank int64 [3]),
+    rows base, memory decoder, mixture; k = min(max(top_n, 1), n). Natural-log probabilities over the
+    n = min(len(base), len(mem)) shared ids; ranks from 1. Without mem_logits the memory decoder's row is
+    NaN / -1 and the mixture's repeats the base's.
+    """
+    base = _row(base_logits, "base_logits")
+    has_mem = mem_logits is not None
+    mem, lam = (_row(mem_logits, "mem_logits"), _lambda(lam)) if has_mem else (base, 0.0)
+    n = min(base.shape[0], mem.shape[0])
+    if not 0 <= token < n:
+        raise ValueError(f"token must be an id in [0, {n}), got {token}")
+    k = min(max(int(top_n), 1), n)
+    top_ids = np.full((3, k), -1, np.int64)
+    top_logp = np.full((3, k), np.nan)
+    chosen_logp = np.full(3, np.nan)
+    chosen_rank = np.full(3, -1, np.int64)
+    scratch = np.empty(n, np.float32)
+    trace_core(base, mem, has_mem, n, lam, int(token), scratch, top_ids, top_logp, chosen_logp, chosen_rank)
+    return top_ids, top_logp, chosen_logp, chosen_rank

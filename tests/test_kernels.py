@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_memdec.kernels import make_logit_bias, make_scratch, mix_logprobs, sample_token, score_rows
+from edge_memdec.kernels import (
+    make_logit_bias,
+    make_scratch,
+    mix_logprobs,
+    sample_token,
+    score_rows,
+    trace_token,
+)
 from edge_memdec.kernels.fastmath import exp_f32, exp_f64, log1p_f32
 
 LAMBDAS = (0.0, 0.3, 1.0)
@@ -356,3 +363,34 @@ def test_score_rows_base_only_and_bad_arguments():
         score_rows(base, base, targets, np.array([1.2]))
     with pytest.raises(ValueError, match="rows"):
         score_rows(base, base[:3], targets, np.array([0.5]))
+
+
+@pytest.mark.parametrize("lam", LAMBDAS)
+@pytest.mark.parametrize("scale", [0.01, 3.0, 300.0])
+def test_trace_token_matches_reference_ranks_tops_and_logprobs(lam, scale):
+    rng = np.random.default_rng(int(scale * 10) + int(lam * 10))
+    base, mem = logits(rng, 3000, scale), logits(rng, 2990, scale)
+    base[7] = base[8]  # a tie: the lower id ranks first
+    reference = {0: ref_mixture(base, mem, 0.0), 1: ref_mixture(base, mem, 1.0), 2: ref_mixture(base, mem, lam)}
+    for token in (8, int(np.argmax(reference[2])), 2989):
+        top_ids, top_logp, chosen_logp, chosen_rank = trace_token(base, mem, lam, token, 5)
+        for row, logp in reference.items():
+            order = np.lexsort((np.arange(len(logp)), -logp))
+            np.testing.assert_array_equal(top_ids[row], order[:5])
+            np.testing.assert_allclose(top_logp[row], logp[order[:5]], rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(chosen_logp[row], logp[token], rtol=1e-9, atol=1e-9)
+            assert chosen_rank[row] == 1 + int(np.flatnonzero(order == token)[0])
+
+
+def test_trace_token_without_a_memory_decoder_and_its_checks():
+    rng = np.random.default_rng(5)
+    base = logits(rng, 500, 2.0)
+    top_ids, top_logp, chosen_logp, chosen_rank = trace_token(base, None, 0.0, 3, 0)
+    want = ref_mixture(base, base, 0.0)
+    assert top_ids.shape == (3, 1) and top_ids[0, 0] == top_ids[2, 0] == np.argmax(want)
+    assert np.isnan(chosen_logp[1]) and chosen_rank[1] == -1 and top_ids[1, 0] == -1
+    np.testing.assert_allclose(chosen_logp[[0, 2]], want[3], rtol=1e-9)
+    with pytest.raises(ValueError, match="token must be an id"):
+        trace_token(base, None, 0.0, 500, 3)
+    with pytest.raises(ValueError, match="lambda"):
+        trace_token(base, base, 1.5, 3, 3)

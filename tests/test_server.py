@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import math
 import socket
 import subprocess
 import sys
@@ -243,8 +244,11 @@ CHAT_BODY = {"messages": CHAT, "max_tokens": 1}
     [
         ("/v1/completions", {"prompt": "x", "bogus": 1}, "bogus", "unknown field 'bogus'"),
         ("/v1/chat/completions", {**CHAT_BODY, "prompt": "x"}, "prompt", "unknown field 'prompt'"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs", "logprobs are not supported"),
-        ("/v1/chat/completions", {**CHAT_BODY, "top_logprobs": 3}, "top_logprobs", "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs", "from 0 to 20"),
+        ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs", "an integer"),
+        ("/v1/chat/completions", {**CHAT_BODY, "top_logprobs": 3}, "top_logprobs", "needs 'logprobs': true"),
+        ("/v1/chat/completions", {**CHAT_BODY, "logprobs": True, "top_logprobs": -1}, "top_logprobs", "from 0"),
+        ("/v1/chat/completions", {**CHAT_BODY, "logprobs": 1}, "logprobs", "true or false"),
         ("/v1/chat/completions", {**CHAT_BODY, "tools": [{"type": "function"}]}, "tools", "tools"),
         ("/v1/chat/completions", {**CHAT_BODY, "tool_choice": "auto"}, "tool_choice", "tools"),
         ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix", "suffix"),
@@ -479,3 +483,49 @@ def test_serve_command_errors_are_one_line(smollm2_gguf, tiny_memdec_gguf, extra
         )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chat_logprobs_report_the_mixture_and_the_memdec_extension(client, server, lm):
+    explained = lm.start(lm.chat_format.tokens(CHAT), max_tokens=10, explain=2, **GREEDY)
+    explained.run()
+    reply = client.chat.completions.create(
+        model=server.model_id, messages=CHAT, max_tokens=10, logprobs=True, top_logprobs=2, **GREEDY
+    )
+    content = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == reply.choices[0].message.content == explained.text
+    for entry, trace in zip(content, explained.traces, strict=True):
+        assert entry.bytes == list(trace.piece) and entry.logprob == pytest.approx(trace.logprob_mix)
+        assert [a.token for a in entry.top_logprobs] == [a.text for a in trace.top_mix[:2]]
+        ext = entry.model_extra["memdec"]
+        assert ext["p_base"] == pytest.approx(trace.p_base) and ext["p_mem"] == pytest.approx(trace.p_mem)
+        assert ext["p_mix"] == pytest.approx(math.exp(entry.logprob)) and ext["changed"] == trace.changed
+        assert ext["rank_mix"] == 1 and len(ext["top_base"]) == len(ext["top_mem"]) == 2
+    plain = client.chat.completions.create(model=server.model_id, messages=CHAT, max_tokens=4, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_belong_to_their_chunks(client, server):
+    stream = client.chat.completions.create(
+        model=server.model_id, messages=CHAT, max_tokens=12, logprobs=True, stream=True, **GREEDY
+    )
+    text, tokens = "", []
+    for chunk in stream:
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            entries = choice.logprobs.content
+            assert entries and all(e.top_logprobs == [] for e in entries)
+            assert bytes(b for e in entries for b in e.bytes).decode("utf-8", errors="replace") == choice.delta.content
+            text += choice.delta.content
+            tokens += entries
+    assert text and len(tokens) >= 1
+
+
+def test_completion_logprobs_in_the_legacy_shape(client, server):
+    reply = client.completions.create(model=server.model_id, prompt=PROMPT, max_tokens=8, logprobs=3, **GREEDY)
+    choice = reply.choices[0]
+    logprobs = choice.logprobs
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    assert all(len(top) == 3 and max(top.values()) == lp for top, lp in zip(logprobs.top_logprobs,
+                                                                            logprobs.token_logprobs, strict=True))
+    assert len(logprobs.model_extra["memdec"]) == len(logprobs.tokens)
