@@ -253,3 +253,24 @@ def test_chat_page_in_headless_chromium(browser, server, lm, caplog, tmp_path):
 
     shot = tmp_path / "chat.png"
     assert chrome.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_chat_page_without_a_decoder(browser, smollm2_gguf):
+    """A base-only server: the decoder's controls are gone and requests carry no lambda (which would be a 400)."""
+    from selenium.webdriver.common.by import By
+
+    with MemoryDecoderLM(smollm2_gguf, None, n_ctx=256, n_threads=1) as alone:
+        srv, thread = start(alone, max_tokens=MAX_TOKENS)
+        try:
+            browser.get(f"http://127.0.0.1:{srv.port}/")
+            wait_for(lambda: browser.execute_script("return document.body.dataset.ready"), "/props")
+            assert not browser.find_element(By.ID, "decoder-controls").is_displayed()
+            assert browser.find_element(By.ID, "no-decoder").is_displayed()
+            set_field(browser, "temperature", 0)
+            ask(browser, "Hello")
+            [box] = wait_for(lambda: finished(browser, 1), "the answer")
+        finally:
+            srv.close()
+            thread.join(timeout=10)
+    assert box["error"] is None and box["text"] and box["lambda"] is None
+    assert not any(t["tinted"] or t["changed"] for t in box["tokens"])
