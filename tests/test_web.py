@@ -256,7 +256,8 @@ def test_chat_page_in_headless_chromium(browser, server, lm, caplog, tmp_path):
 
 
 def test_chat_page_without_a_decoder(browser, smollm2_gguf):
-    """A base-only server: the decoder's controls are gone and requests carry no lambda (which would be a 400)."""
+    """A base-only server: the decoder's controls are gone and requests carry no lambda (which would be a 400);
+    a refused request shows the server's message as one line, and the next one is answered."""
     from selenium.webdriver.common.by import By
 
     with MemoryDecoderLM(smollm2_gguf, None, n_ctx=256, n_threads=1) as alone:
@@ -266,11 +267,17 @@ def test_chat_page_without_a_decoder(browser, smollm2_gguf):
             wait_for(lambda: browser.execute_script("return document.body.dataset.ready"), "/props")
             assert not browser.find_element(By.ID, "decoder-controls").is_displayed()
             assert browser.find_element(By.ID, "no-decoder").is_displayed()
+            set_field(browser, "top_p", 5)
+            ask(browser, "Hello")
+            [refused] = wait_for(lambda: finished(browser, 1), "the refusal")
+            set_field(browser, "top_p", 1)
             set_field(browser, "temperature", 0)
             ask(browser, "Hello")
-            [box] = wait_for(lambda: finished(browser, 1), "the answer")
+            box = wait_for(lambda: finished(browser, 2), "the answer")[1]
         finally:
             srv.close()
             thread.join(timeout=10)
+    assert refused["state"] == "failed" and refused["text"] == ""
+    assert refused["error"].startswith("error: 'top_p' must be")
     assert box["error"] is None and box["text"] and box["lambda"] is None
     assert not any(t["tinted"] or t["changed"] for t in box["tokens"])

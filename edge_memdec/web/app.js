@@ -157,8 +157,10 @@ function scrollDown() {
   transcript.scrollTop = transcript.scrollHeight;
 }
 
+// A probability as a percentage: one decimal, or two significant digits below 1% (0.0043%, not 0.0%).
 function percent(p) {
-  return p == null ? "–" : `${(100 * p).toFixed(1)}%`;
+  if (p == null) return "–";
+  return p >= 0.01 || p === 0 ? `${(100 * p).toFixed(1)}%` : `${(100 * p).toPrecision(2)}%`;
 }
 
 // The text of each logprobs entry, split out of the chunk's text by the entries' UTF-8 bytes. Entries whose
@@ -183,12 +185,12 @@ function tokenPieces(text, entries) {
 function details(entry) {
   const m = entry.memdec;
   const lines = [
-    `“${entry.token}”`,
+    JSON.stringify(entry.token),
     `p base ${percent(m.p_base)} · p decoder ${percent(m.p_mem)} · p mixed ${percent(m.p_mix)}`,
     `rank ${m.rank_base} under the base, ${m.rank_mix} mixed`,
   ];
   if (m.changed) lines.push("the decoder changed the most probable token");
-  const top = (entry.top_logprobs ?? []).map((t) => `“${t.token}” ${percent(Math.exp(t.logprob))}`);
+  const top = (entry.top_logprobs ?? []).map((t) => `${JSON.stringify(t.token)} ${percent(Math.exp(t.logprob))}`);
   if (top.length) lines.push(`top: ${top.join(", ")}`);
   return lines.join("\n");
 }
