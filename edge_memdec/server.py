@@ -7,7 +7,7 @@ pieces back through a per-request queue, so a slow client never holds the models
 
 Like llama-server it serves one model under any name a client asks for, answers llama-server's /tokenize,
 /detokenize, /props and /metrics, and with an API key wants `Authorization: Bearer KEY` on every request but
-/health.
+/health and the chat page (`/` and its files under /ui/, which hold no data; the page sends the key itself).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_memdec import defaults, llama_server_api
+from edge_memdec import defaults, llama_server_api, web
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.errors import UserError
@@ -44,7 +44,8 @@ SOCKET_TIMEOUT = 60.0  # seconds a client may stall while sending its request or
 
 
 SHUTTING_DOWN = ApiError(503, "the server is shutting down", kind="server_error")
-PUBLIC_PATHS = ("/health",)  # answered without the API key
+PUBLIC_PATHS = ("/health", "/")  # answered without the API key, as is everything under WEB_PREFIX
+WEB_PREFIX = "/ui/"  # the chat page's files: /ui/app.js, /ui/style.css
 
 
 class ClientGone(Exception):
@@ -124,8 +125,9 @@ class DecodeWorker:
             self.metrics.count_generation(generation)
         job.events.put(("done", None))
         logger.info(
-            "%s: %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
+            "%s: lambda %.2f, %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
             job.label,
+            generation.pair.lam if generation.params.lam is None else generation.params.lam,
             len(generation.prompt_tokens),
             generation.n_cached,
             generation.prompt_seconds,
@@ -271,6 +273,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     server: MemdecServer
 
     ROUTES = {
+        "/": {"GET": "page"},
         "/health": {"GET": "health"},
         "/v1/models": {"GET": "models"},
         "/v1/chat/completions": {"POST": "chat_completions"},
@@ -310,12 +313,18 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._next_check = 0.0
         self._allow: list[str] = []
         path = urlsplit(self.path).path.rstrip("/") or "/"
-        self._route = "/v1/models/{id}" if path.startswith("/v1/models/") else path
+        self._route = path
+        if path.startswith("/v1/models/"):
+            self._route = "/v1/models/{id}"
+        elif path.startswith(WEB_PREFIX):
+            self._route = WEB_PREFIX + "{file}"
         try:
-            if path not in PUBLIC_PATHS:
+            if path not in PUBLIC_PATHS and not path.startswith(WEB_PREFIX):
                 self.server.authorised(self.headers.get("Authorization"))
             if path.startswith("/v1/models/"):
                 methods = {"GET": "model"}
+            elif path.startswith(WEB_PREFIX):
+                methods = {"GET": "web_file"}
             else:
                 methods = self.ROUTES.get(path)
             if methods is None:
@@ -351,9 +360,13 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _send_json(self, status: int, obj: dict[str, Any]) -> None:
         self._send_bytes(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json")
 
-    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+    def _send_bytes(
+        self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if status == 401:
             self.send_header("WWW-Authenticate", "Bearer")
         self.send_header("Content-Length", str(len(data)))
@@ -405,6 +418,19 @@ class RequestHandler(BaseHTTPRequestHandler):
             left -= len(chunk)
 
     # ---- endpoints ----
+
+    def handle_page(self, path: str) -> None:
+        self._send_web_file("index.html")
+
+    def handle_web_file(self, path: str) -> None:
+        self._send_web_file(path.removeprefix(WEB_PREFIX))
+
+    def _send_web_file(self, name: str) -> None:
+        found = web.page_file(name)
+        if found is None:
+            raise ApiError(404, f"the chat page has no file {name!r}", code="not_found")
+        data, content_type = found
+        self._send_bytes(200, data, content_type, web.HEADERS)
 
     def handle_health(self, path: str) -> None:
         self._send_json(200, {"status": "ok", "queued": self.server.worker.queued})
