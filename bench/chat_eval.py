@@ -2,10 +2,14 @@
 base alone and by the pair, scored for the facts a good answer names and for layout (characters per line).
 
     python bench/chat_eval.py [--memdec FILE] [--lam 0.3 --lam 0.6] [--json out.json] [-n 160] [--threads 2]
+                              [--special mix|base|both]
 
 A fact is a group of alternatives (lower-case substrings); an answer names it when any alternative occurs.
 Layout: mean characters per non-empty line, the share of lines under 60 characters in answers of several
-lines, and lines made only of rule characters (`***`, `---`). Quality is measured here, never speed.
+lines, and lines made only of rule characters (`***`, `---`); length: tokens per answer and the share that ends
+(EOS / end of turn) before the token limit. `--special base` runs the pair with lambda 0 on the control and
+end-of-generation tokens (`base_special_tokens`), `both` runs each lambda both ways. Quality is measured here,
+never speed.
 """
 
 from __future__ import annotations
@@ -138,11 +142,14 @@ def layout(answer: str) -> dict:
     }
 
 
-def answer_all(lm: MemoryDecoderLM, questions, lam: float, max_tokens: int) -> list[dict]:
+def answer_all(lm: MemoryDecoderLM, questions, lam: float, max_tokens: int, base_special: bool) -> list[dict]:
     rows = []
     for question, facts in questions:
-        text = lm.chat([{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0, lam=lam)
-        rows.append({"question": question, "answer": text, "facts": facts_named(text, facts), **layout(text)})
+        tokens = lm.chat_format.tokens([{"role": "user", "content": question}])
+        generation = lm.start(tokens, max_tokens=max_tokens, temperature=0, lam=lam, base_special_tokens=base_special)
+        text = generation.run()
+        rows.append({"question": question, "answer": text, "facts": facts_named(text, facts), **layout(text),
+                     "tokens": len(generation.tokens), "ended": generation.finish_reason == "stop"})  # fmt: skip
     return rows
 
 
@@ -153,6 +160,8 @@ def summary(rows: list[dict]) -> dict:
         "chars_per_line": sum(r["chars_per_line"] for r in rows) / n,
         "short_share": sum(r["short_share"] for r in rows) / n,
         "rule_lines": sum(r["rule_lines"] for r in rows),
+        "tokens": sum(r["tokens"] for r in rows) / n,
+        "ended": sum(r["ended"] for r in rows) / n,
     }
 
 
@@ -166,30 +175,38 @@ def main() -> None:
     parser.add_argument("-n", "--max-tokens", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every answer and score here")
+    parser.add_argument("--special", choices=("mix", "base", "both"), default="mix",
+                        help="control/EOS tokens: mixed as any token, or the base's alone (lambda 0)")  # fmt: skip
     args = parser.parse_args()
     base, memdec = args.model or default_base_gguf(), args.memdec or default_memdec_gguf()
     results = {"base": str(Path(base).name), "memdec": str(Path(memdec).name), "runs": {}}
     with MemoryDecoderLM(base, memdec, n_ctx=2048, n_threads=args.threads) as lm:
-        lams = [0.0, *(args.lam or [lm.lam])]
-        for lam in lams:
+        runs = [("base alone", 0.0, False)]
+        for lam in args.lam or [lm.lam]:
+            for base_special in {"mix": (False,), "base": (True,), "both": (False, True)}[args.special]:
+                name = f"memdec {lam:g}" + (", special: base" if base_special else "")
+                runs.append((name, lam, base_special))
+        for name, lam, base_special in runs:
             t0 = time.perf_counter()
             run = {
-                "legal": answer_all(lm, LEGAL, lam, args.max_tokens),
-                "general": answer_all(lm, GENERAL, lam, args.max_tokens),
+                "lambda": lam,
+                "base_special_tokens": base_special,
+                "legal": answer_all(lm, LEGAL, lam, args.max_tokens, base_special),
+                "general": answer_all(lm, GENERAL, lam, args.max_tokens, base_special),
             }
             run["seconds"] = time.perf_counter() - t0
-            results["runs"][str(lam)] = run
-            print(f"lambda {lam:g} done in {run['seconds']:.0f} s", file=sys.stderr)
+            results["runs"][name] = run
+            print(f"{name} done in {run['seconds']:.0f} s", file=sys.stderr)
     print(
-        f"{'':22} {'legal facts':>11} {'general facts':>13} {'chars/line':>10} {'short lines':>11} {'rule lines':>10}"
+        f"{'':30} {'legal facts':>11} {'general facts':>13} {'chars/line':>10} {'short lines':>11} {'rule lines':>10}"
+        f" {'tokens':>7} {'ended':>6}"
     )
-    for lam, run in results["runs"].items():
+    for name, run in results["runs"].items():
         legal, general = summary(run["legal"]), summary(run["general"])
         both = summary(run["legal"] + run["general"])
-        name = "base alone" if float(lam) == 0 else f"base + memdec {float(lam):g}"
         print(
-            f"{name:22} {legal['facts']:11.3f} {general['facts']:13.3f} {both['chars_per_line']:10.1f} "
-            f"{both['short_share']:11.3f} {both['rule_lines']:10d}"
+            f"{name:30} {legal['facts']:11.3f} {general['facts']:13.3f} {both['chars_per_line']:10.1f} "
+            f"{both['short_share']:11.3f} {both['rule_lines']:10d} {both['tokens']:7.1f} {both['ended']:6.2f}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

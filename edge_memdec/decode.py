@@ -36,6 +36,9 @@ class SamplingParams:
     presence_penalty: float = defaults.PRESENCE_PENALTY
     frequency_penalty: float = defaults.FREQUENCY_PENALTY
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (-100 all but bans it)
+    # lambda 0 on the control and end-of-generation tokens (the chat template's markers, EOS): they keep the
+    # base's probability, since a memory decoder trained on plain domain text never saw them
+    base_special_tokens: bool = defaults.BASE_SPECIAL_TOKENS
 
     def check(self, n_vocab: int) -> None:
         if self.max_tokens < 1:
@@ -119,6 +122,7 @@ class Generation:
         scratch = make_scratch(pair.n_shared)
         stream = TextStream(params.stop)
         bias = make_logit_bias(params.logit_bias) if params.logit_bias else None
+        special = _SpecialTokens(pair.base.special_ids, bias) if params.base_special_tokens and mem else None
         last_n = pair.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
         n_seen = len(self.prompt_tokens)  # the penalties count the last_n tokens of prompt + answer in history
         history = np.zeros(min(n_seen + params.max_tokens, pair.n_ctx + 1), np.int64)
@@ -154,7 +158,7 @@ class Generation:
                         params.repeat_penalty,
                         params.frequency_penalty,
                         params.presence_penalty,
-                        bias,
+                        bias if special is None or lam == 0.0 else special.bias(base_row, mem_row, lam),
                     )
                     history[n_seen] = token
                     n_seen += 1
@@ -199,6 +203,27 @@ class Generation:
         for _ in self:
             pass
         return self.text
+
+
+class _SpecialTokens:
+    """The logit bias that gives the special tokens the base's probability at each step, on top of the
+    request's own logit bias."""
+
+    def __init__(self, ids: np.ndarray, bias: tuple[np.ndarray, np.ndarray] | None) -> None:
+        from edge_memdec.kernels import base_only_bias
+
+        self._offsets = base_only_bias
+        self.special = ids
+        user_ids, user_values = bias if bias is not None else (ids[:0], np.zeros(0))
+        self.ids = np.union1d(ids, user_ids)
+        self.values = np.zeros(len(self.ids))
+        self.values[np.searchsorted(self.ids, user_ids)] = user_values
+        self.at = np.searchsorted(self.ids, ids)
+
+    def bias(self, base_row: np.ndarray, mem_row: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        values = self.values.copy()
+        values[self.at] += self._offsets(base_row, mem_row, lam, self.special)
+        return self.ids, values
 
 
 MASKED_LOGIT = -1e30  # finite: exp() of it is 0 in every kernel, with no inf - inf NaNs

@@ -233,6 +233,16 @@ class LlamaModel:
         """Ids of every end-of-generation token (int64), for masking them out."""
         return np.array([t for t in range(self.n_vocab) if self.is_eog(t)], np.int64)
 
+    @functools.cached_property
+    def special_ids(self) -> np.ndarray:
+        """Ids of the control and end-of-generation tokens (chat template markers, EOS, ...), sorted int64."""
+        ids = [
+            t
+            for t in range(self.n_vocab)
+            if llama_cpp.llama_vocab_is_control(self._vocab, t) or llama_cpp.llama_vocab_is_eog(self._vocab, t)
+        ]
+        return np.array(ids, np.int64)
+
     def metadata(self, key: str, default: object = None) -> object:
         return self.info.get(key, default)
 

@@ -12,9 +12,26 @@ import sys
 
 import numpy as np
 
-from .api import make_logit_bias, make_scratch, mix_logprobs, sample_token, score_rows, trace_token
+from .api import (
+    base_only_bias,
+    make_logit_bias,
+    make_scratch,
+    mix_logprobs,
+    sample_token,
+    score_rows,
+    trace_token,
+)
 
-__all__ = ["make_logit_bias", "make_scratch", "mix_logprobs", "sample_token", "score_rows", "trace_token", "warmup"]
+__all__ = [
+    "base_only_bias",
+    "make_logit_bias",
+    "make_scratch",
+    "mix_logprobs",
+    "sample_token",
+    "score_rows",
+    "trace_token",
+    "warmup",
+]
 
 
 def warmup(skip_blas_probe: bool = False) -> None:
@@ -26,7 +43,9 @@ def warmup(skip_blas_probe: bool = False) -> None:
     scipy imports work normally. Library users keep numba's default: another thread of theirs might import
     scipy.linalg meanwhile.
     """
-    blocked = skip_blas_probe and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
+    blocked = (
+        skip_blas_probe and "scipy.linalg" not in sys.modules and "numba.np.arraymath" not in sys.modules
+    )
     if blocked:
         sys.modules.setdefault("scipy.linalg.cython_blas", None)  # an import of it raises ModuleNotFoundError
     try:
@@ -45,3 +64,4 @@ def _compile_all() -> None:
     score_rows(base[None, :], mem[None, :], np.zeros(1, np.int64), np.array([0.0, 0.5, 1.0]))
     trace_token(base, mem, 0.5, 3, 5)
     trace_token(base, None, 0.0, 3, 5)
+    base_only_bias(base, mem, 0.5, np.array([1, 2], np.int64))

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from .fastmath import ELEMENTWISE, jit
-from .rows import mix_key_f64
+from .rows import mix_key_f64, row_max, sum_exp_f32
+
+_TINY = 1e-300  # floor of 1 - P when a set of tokens holds (almost) all the probability
 
 
 @jit(fastmath=ELEMENTWISE)
@@ -117,3 +119,36 @@ def offset_bounds(ids, offsets, floors, ceilings, chunk):
             k += 1
         floors[c] += np.float32(low)
         ceilings[c] += np.float32(high)
+
+
+@jit(fastmath=ELEMENTWISE)
+def base_only_offsets(base, mem, n, lam, ids, out):
+    """out[j]: the offset that gives token ids[j] (sorted, unique) the base's own probability in the lam-mixture,
+    the other tokens keeping their mixed ratios: lambda 0 on these tokens (e.g. the chat template's and EOS,
+    which a memory decoder trained on plain domain text never saw). Ids >= n get 0.
+
+    With P_base and P_mix the two probabilities of the whole set, token s gets
+    log p_base(s) - log p_mix(s) + log(1 - P_mix) - log(1 - P_base): after renormalisation p(s) = p_base(s).
+    """
+    mb = row_max(base, n)
+    mm = row_max(mem, n)
+    lzb = np.float64(mb) + np.log(sum_exp_f32(base, n, mb))
+    lzm = np.float64(mm) + np.log(sum_exp_f32(mem, n, mm))
+    wb = np.log1p(-lam)
+    wm = np.log(lam)
+    mass_base = 0.0
+    mass_mix = 0.0
+    for j in range(ids.shape[0]):
+        i = ids[j]
+        if i >= n:
+            out[j] = 0.0
+            continue
+        lb = np.float64(base[i]) - lzb
+        lx = mix_key_f64(wb + lb, wm + (np.float64(mem[i]) - lzm))
+        out[j] = lb - lx if lx > -np.inf else 0.0
+        mass_base += np.exp(lb)
+        mass_mix += np.exp(lx)
+    rest = np.log(max(1.0 - mass_mix, _TINY)) - np.log(max(1.0 - mass_base, _TINY))
+    for j in range(ids.shape[0]):
+        if ids[j] < n:
+            out[j] += rest

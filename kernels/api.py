@@ -12,6 +12,7 @@ import numpy as np
 
 from edge_memdec.defaults import check_lambda
 
+from .adjust import base_only_offsets
 from .mixture import mix_into
 from .sample import sample_core
 from .score import score_core
@@ -176,3 +177,17 @@ def trace_token(
     scratch = np.empty(n, np.float32)
     trace_core(base, mem, has_mem, n, lam, int(token), scratch, top_ids, top_logp, chosen_logp, chosen_rank)
     return top_ids, top_logp, chosen_logp, chosen_rank
+
+
+def base_only_bias(base_logits: np.ndarray, mem_logits: np.ndarray, lam: float, ids: np.ndarray) -> np.ndarray:
+    """Log-offsets (float64 [len(ids)]) that, added to the lam-mixture's logits at the sorted unique `ids`
+    (as sample_token's logit bias), give those tokens the base's own probability: lambda 0 for them.
+    lam must be in (0, 1]; 0 where an id is outside the shared vocabulary."""
+    base, mem = _row(base_logits, "base_logits"), _row(mem_logits, "mem_logits")
+    lam = _lambda(lam)
+    if lam == 0.0:
+        raise ValueError("base_only_bias needs lambda above 0 (at 0 every token is the base's already)")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.empty(ids.shape[0])
+    base_only_offsets(base, mem, min(base.shape[0], mem.shape[0]), lam, ids, out)
+    return out

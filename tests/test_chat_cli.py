@@ -91,7 +91,9 @@ def test_interactive_session_reads_turns_until_eof(smollm2_gguf, tiny_memdec_ggu
     assert proc.stderr.count("tok/s") == 2
     assert "Traceback" not in proc.stderr
     assert "llama_" not in proc.stderr  # -v is our figures only, none of llama.cpp's log
-    assert len(proc.stderr.strip().splitlines()) == 3  # the banner and the two answers' figures
+    # the banner, the two answers' figures and /reset's note
+    assert proc.stderr.strip().splitlines()[2] == "[conversation cleared]"
+    assert len(proc.stderr.strip().splitlines()) == 4
 
 
 @pytest.mark.parametrize("flag", ["-vv", "--log-llama"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edge_memdec.kernels import (
+    base_only_bias,
     make_logit_bias,
     make_scratch,
     mix_logprobs,
@@ -394,3 +395,20 @@ def test_trace_token_without_a_memory_decoder_and_its_checks():
         trace_token(base, None, 0.0, 500, 3)
     with pytest.raises(ValueError, match="lambda"):
         trace_token(base, base, 1.5, 3, 3)
+
+
+@pytest.mark.parametrize("lam", [0.3, 1.0])
+def test_base_only_bias_gives_the_tokens_the_base_probability(lam):
+    rng = np.random.default_rng(11)
+    base, mem = logits(rng, 2000, 3.0), logits(rng, 2000, 3.0)
+    ids = np.array([3, 7, 1500])
+    base[ids[:2]] += 9.0  # the base puts real mass on them, the decoder none in particular
+    z = ref_mixture(base, mem, lam)
+    z[ids] += base_only_bias(base, mem, lam, ids)
+    p = np.exp(z - np.logaddexp.reduce(z))
+    np.testing.assert_allclose(p[ids], np.exp(ref_mixture(base, mem, 0.0)[ids]), rtol=1e-6)
+    rest = np.setdiff1d(np.arange(2000), ids)
+    mixed = np.exp(ref_mixture(base, mem, lam)[rest])
+    np.testing.assert_allclose(p[rest] / p[rest].sum(), mixed / mixed.sum(), rtol=1e-6)
+    with pytest.raises(ValueError, match="above 0"):
+        base_only_bias(base, mem, 0.0, ids)
