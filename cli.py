@@ -152,6 +152,20 @@ LoraOpt = Annotated[
     Optional[list[str]],
     typer.Option("--lora", help="LoRA adapter GGUF on the base, FILE[:SCALE] (scale 1 unless given); repeatable."),
 ]
+TrunkOpt = Annotated[
+    bool,
+    typer.Option(
+        "--shared-trunk/--no-shared-trunk",
+        help="A memory decoder holding the base's own lower blocks runs only its upper ones, on the base's hidden state.",
+    ),
+]
+SpecialOpt = Annotated[
+    bool,
+    typer.Option(
+        "--base-special-tokens/--mix-special-tokens",
+        help="Chat-template and end-of-turn tokens keep the base's probability (lambda 0 for them), or are mixed.",
+    ),
+]
 FlashAttnOpt = Annotated[
     str,
     typer.Option(
@@ -226,6 +240,8 @@ def chat(
         ),
     ] = False,
     lora: LoraOpt = None,
+    shared_trunk: TrunkOpt = True,
+    base_special_tokens: SpecialOpt = defaults.BASE_SPECIAL_TOKENS,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -253,6 +269,8 @@ def chat(
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
         lora=lora or (),
+        shared_trunk=shared_trunk,
+        base_special_tokens=base_special_tokens,
         log_llama=_log_llama(verbose, log_llama),
     )
     session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0, explain=explain)
@@ -321,6 +339,7 @@ def perplexity(
         typer.Option("-fa", "--flash-attn", help="on, off or auto (paper: off, exact attention; llama: auto)."),
     ] = None,
     lora: LoraOpt = None,
+    shared_trunk: TrunkOpt = True,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -372,6 +391,7 @@ def perplexity(
         n_gpu_layers=n_gpu_layers,
         flash_attn=_flash_attn(flash_attn),
         lora=lora or (),
+        shared_trunk=shared_trunk,
         log_llama=_log_llama(verbose, log_llama),
     )
     on_window = None
@@ -899,6 +919,8 @@ def serve(
     threads: ThreadsOpt = None,
     flash_attn: FlashAttnOpt = "auto",
     lora: LoraOpt = None,
+    shared_trunk: TrunkOpt = True,
+    base_special_tokens: SpecialOpt = defaults.BASE_SPECIAL_TOKENS,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -915,6 +937,7 @@ def serve(
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
                          n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), lora=lora or (),
+                         shared_trunk=shared_trunk, base_special_tokens=base_special_tokens,
                          log_llama=_log_llama(verbose, log_llama))
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)

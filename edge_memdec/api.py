@@ -9,7 +9,7 @@ from typing import Any
 
 from edge_memdec.chat_format import ChatFormat
 from edge_memdec.decode import Generation, SamplingParams
-from edge_memdec.defaults import PERPLEXITY_LAMBDAS, PERPLEXITY_SETTINGS
+from edge_memdec.defaults import BASE_SPECIAL_TOKENS, PERPLEXITY_LAMBDAS, PERPLEXITY_SETTINGS
 from edge_memdec.errors import UserError
 from edge_memdec.llama_model import ModelOptions
 from edge_memdec.pair import ModelPair
@@ -24,8 +24,10 @@ class MemoryDecoderLM:
     decoder's recommended `memdec.lambda`. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
     n_gpu_layers, flash_attn, f32_kv, lora: GGUF LoRA adapters on the base, ...), plus `memdec_gpu_layers`,
     `overlap`, `skip_blas_probe` (see `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no
-    other thread) and `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
-    the base's hidden state). Safe to share between
+    other thread), `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
+    the base's hidden state) and `base_special_tokens` (lambda 0 on the control and end-of-generation tokens,
+    which a decoder trained on plain text never saw; a request's `base_special_tokens` overrides it). Safe to
+    share between
     threads: calls are served one at a time. `flash_attn=None` (llama.cpp's choice, on for CPU) decodes ~10%
     faster; pass `flash_attn=False` for the exact attention `edge-memdec perplexity` uses by default.
     """
@@ -39,6 +41,7 @@ class MemoryDecoderLM:
         overlap: bool = False,
         skip_blas_probe: bool = False,
         shared_trunk: bool = True,
+        base_special_tokens: bool = BASE_SPECIAL_TOKENS,
         **llama_kwargs: Any,
     ) -> None:
         try:
@@ -54,6 +57,7 @@ class MemoryDecoderLM:
             overlap=overlap,
             skip_blas_probe=skip_blas_probe,
             shared_trunk=shared_trunk,
+            base_special_tokens=base_special_tokens,
         )
         self._chat_format: ChatFormat | None = None
         self._lock = threading.Lock()

@@ -37,8 +37,8 @@ class SamplingParams:
     frequency_penalty: float = defaults.FREQUENCY_PENALTY
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit (-100 all but bans it)
     # lambda 0 on the control and end-of-generation tokens (the chat template's markers, EOS): they keep the
-    # base's probability, since a memory decoder trained on plain domain text never saw them
-    base_special_tokens: bool = defaults.BASE_SPECIAL_TOKENS
+    # base's probability, since a memory decoder trained on plain domain text never saw them; None = the pair's
+    base_special_tokens: bool | None = None
 
     def check(self, n_vocab: int) -> None:
         if self.max_tokens < 1:
@@ -122,7 +122,10 @@ class Generation:
         scratch = make_scratch(pair.n_shared)
         stream = TextStream(params.stop)
         bias = make_logit_bias(params.logit_bias) if params.logit_bias else None
-        special = _SpecialTokens(pair.base.special_ids, bias) if params.base_special_tokens and mem else None
+        base_special = params.base_special_tokens
+        if base_special is None:
+            base_special = pair.base_special_tokens
+        special = _SpecialTokens(pair.base.special_ids, bias) if base_special and mem else None
         last_n = pair.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
         n_seen = len(self.prompt_tokens)  # the penalties count the last_n tokens of prompt + answer in history
         history = np.zeros(min(n_seen + params.max_tokens, pair.n_ctx + 1), np.int64)

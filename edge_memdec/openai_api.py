@@ -3,7 +3,8 @@
 Every request field is either honoured, ignored because it changes no token (it only tunes a hosted service:
 user, store, metadata, ...), accepted only at the value that turns it off (n=1, no tools), or
 refused with a 400 that names it; unknown fields are refused too. llama-server's own sampling fields
-(top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` are honoured. Omitted sampling
+(top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` and `base_special_tokens` are
+honoured. Omitted sampling
 fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
 
 `logprobs` (chat: true plus `top_logprobs` 0..20; completions: the number of alternatives 0..20) reports the
@@ -119,7 +120,7 @@ HONOURED = {
     TEXT: {"prompt", "logprobs"},
     "both": {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
              "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
-             "lambda", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos"},
+             "lambda", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "base_special_tokens"},
 }  # fmt: skip
 IGNORED = frozenset(
     {"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
@@ -213,11 +214,12 @@ def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> d
         value = _integer(body, name, low)
         if value is not None:
             settings[name] = value
-    ignore_eos = body.get("ignore_eos")
-    if ignore_eos is not None:
-        if not isinstance(ignore_eos, bool):
-            raise _bad("ignore_eos", "'ignore_eos' must be true or false")
-        settings["ignore_eos"] = ignore_eos
+    for name in ("ignore_eos", "base_special_tokens"):
+        flag = body.get(name)
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise _bad(name, f"'{name}' must be true or false")
+            settings[name] = flag
     bias = _logit_bias(body, lm.pair.base.n_vocab)
     if bias:
         settings["logit_bias"] = bias

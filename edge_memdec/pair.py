@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from edge_memdec.defaults import DEFAULT_LAMBDA, check_lambda
+from edge_memdec.defaults import BASE_SPECIAL_TOKENS, DEFAULT_LAMBDA, check_lambda
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 from edge_memdec.pair_check import check_pair, shared_blocks
@@ -46,6 +46,7 @@ class ModelPair:
         overlap: bool = False,
         skip_blas_probe: bool = False,
         shared_trunk: bool = True,
+        base_special_tokens: bool = BASE_SPECIAL_TOKENS,
     ) -> None:
         options = options or ModelOptions()
         # numba and the kernels' cached machine code load (~0.5 s, mostly Python) while llama.cpp maps the
@@ -83,6 +84,7 @@ class ModelPair:
         if lam is None:
             lam = float(memdec_info.memdec.get("lambda", DEFAULT_LAMBDA)) if memdec_info is not None else 0.0
         self.lam = check_lambda(lam) if self.memdec is not None else 0.0
+        self.base_special_tokens = base_special_tokens  # lambda 0 on control/EOS tokens unless a request says
         self.n_shared = min(self.base.n_vocab, self.memdec.n_vocab) if self.memdec else self.base.n_vocab
         self.lock = threading.RLock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if self.overlap else None

@@ -266,6 +266,7 @@ CHAT_BODY = {"messages": CHAT, "max_tokens": 1}
         ("/v1/completions", {"prompt": "x", "repeat_penalty": 0}, "repeat_penalty", "above 0"),
         ("/v1/completions", {"prompt": "x", "repeat_last_n": -2}, "repeat_last_n", "at least -1"),
         ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, "ignore_eos", "true or false"),
+        ("/v1/completions", {"prompt": "x", "base_special_tokens": 1}, "base_special_tokens", "true or false"),
         ("/v1/completions", {"prompt": "x", "model": 7}, "model", "'model' must be a string"),
         ("/tokenize", {"content": 5}, "content", "'content' must be"),
         ("/tokenize", {"content": "x", "with_pieces": 1}, "with_pieces", "true or false"),
@@ -529,3 +530,15 @@ def test_completion_logprobs_in_the_legacy_shape(client, server):
     assert all(len(top) == 3 and max(top.values()) == lp for top, lp in zip(logprobs.top_logprobs,
                                                                             logprobs.token_logprobs, strict=True))
     assert len(logprobs.model_extra["memdec"]) == len(logprobs.tokens)
+
+
+def test_base_special_tokens_per_request(client, server, lm):
+    prompt = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHello!"
+    extra = {"lambda": 1.0}
+    mixed = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=6, extra_body=extra, **GREEDY)
+    kept = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=6,
+                                     extra_body=extra | {"base_special_tokens": True}, **GREEDY)  # fmt: skip
+    assert mixed.choices[0].finish_reason == "length" and mixed.usage.completion_tokens == 6
+    assert kept.choices[0].finish_reason == "stop" and kept.usage.completion_tokens == 0
+    status, props = raw_request(server, "GET", "/props")
+    assert status == 200 and props["default_generation_settings"]["params"]["base_special_tokens"] is False
