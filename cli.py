@@ -174,14 +174,6 @@ FlashAttnOpt = Annotated[
 ]
 
 
-def _flash_attn(value: str) -> Optional[bool]:
-    """-fa on|off|auto as ModelOptions.flash_attn (auto = None: llama.cpp's choice, on for CPU)."""
-    choices = {"on": True, "off": False, "auto": None}
-    if value not in choices:
-        raise UserError(f"--flash-attn must be on, off or auto, got {value!r}")
-    return choices[value]
-
-
 def _model_paths(
     model: Optional[Path], memdec: Optional[Path], no_memdec: bool
 ) -> tuple[Path, Optional[Path]]:
@@ -267,7 +259,7 @@ def chat(
         n_ctx=ctx_size,
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
-        flash_attn=_flash_attn(flash_attn),
+        flash_attn=defaults.flash_attn_setting(flash_attn),
         lora=lora or (),
         shared_trunk=shared_trunk,
         base_special_tokens=base_special_tokens,
@@ -344,90 +336,27 @@ def perplexity(
     log_llama: LogLlamaOpt = False,
 ) -> None:
     """Perplexity of base (+ LoRA), memory decoder and their mixture on a text, in one pass."""
-    import json
-
-    from edge_memdec.api import MemoryDecoderLM
-    from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
-    from edge_memdec.perplexity import perplexity as run_perplexity
+    from edge_memdec.perplexity_job import KnnBaseline, PerplexityJob
     from edge_memdec.scoring import format_report
 
-    text = read_text_file(file)
-    for out in (json_out, plot_out):  # before the scoring pass, not after it
-        if out is not None:
-            check_output_path(out)
-    if plot_out is not None and no_memdec:
-        raise UserError("--plot draws the lambda sweep, which needs a memory decoder; drop --no-memdec or --plot")
-    if knn is not None:
-        defaults.check_lambda(knn_lambda)
-        if protocol != "paper":
-            raise UserError("--knn scores the paper protocol's windows; drop --protocol llama")
-        if knn_k < 1 or knn_temperature <= 0:
-            raise UserError("-k must be at least 1 and --knn-temperature above 0")
-        from edge_memdec.train.datastore import read_manifest
-
-        read_manifest(knn)  # a wrong or unfinished datastore fails now, not after the whole scoring pass
-    lambdas = (
-        _parse_lambdas(lambda_sweep)
-        if lambda_sweep
-        else ([lam] if lam is not None else list(defaults.PERPLEXITY_LAMBDAS))
-    )
+    lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lam] if lam is not None else None)
     base, mem = _model_paths(model, memdec, no_memdec)
-    protocol_defaults = defaults.PERPLEXITY_SETTINGS.get(protocol, defaults.PERPLEXITY_SETTINGS["paper"])
-    ctx_size = protocol_defaults["n_ctx"] if ctx_size is None else ctx_size
-    ubatch_size = protocol_defaults["n_ubatch"] if ubatch_size is None else ubatch_size
-    flash_attn = protocol_defaults["flash_attn"] if flash_attn is None else flash_attn
-    if ctx_size < 2:
-        raise UserError(f"-c must be at least 2, got {ctx_size}")
-    lm = MemoryDecoderLM(
-        base,
-        mem,
-        lam,
-        skip_blas_probe=True,  # the CLI imports no scipy.linalg meanwhile (see edge_memdec.kernels.warmup)
-        memdec_gpu_layers=memdec_ngl,
-        n_ctx=ctx_size,
-        n_batch=ctx_size,
-        n_ubatch=ubatch_size,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=_flash_attn(flash_attn),
-        lora=lora or (),
-        shared_trunk=shared_trunk,
-        log_llama=_log_llama(verbose, log_llama),
-    )
-    on_window = None
-    if protocol == "llama":
+    job = PerplexityJob(
+        file, base, mem, lam, lambdas or defaults.PERPLEXITY_LAMBDAS, protocol, ctx_size, ubatch_size, flash_attn,
+        stride, chunks, state, json_out, plot_out,
+        knn=None if knn is None else KnnBaseline(knn, knn_lambda, knn_temperature, knn_k),
+        model_options=dict(memdec_gpu_layers=memdec_ngl, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                           lora=lora or (), shared_trunk=shared_trunk, log_llama=_log_llama(verbose, log_llama)),
+    )  # fmt: skip
 
-        def on_window(i: int, acc) -> None:
-            print(f"[{i + 1}]{acc.ppl:.4f},", end="", flush=True)
+    def on_window(i: int, acc) -> None:  # llama-perplexity's running [i]ppl,
+        print(f"[{i + 1}]{acc.ppl:.4f},", end="", flush=True)
 
-    report = run_perplexity(
-        lm.pair,
-        text,
-        protocol,
-        ctx_size,
-        stride,
-        lambdas,
-        chunks,
-        progress=True,
-        on_window=on_window,
-        state_path=state,
-    )
+    report = job.run(on_window if protocol == "llama" else None)
     if protocol == "llama":
         print()
-    if knn is not None:
-        from edge_memdec.knn_baseline import knn_lm_scores
-        from edge_memdec.scoring import knn_lm_report
-
-        scores = knn_lm_scores(base, knn, text, ctx_size, report["stride"], knn_k, knn_temperature)
-        report["knn_lm"] = knn_lm_report(scores, knn_lambda, lambdas)
     print(format_report(report))
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
-    if plot_out is not None:
-        from edge_memdec.plot import plot_lambda_sweep
-
-        plot_lambda_sweep(report, plot_out)
-    lm.close()
+    job.save(report)
 
 
 @app.command()
@@ -892,11 +821,16 @@ def recipe(
     name: Annotated[
         Optional[str], typer.Option(help="Name of the outputs and the GGUF's domain (default: the corpus's stem)")
     ] = None,
+    baselines: Annotated[
+        Optional[str],
+        typer.Option(help="Also train lora and/or dapt (comma-separated) at the decoder's budget and compare them"),
+    ] = None,
 ) -> None:
     """Split -> datastore -> kNN targets -> train -> GGUF -> test-split report with a lambda plot."""
     from edge_memdec.train.pipeline import recipe_command
 
-    recipe_command(domain, work, model, budget, json_out, threads, name)
+    kinds = tuple(k.strip() for k in (baselines or "").split(",") if k.strip())
+    recipe_command(domain, work, model, budget, json_out, threads, name, kinds)
 
 
 # ---- serve ----
@@ -936,7 +870,7 @@ def serve(
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
     lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=_flash_attn(flash_attn), lora=lora or (),
+                         n_gpu_layers=n_gpu_layers, flash_attn=defaults.flash_attn_setting(flash_attn), lora=lora or (),
                          shared_trunk=shared_trunk, base_special_tokens=base_special_tokens,
                          log_llama=_log_llama(verbose, log_llama))
     try:

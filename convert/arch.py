@@ -47,32 +47,50 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 ROPE_FREQS = "rope_freqs.weight"
 
 
-@dataclass(frozen=True)
-class Hparams:
-    """The numbers llama.cpp needs to build the graph, read from config.json."""
+def positive(config: dict[str, Any], folder: object, key: str, default: Any = None) -> Any:
+    """config.json's `key` (or `default`), which must be a positive number; else one sentence naming it."""
+    value = config.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{folder}/config.json has {key} = {value!r}; it needs a positive number")
+    return value
 
-    arch: str  # GGUF architecture: "llama" or "qwen2"
-    n_vocab: int  # rows of the embedding matrix
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes every architecture here writes the same way (llama, qwen2, gpt2)."""
+
+    n_vocab: int  # rows of the token embedding
     n_embd: int
-    n_ff: int
+    n_ff: int  # inner size of the MLP
     n_layer: int
     n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ctx: int  # trained context length, tokens
-    rms_eps: float
-    rope_theta: float
-    rope: dict[str, Any]  # the config's rope parameters (rope_type and its factors)
+    n_ctx: int  # trained (llama, qwen2) or largest (gpt2: position embedding rows) context, tokens
     tied: bool  # output projection shares the token embedding
 
-    def write(self, writer: GGUFWriter) -> None:
-        """Add the architecture's hyperparameter keys."""
+    def write_shape(self, writer: GGUFWriter) -> None:
+        """Add the sizes' keys under the writer's architecture."""
         writer.add_vocab_size(self.n_vocab)
         writer.add_context_length(self.n_ctx)
         writer.add_embedding_length(self.n_embd)
         writer.add_feed_forward_length(self.n_ff)
         writer.add_block_count(self.n_layer)
         writer.add_head_count(self.n_head)
+
+
+@dataclass(frozen=True)
+class Hparams(Shape):
+    """The numbers llama.cpp needs to build a llama or qwen2 graph, read from config.json."""
+
+    arch: str  # GGUF architecture: "llama" or "qwen2"
+    n_head_kv: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    rope: dict[str, Any]  # the config's rope parameters (rope_type and its factors)
+
+    def write(self, writer: GGUFWriter) -> None:
+        """Add the architecture's hyperparameter keys."""
+        self.write_shape(writer)
         writer.add_head_count_kv(self.n_head_kv)
         writer.add_layer_norm_rms_eps(self.rms_eps)
         writer.add_rope_freq_base(self.rope_theta)
@@ -104,10 +122,7 @@ def read_hparams(config: dict[str, Any], folder: object) -> Hparams:
         raise UserError(f"{folder} uses the activation {config['hidden_act']!r}; llama and qwen2 need silu")
 
     def number(key: str, default: Any = None) -> Any:
-        value = config.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{folder}/config.json has {key} = {value!r}; it needs a positive number")
-        return value
+        return positive(config, folder, key, default)
 
     n_embd, n_head = number("hidden_size"), number("num_attention_heads")
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})

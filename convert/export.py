@@ -63,7 +63,7 @@ def convert_checkpoint(
     if tokenizer_from is not None:
         tokenizer, source = tokenizer_from_gguf(read_gguf(tokenizer_from)), Path(tokenizer_from)
     else:
-        tokenizer, source = tokenizer_from_folder(ckpt.folder, ckpt.config), ckpt.folder / "tokenizer.json"
+        tokenizer, source = tokenizer_from_folder(ckpt.folder), ckpt.folder / "tokenizer.json"
     tokenizer.pad_to(hp.n_vocab, source)
     extra[VOCAB_FINGERPRINT] = (vocab_fingerprint(tokenizer.tokens), GGUFValueType.STRING)
     name = _model_name(ckpt, memdec)

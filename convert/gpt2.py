@@ -19,7 +19,7 @@ from gguf import GGUFWriter
 
 from edge_memdec.errors import UserError
 
-from .arch import TensorPlan, gguf_order
+from .arch import Shape, TensorPlan, gguf_order, positive
 
 ARCHITECTURE = "GPT2LMHeadModel"
 
@@ -66,27 +66,16 @@ FIXED_SETTINGS = {
 
 
 @dataclass(frozen=True)
-class Gpt2Hparams:
-    """The numbers llama.cpp's gpt2 graph needs, read from config.json."""
+class Gpt2Hparams(Shape):
+    """The numbers llama.cpp's gpt2 graph needs, read from config.json (n_ff: n_inner, default 4 * n_embd;
+    n_ctx: n_positions)."""
 
-    n_vocab: int  # rows of the token embedding
-    n_embd: int
-    n_ff: int  # inner size of the MLP (n_inner, default 4 * n_embd)
-    n_layer: int
-    n_head: int
-    n_ctx: int  # rows of the position embedding: the longest context, tokens
     norm_eps: float  # LayerNorm epsilon
-    tied: bool  # output projection shares the token embedding
     arch: str = "gpt2"
 
     def write(self, writer: GGUFWriter) -> None:
         """Add the gpt2 hyperparameter keys."""
-        writer.add_vocab_size(self.n_vocab)
-        writer.add_context_length(self.n_ctx)
-        writer.add_embedding_length(self.n_embd)
-        writer.add_feed_forward_length(self.n_ff)
-        writer.add_block_count(self.n_layer)
-        writer.add_head_count(self.n_head)
+        self.write_shape(writer)
         writer.add_layer_norm_eps(self.norm_eps)
 
 
@@ -104,10 +93,7 @@ def read_hparams(config: dict[str, Any], folder: object) -> Gpt2Hparams:
             raise UserError(f"{folder}/config.json sets {key} = {value!r}, but {instead}; it cannot convert")
 
     def number(key: str, default: Any = None) -> Any:
-        value = config.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{folder}/config.json has {key} = {value!r}; it needs a positive number")
-        return value
+        return positive(config, folder, key, default)
 
     n_embd, n_head = number("n_embd"), number("n_head")
     if n_embd % n_head:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFValueType, TokenType
+from gguf import GGUFValueType, SpecialVocab, TokenType
 
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import GGUFInfo
@@ -79,13 +79,14 @@ def _raw(value: Any) -> Any:
     return value
 
 
-def tokenizer_from_folder(folder: Path, config: dict[str, Any]) -> TokenizerKeys:
+def tokenizer_from_folder(folder: Path) -> TokenizerKeys:
     """Tokenizer keys from tokenizer.json (byte-level BPE) and tokenizer_config.json of a checkpoint."""
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{folder} has no tokenizer.json; add it or pass --tokenizer-from BASE.gguf")
     spec = _json(path)
-    settings = _json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    if (folder / "tokenizer_config.json").is_file():
+        _json(folder / "tokenizer_config.json")  # a broken one is one sentence here, not gguf's exception later
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UserError(
@@ -111,21 +112,23 @@ def tokenizer_from_folder(folder: Path, config: dict[str, Any]) -> TokenizerKeys
             if text in user_defined
             else TokenType.NORMAL
         )
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    # gguf's own reader of the rest: merges (spaces inside a pair encoded as llama.cpp expects), the special
+    # token ids, whether BOS is added, the chat template
+    vocab = SpecialVocab(folder, load_merges=True, special_token_types=tuple(SPECIAL_KEYS), n_vocab=n_tokens)
 
     fields: dict[str, Field] = {
         "tokenizer.ggml.model": ("gpt2", GGUFValueType.STRING, None),
         "tokenizer.ggml.pre": (pre, GGUFValueType.STRING, None),
         "tokenizer.ggml.tokens": (tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
         "tokenizer.ggml.token_type": (types, GGUFValueType.ARRAY, GGUFValueType.INT32),
-        "tokenizer.ggml.merges": (merges, GGUFValueType.ARRAY, GGUFValueType.STRING),
-        "tokenizer.ggml.add_bos_token": (_adds_bos(settings, spec), GGUFValueType.BOOL, None),
+        "tokenizer.ggml.merges": (list(vocab.merges), GGUFValueType.ARRAY, GGUFValueType.STRING),
+        "tokenizer.ggml.add_bos_token": (bool(vocab.add_special_token.get("bos")), GGUFValueType.BOOL, None),
     }
     for name, key in SPECIAL_KEYS.items():
-        token_id = _special_id(name, settings, config, ids)
+        token_id = vocab.special_token_ids.get(name)
         if token_id is not None:
             fields[f"tokenizer.ggml.{key}"] = (token_id, GGUFValueType.UINT32, None)
-    template = _chat_template(folder, settings)
+    template = _default_template(vocab.chat_template)
     if template:
         fields["tokenizer.chat_template"] = (template, GGUFValueType.STRING, None)
     return TokenizerKeys(fields, tokens)
@@ -170,36 +173,9 @@ def _json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _special_id(
-    name: str, settings: dict[str, Any], config: dict[str, Any], ids: dict[str, int]
-) -> int | None:
-    """Id of the bos/eos/unk/pad token: by its text in tokenizer_config.json, else config.json's id."""
-    token = settings.get(f"{name}_token")
-    if isinstance(token, dict):
-        token = token.get("content")
-    if isinstance(token, str) and token in ids:
-        return ids[token]
-    token_id = config.get(f"{name}_token_id")
-    if isinstance(token_id, list):
-        token_id = token_id[0] if token_id else None
-    return token_id if isinstance(token_id, int) and 0 <= token_id < len(ids) else None
-
-
-def _adds_bos(settings: dict[str, Any], spec: dict[str, Any]) -> bool:
-    """Whether encoding prepends BOS: tokenizer_config's add_bos_token, else a post-processor that starts
-    every sequence with a special token."""
-    if isinstance(settings.get("add_bos_token"), bool):
-        return settings["add_bos_token"]
-    post = spec.get("post_processor")
-    single = post.get("single") if _is(post, "TemplateProcessing") else None
-    return bool(single) and "SpecialToken" in single[0]
-
-
-def _chat_template(folder: Path, settings: dict[str, Any]) -> str | None:
-    template = settings.get("chat_template")
+def _default_template(template: Any) -> str | None:
+    """The chat template: the string, or the one named "default" of a list of named templates."""
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    if not template and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     return template if isinstance(template, str) and template else None

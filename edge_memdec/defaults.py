@@ -42,6 +42,16 @@ SERVER_PORT = 8080  # llama-server's
 SERVER_MAX_TOKENS = 1024  # answer length when a request names none, and the most any request gets
 
 
+FLASH_ATTN_CHOICES = {"on": True, "off": False, "auto": None}  # -fa: auto (None) is llama.cpp's choice
+
+
+def flash_attn_setting(value: str) -> bool | None:
+    """-fa on|off|auto as ModelOptions.flash_attn, or one sentence."""
+    if value not in FLASH_ATTN_CHOICES:
+        raise UserError(f"--flash-attn must be on, off or auto, got {value!r}")
+    return FLASH_ATTN_CHOICES[value]
+
+
 def is_lambda(lam: object) -> bool:
     """Whether `lam` is a number in [LAMBDA_MIN, LAMBDA_MAX] (not a bool, not NaN)."""
     return isinstance(lam, Real) and not isinstance(lam, bool) and LAMBDA_MIN <= lam <= LAMBDA_MAX

@@ -6,3 +6,10 @@ class UserError(Exception):
 
     The CLI prints it as ``error: <message>`` and exits with status 1, never with a traceback.
     """
+
+
+def refuse_misfit(what: str, base_name: str, problems: list[str], fix: str) -> None:
+    """Raise the UserError for the first of `problems` (none: return) of a file that should fit a base model:
+    "<what> does not fit the base model <base_name>: <problem>; <fix>"."""
+    if problems:
+        raise UserError(f"{what} does not fit the base model {base_name}: {problems[0]}; {fix}")

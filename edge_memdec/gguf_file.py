@@ -17,13 +17,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+    Keys,
+    LlamaFileType,
+)
 
 from edge_memdec.errors import UserError
 
-GGUF_MAGIC = b"GGUF"
+MAGIC = struct.pack("<I", GGUF_MAGIC)  # b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
-DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_TENSOR_NAME = 63  # GGML_MAX_NAME minus the terminating NUL
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: llama.cpp aborts above it
@@ -31,27 +38,40 @@ MAX_ARRAY_LEN = 1 << 22  # elements per metadata array; real vocabularies stay u
 INT64_MAX = (1 << 63) - 1
 READ_CHUNK = 1 << 22  # bytes read at a time while walking the header
 
-STRING, ARRAY = 8, 9
+V = GGUFValueType  # compared as plain ints below: IntEnum members slow the per-token loops by ~25%
+STRING, ARRAY, BOOL = int(V.STRING), int(V.ARRAY), int(V.BOOL)
 # GGUF value type -> struct format of one element; STRING and ARRAY are handled apart.
 SCALAR_TYPES: dict[int, struct.Struct] = {
-    vtype: struct.Struct("<" + code)
+    int(vtype): struct.Struct("<" + code)
     for vtype, code in {
-        0: "B",
-        1: "b",
-        2: "H",
-        3: "h",
-        4: "I",
-        5: "i",
-        6: "f",
-        7: "B",
-        10: "Q",
-        11: "q",
-        12: "d",
+        V.UINT8: "B",
+        V.INT8: "b",
+        V.UINT16: "H",
+        V.INT16: "h",
+        V.UINT32: "I",
+        V.INT32: "i",
+        V.FLOAT32: "f",
+        V.BOOL: "B",
+        V.UINT64: "Q",
+        V.INT64: "q",
+        V.FLOAT64: "d",
     }.items()
 }
-BOOL = 7
-INTEGER_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
-FLOAT_TYPES = (6, 12)
+INTEGER_TYPES = tuple(int(t) for t in (V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64))
+FLOAT_TYPES = (int(V.FLOAT32), int(V.FLOAT64))
+ARCHITECTURE, ALIGNMENT, FILE_TYPE, TYPE = (
+    Keys.General.ARCHITECTURE,
+    Keys.General.ALIGNMENT,
+    Keys.General.FILE_TYPE,
+    Keys.General.TYPE,
+)
+TOKENS, TOKEN_TYPES, SCORES, MERGES, TOKENIZER_MODEL = (
+    Keys.Tokenizer.LIST,
+    Keys.Tokenizer.TOKEN_TYPE,
+    Keys.Tokenizer.SCORES,
+    Keys.Tokenizer.MERGES,
+    Keys.Tokenizer.MODEL,
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +102,11 @@ TOKENIZER_MODELS = ("gpt2", "llama")
 
 # llama.cpp's split GGUF: NAME-00001-of-0000N.gguf holds the metadata, every part its own tensors; llama.cpp
 # opens the first part and finds the others beside it by name.
-SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (
+    Keys.Split.LLM_KV_SPLIT_NO,
+    Keys.Split.LLM_KV_SPLIT_COUNT,
+    Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT,
+)
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -132,7 +156,7 @@ class GGUFInfo:
     @property
     def tokens(self) -> list[str]:
         """The token texts, indexed by token id."""
-        return self.metadata["tokenizer.ggml.tokens"]
+        return self.metadata[TOKENS]
 
     @property
     def n_vocab(self) -> int:
@@ -224,7 +248,7 @@ class _Header:
 
         Locals instead of attributes and one bounds check per string: ~3x faster than calling `string`."""
         out: list[str] = [""] * count
-        unpack = SCALAR_TYPES[10].unpack_from
+        unpack = SCALAR_TYPES[V.UINT64].unpack_from
         buf, pos, have = self.buf, self.pos, len(self.buf)
         for i in range(count):
             start = pos + 8
@@ -307,7 +331,7 @@ def _read(path: Path, adapter: bool | None) -> GGUFInfo:
     if SPLIT_COUNT in table.metadata:
         parts, tensors = _read_split(h, table)
     if adapter is None:
-        adapter = table.metadata.get("general.type") == "adapter"
+        adapter = table.metadata.get(TYPE) == "adapter"
     arch = _check_kind(h, table.metadata, table.value_types, adapter)
     if not adapter:
         _check_model(h, table.metadata, table.value_types, {t.name: t for t in tensors})
@@ -353,7 +377,7 @@ def _read_table(path: Path, part: int = 0) -> tuple[_Header, _Table]:
 
 
 def _parse(h: _Header, part: int = 0) -> _Table:
-    if h.size < 4 or _peek(h, 4) != GGUF_MAGIC:
+    if h.size < 4 or _peek(h, 4) != MAGIC:
         raise UserError(
             f"{h.path} is not a GGUF file (it does not start with the bytes 'GGUF'); give a .gguf model"
         )
@@ -382,9 +406,9 @@ def _parse(h: _Header, part: int = 0) -> _Table:
         metadata[key], etype = h.value(vtype, f"metadata key {_short(key)}")
         value_types[key] = (vtype, etype)
 
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if "general.alignment" in metadata and (
-        value_types["general.alignment"][0] != 4 or alignment <= 0 or alignment & (alignment - 1)
+    alignment = metadata.get(ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
+    if ALIGNMENT in metadata and (
+        value_types[ALIGNMENT][0] != V.UINT32 or alignment <= 0 or alignment & (alignment - 1)
     ):
         raise h.fail(f"general.alignment is {_short(alignment)}, not a power of two stored as uint32")
 
@@ -509,15 +533,15 @@ def _place_tensors(
 def _check_kind(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], adapter: bool) -> str:
     """Check that the file is the kind asked for (a model, or an adapter: general.type, a string llama.cpp
     reads unchecked) of a supported architecture; return the architecture."""
-    if "general.type" in meta and types["general.type"][0] != STRING:
+    if TYPE in meta and types[TYPE][0] != STRING:
         raise h.fail("general.type is not a string")
-    if (meta.get("general.type") == "adapter") != adapter:
+    if (meta.get(TYPE) == "adapter") != adapter:
         raise UserError(
             f"{h.path} is a LoRA adapter, not a model; give the base model's GGUF here and the adapter to --lora"
             if not adapter
             else f"{h.path} is not a LoRA adapter (its general.type is not 'adapter'); pass a GGUF LoRA adapter"
         )
-    arch = meta.get("general.architecture")
+    arch = meta.get(ARCHITECTURE)
     if not isinstance(arch, str):
         raise h.fail("it has no general.architecture string")
     if arch not in SUPPORTED_ARCHS:
@@ -532,7 +556,7 @@ def _check_model(
     h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]], tensors: dict[str, TensorInfo]
 ) -> None:
     """Check the architecture's hyperparameters, the tokenizer and the core tensors."""
-    arch = meta["general.architecture"]
+    arch = meta[ARCHITECTURE]
 
     def integer(key: str, low: int, high: int = INT64_MAX) -> int:
         if key not in meta:
@@ -573,11 +597,11 @@ def _check_model(
 
 
 def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[int, int | None]]) -> list[str]:
-    model = meta.get("tokenizer.ggml.model")
+    model = meta.get(TOKENIZER_MODEL)
     if model not in TOKENIZER_MODELS:
         raise h.fail(f"tokenizer.ggml.model is {_short(model)}, not one of {', '.join(TOKENIZER_MODELS)}")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if types.get("tokenizer.ggml.tokens") != (ARRAY, STRING) or not tokens:
+    tokens = meta.get(TOKENS)
+    if types.get(TOKENS) != (ARRAY, STRING) or not tokens:
         raise h.fail("tokenizer.ggml.tokens is missing or is not a list of strings")
     if "\x00" in "".join(tokens):
         token_id = next(i for i, text in enumerate(tokens) if "\x00" in text)
@@ -585,10 +609,10 @@ def _check_tokenizer(h: _Header, meta: dict[str, Any], types: dict[str, tuple[in
     if len(set(tokens)) != len(tokens):
         text, _ = Counter(tokens).most_common(1)[0]
         raise h.fail(f"the token text {_short(text)} appears more than once in tokenizer.ggml.tokens")
-    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+    for key in (TOKEN_TYPES, SCORES):
         if key in meta and (types[key][0] != ARRAY or len(meta[key]) != len(tokens)):
             raise h.fail(f"{key} does not have one entry per token ({len(tokens)})")
-    if model == "gpt2" and types.get("tokenizer.ggml.merges") != (ARRAY, STRING):
+    if model == "gpt2" and types.get(MERGES) != (ARRAY, STRING):
         raise h.fail("a BPE (gpt2) tokenizer needs tokenizer.ggml.merges as a list of strings")
     return tokens
 
@@ -616,7 +640,7 @@ def _short(value: Any) -> str:
 
 def _file_type(meta: dict[str, Any], tensors: list[TensorInfo]) -> str:
     """The quantization name: from general.file_type when present, else the commonest 2-D tensor type."""
-    code = meta.get("general.file_type")
+    code = meta.get(FILE_TYPE)
     if isinstance(code, int) and not isinstance(code, bool):
         try:
             return LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gguf import GGUFValueType, Keys
 
-from edge_memdec.errors import UserError
+from edge_memdec.errors import UserError, refuse_misfit
 from edge_memdec.gguf_file import GGUFInfo, TensorInfo, read_adapter_gguf
 
 ADAPTER_TYPE = Keys.Adapter.TYPE  # str: "lora"
@@ -141,12 +141,9 @@ def lora_problems(base: GGUFInfo, lora: LoraInfo) -> list[str]:
 
 def check_lora(base: GGUFInfo, lora: LoraInfo) -> None:
     """Raise UserError with the first problem when `lora` cannot run on `base`."""
-    problems = lora_problems(base, lora)
-    if problems:
-        raise UserError(
-            f"the LoRA adapter {lora.path.name} does not fit the base model {base.path.name}: {problems[0]}; "
-            "use an adapter trained on this base"
-        )
+    refuse_misfit(
+        f"the LoRA adapter {lora.path.name}", base.path.name, lora_problems(base, lora), "use an adapter trained on this base"
+    )
 
 
 def lora_spec(item: str | Path | tuple[str | Path, float]) -> tuple[Path, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_memdec.errors import UserError
+from edge_memdec.errors import refuse_misfit
 from edge_memdec.gguf_file import GGUFInfo
 
 MAX_VOCAB_DIFFERENCE = 128  # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
@@ -46,12 +46,12 @@ def pair_problems(base: GGUFInfo, memdec: GGUFInfo) -> list[str]:
 
 def check_pair(base: GGUFInfo, memdec: GGUFInfo) -> None:
     """Raise UserError with the first problem when the memory decoder cannot run beside the base model."""
-    problems = pair_problems(base, memdec)
-    if problems:
-        raise UserError(
-            f"the memory decoder {memdec.path.name} does not fit the base model {base.path.name}: {problems[0]}; "
-            "use a memory decoder made with the base model's tokenizer"
-        )
+    refuse_misfit(
+        f"the memory decoder {memdec.path.name}",
+        base.path.name,
+        pair_problems(base, memdec),
+        "use a memory decoder made with the base model's tokenizer",
+    )
 
 
 def _shown(text: str) -> str:

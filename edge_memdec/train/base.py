@@ -16,27 +16,19 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from edge_memdec.errors import UserError
 
-CONTROL_TOKEN = 3
-
-
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
 
 def gguf_tokenizer(gguf_path: Path) -> Tokenizer:
     """A byte-level BPE tokenizer with the GGUF's tokens, merges and control tokens (gpt2-style vocab only)."""
-    from gguf import GGUFReader
+    from gguf import Keys, TokenType
 
     from edge_memdec.gguf_file import read_gguf
 
-    read_gguf(gguf_path)  # our bounds-checked parser names a missing, truncated or non-GGUF file in one sentence
-    reader = GGUFReader(str(gguf_path))
-    if _field(reader, "tokenizer.ggml.model") != "gpt2":
+    meta = read_gguf(gguf_path).metadata  # bounds-checked: a missing, truncated or non-GGUF file is one sentence
+    if meta.get(Keys.Tokenizer.MODEL) != "gpt2":
         raise UserError(f"{gguf_path} does not use a byte-level BPE (gpt2) tokenizer, which training needs")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokens = meta[Keys.Tokenizer.LIST]
+    merges = [tuple(m.split(" ", 1)) for m in meta[Keys.Tokenizer.MERGES]]
+    types = meta.get(Keys.Tokenizer.TOKEN_TYPE) or [TokenType.NORMAL] * len(tokens)
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -46,7 +38,7 @@ def gguf_tokenizer(gguf_path: Path) -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(
-        [AddedToken(t, special=True) for t, k in zip(tokens, types, strict=True) if k == CONTROL_TOKEN]
+        [AddedToken(t, special=True) for t, k in zip(tokens, types, strict=True) if k == TokenType.CONTROL]
     )
     tok.encode_special_tokens = True
     return tok

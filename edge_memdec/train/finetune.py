@@ -226,19 +226,11 @@ def finetune(
             "base": str(cfg.base),
             "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "params_total": sum(p.numel() for p in model.parameters()),
-            "steps": done.step,
-            "epochs": done.step / plan.per_epoch,
-            "positions_trained": done.positions,
             "source_positions": plan.n_positions,
-            "seconds": done.seconds,
-            "positions_per_second": done.positions / max(done.seconds, 1e-9),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
-            "ranks": ranks,
             "source": source or {},
             "config": cfg.fingerprint(tokens),
-            "validation": best["validation"] if best else None,
-            "best_epoch": best["epoch"] if best else None,
-            "history": done.history,
+            **done.summary(plan, ranks, best),
         }
         write_json_atomic(out / "train.json", summary)
     if world > 1:

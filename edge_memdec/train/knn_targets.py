@@ -141,7 +141,7 @@ def knn_distribution(
     """Sparse next-token distributions from neighbours: softmax(-d/T) summed per value token, the `top` heaviest
     tokens kept and renormalised. Inputs [n, k] (distances squared L2; values -1 for missing neighbours);
     returns ids int32 [n, top] and probabilities float32 [n, top], heaviest first (numba, rows in parallel)."""
-    from edge_memdec.kernels.knn_targets import knn_distribution_core
+    from edge_memdec.kernels.knn_distribution import knn_distribution_core
 
     n = distances.shape[0]
     ids = np.empty((n, top), dtype=np.int32)
@@ -180,6 +180,38 @@ def build_targets(
     here; `extra` goes into targets.json (the sweep's table)."""
     ds_dir = Path(ds_dir)
     out_dir = Path(out_dir) if out_dir else ds_dir / "targets"
+    _check_settings(k, temperature, top, chunk, nprobe, threads, lists)
+    n = read_manifest(ds_dir)["n_positions"]
+    if n < 2:
+        raise UserError("the datastore has fewer than 2 positions; build it from more text")
+    k = min(k, n - 1)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the targets folder {out_dir} ({err.strerror or err})") from None
+    remove_stale_temps(out_dir)
+    faiss.omp_set_num_threads(threads)
+    params = {"k": k, "temperature": temperature, "top": top, "index": index_kind, "nprobe": nprobe,
+              "chunk": chunk, "ivf_lists": lists, "pq_bytes": pq_bytes}  # fmt: skip
+    manifest = _open_manifest(out_dir, ds_dir, n, params)
+    if manifest.get("complete"):
+        return manifest
+    ids_out, probs_out = _open_partials(out_dir, manifest, n, top)
+    t0 = time.perf_counter()
+    keys, values, index = searcher or make_searcher(
+        ds_dir, index_kind, nprobe, threshold, lists, pq_bytes, device
+    )
+    manifest["index_used"] = index_description(index)
+    manifest["index_seconds"] = time.perf_counter() - t0
+    manifest.update(extra or {})
+    if "exact_agreement" not in manifest:
+        manifest["exact_agreement"] = exact_agreement(index, keys, k)
+    _search_chunks(index, keys, values, k, temperature, top, chunk, ids_out, probs_out, manifest, out_dir / MANIFEST)
+    del ids_out, probs_out
+    return _finish(out_dir, manifest, values)
+
+
+def _check_settings(k: int, temperature: float, top: int, chunk: int, nprobe: int, threads: int, lists: int) -> None:
     if k < 1 or top < 1 or chunk < 1 or nprobe < 1 or threads < 1 or lists < 0:
         raise UserError(
             "-k, --top, --chunk, --nprobe and --threads must be at least 1 (and --ivf-lists at least 0), got "
@@ -187,48 +219,29 @@ def build_targets(
         )
     if not temperature > 0 or not np.isfinite(temperature):
         raise UserError(f"--temperature must be a positive number, got {temperature}")
-    ds = read_manifest(ds_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the targets folder {out_dir} ({err.strerror or err})") from None
-    remove_stale_temps(out_dir)
-    n = ds["n_positions"]
-    if n < 2:
-        raise UserError("the datastore has fewer than 2 positions; build it from more text")
-    k = min(k, n - 1)
-    faiss.omp_set_num_threads(threads)
-    params = {
-        "k": k,
-        "temperature": temperature,
-        "top": top,
-        "index": index_kind,
-        "nprobe": nprobe,
-        "chunk": chunk,
-        "ivf_lists": lists,
-        "pq_bytes": pq_bytes,
-    }
+
+
+def _open_manifest(out_dir: Path, ds_dir: Path, n: int, params: dict) -> dict:
+    """targets.json of a run with these settings (a fresh one, or the one to resume); other settings refused."""
     manifest_path = out_dir / MANIFEST
-    chunks = list(range(0, n, chunk))
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        # targets.json files from before --ivf-lists / --pq-bytes existed used their defaults
-        saved = {"ivf_lists": 0, "pq_bytes": PQ_BYTES, **manifest["params"]}
-        if saved != params or manifest["n_positions"] != n:
-            raise UserError(
-                f"{out_dir} holds targets made with other settings; choose another --out or delete it"
-            )
-        if manifest.get("complete"):
-            return manifest
-    else:
-        manifest = {
-            "datastore": str(ds_dir),
-            "n_positions": n,
-            "params": params,
-            "finished": [],
-            "seconds": 0.0,
-        }
-    partial_ids, partial_probs = out_dir / "knn-ids.partial.npy", out_dir / "knn-probs.partial.npy"
+    if not manifest_path.is_file():
+        return {"datastore": str(ds_dir), "n_positions": n, "params": params, "finished": [], "seconds": 0.0}
+    manifest = json.loads(manifest_path.read_text())
+    # targets.json files from before --ivf-lists / --pq-bytes existed used their defaults
+    saved = {"ivf_lists": 0, "pq_bytes": PQ_BYTES, **manifest["params"]}
+    if saved != params or manifest["n_positions"] != n:
+        raise UserError(f"{out_dir} holds targets made with other settings; choose another --out or delete it")
+    return manifest
+
+
+def _partial_paths(out_dir: Path) -> tuple[Path, Path]:
+    return out_dir / "knn-ids.partial.npy", out_dir / "knn-probs.partial.npy"
+
+
+def _open_partials(out_dir: Path, manifest: dict, n: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The memory-mapped target arrays, ids int32 [n, top] and probs float16 [n, top]: reopened to resume, or
+    created (disk reserved up front) when there is nothing to resume; the manifest is saved either way."""
+    partial_ids, partial_probs = _partial_paths(out_dir)
     mode = "r+" if manifest["finished"] and partial_ids.is_file() and partial_probs.is_file() else "w+"
     if mode == "w+":
         manifest["finished"] = []
@@ -243,21 +256,19 @@ def build_targets(
             partial_ids.unlink(missing_ok=True)
             partial_probs.unlink(missing_ok=True)
         raise write_error(f"the kNN targets in {out_dir}", err) from None
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return ids_out, probs_out
 
-    t0 = time.perf_counter()
-    keys, values, index = searcher or make_searcher(
-        ds_dir, index_kind, nprobe, threshold, lists, pq_bytes, device
-    )
-    manifest["index_used"] = index_description(index)
-    manifest["index_seconds"] = time.perf_counter() - t0
-    manifest.update(extra or {})
-    if "exact_agreement" not in manifest:
-        manifest["exact_agreement"] = exact_agreement(index, keys, k)
+
+def _search_chunks(
+    index, keys, values, k, temperature, top, chunk, ids_out, probs_out, manifest: dict, manifest_path: Path
+) -> None:
+    """Search and write every unfinished chunk of `chunk` positions, saving the manifest after each one."""
+    n = ids_out.shape[0]
     finished = set(manifest["finished"])
     bar = tqdm(total=n, initial=min(n, len(finished) * chunk), unit="pos", desc="knn targets", smoothing=0.1)
     try:
-        for start in chunks:
+        for start in range(0, n, chunk):
             if start in finished:
                 continue
             t1 = time.perf_counter()
@@ -275,7 +286,11 @@ def build_targets(
             bar.update(stop - start)
     finally:
         bar.close()
-    del ids_out, probs_out
+
+
+def _finish(out_dir: Path, manifest: dict, values: np.ndarray) -> dict:
+    """Summary figures into the manifest, the arrays under their final names, the manifest marked complete."""
+    partial_ids, partial_probs = _partial_paths(out_dir)
     ids = np.load(partial_ids, mmap_mode="r")
     probs = np.load(partial_probs, mmap_mode="r").astype(np.float32)
     manifest["avg_top1_prob"] = float(probs[:, 0].mean())
@@ -285,7 +300,7 @@ def build_targets(
     os.replace(partial_ids, out_dir / "knn-ids.npy")
     os.replace(partial_probs, out_dir / "knn-probs.npy")
     manifest["complete"] = True
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
 

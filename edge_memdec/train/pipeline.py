@@ -151,6 +151,7 @@ def recipe_command(
     as_json: bool,
     threads: int,
     name: str | None = None,
+    baselines: tuple[str, ...] = (),
 ):
     """`edge-memdec recipe`: run every stage, then print the test-split table (or its JSON)."""
     import json
@@ -160,7 +161,7 @@ def recipe_command(
     name = name or domain_name(domain)
     work = work or Path(f"memdec-{name}")
     base = Path(model or default_base_gguf())
-    result = run_recipe(domain, work, Budget().scaled(budget), base, threads, name)
+    result = run_recipe(domain, work, Budget().scaled(budget), base, threads, name, baselines)
     if as_json:
         print(json.dumps(result, indent=1))
         return result
@@ -174,6 +175,10 @@ def recipe_command(
     for name, stage in result["stages"].items():
         rss = f", peak {stage['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in stage else ""
         print(f"  stage {name}: {stage['seconds']:.0f} s{rss}")
+    if "baselines" in result:
+        from edge_memdec.compare import format_compare
+
+        print(format_compare(result["baselines"]))
     return result
 
 

@@ -71,15 +71,29 @@ def run_stage(name: str, args: list[str], log: dict, launcher: list[str] | None 
         raise UserError(f"the {name} stage failed (exit {child.returncode}); fix the error above and rerun")
 
 
+BASELINES = ("lora", "dapt")  # `--baselines`: the base adapted by a LoRA, or fine-tuned whole, at the same budget
+
+
 def run_recipe(
-    domain: str, work: Path, budget: Budget, base: Path, threads: int = 2, name: str | None = None
+    domain: str,
+    work: Path,
+    budget: Budget,
+    base: Path,
+    threads: int = 2,
+    name: str | None = None,
+    baselines: tuple[str, ...] = (),
 ) -> dict:
     """Run (or resume) every stage for corpus `domain` in `work`; returns the report (also report.json).
 
-    Everything is written under `work`; the outputs are named after `name` (default: `domain_name`)."""
+    Everything is written under `work`; the outputs are named after `name` (default: `domain_name`).
+    `baselines` (out of BASELINES) also trains a LoRA and/or a DAPT model on the datastore's tokens, with the
+    decoder's epochs, windows and batch, and adds `compare`'s table of every row on the test split."""
     from edge_memdec.gguf_file import read_gguf
     from edge_memdec.train.report import report
 
+    unknown = [kind for kind in baselines if kind not in BASELINES]
+    if unknown:
+        raise UserError(f"--baselines takes {' and '.join(BASELINES)}, got {unknown[0]!r}")
     name = name or domain_name(domain)
     work.mkdir(parents=True, exist_ok=True)
     split, ds, run = work / "split", work / "datastore", work / "run"
@@ -119,8 +133,23 @@ def run_recipe(
         + ["--export", str(gguf), "--outtype", budget.outtype, "--domain", name, *th]
         + (["--resume"] if (run / "checkpoint.pt").is_file() else []),
     )
+    trained = {}
+    for kind in baselines:
+        trained[kind] = out = work / (f"{name}-lora.gguf" if kind == "lora" else f"{name}-dapt-{budget.outtype}.gguf")
+        stage(
+            kind,
+            out.is_file(),
+            ["lora", "train", str(ds), "--out", str(work / kind), "-m", str(base)]
+            + (["--full", "--outtype", budget.outtype] if kind == "dapt" else [])
+            + ["--epochs", str(budget.epochs), "--batch-windows", str(budget.batch_windows)]
+            + ["--n-ctx", str(budget.train_ctx), "--stride", str(budget.train_stride)]
+            + ["--valid-corpus", str(split), "--valid-tokens", str(budget.valid_tokens), "--export", str(out), *th]
+            + (["--resume"] if (work / kind / "checkpoint.pt").is_file() else []),
+        )
     t0 = time.perf_counter()
     result = report(base, gguf, ds, split, budget, threads)
+    if trained:
+        result["baselines"] = baseline_table(base, gguf, split, budget, trained, threads)
     stages["report"] = {"seconds": time.perf_counter() - t0}
     result["stages"] = stages
     result["budget"] = asdict(budget)
@@ -132,3 +161,21 @@ def run_recipe(
 def _finished(manifest_path: Path) -> bool:
     manifest = json.loads(manifest_path.read_text())
     return len(manifest["finished"]) == len(manifest["shards"])
+
+
+def baseline_table(
+    base: Path, memdec: Path, split: Path, budget: Budget, trained: dict[str, Path], threads: int
+) -> dict:
+    """`compare`'s report on the test split (paper protocol, 1024/512 windows): base, base + LoRA, DAPT, base +
+    memory decoder and base + LoRA + memory decoder, for the rows that were trained (kNN-LM is the main
+    report's row, not scored again)."""
+    from edge_memdec.compare import CompareSettings, compare, rows_of
+    from edge_memdec.llama_model import ModelOptions
+    from edge_memdec.train.base import load_tokenizer
+    from edge_memdec.train.report import split_text
+
+    test_text = split_text(load_tokenizer(base), split, "test", budget.test_tokens)
+    lora = (str(trained["lora"]),) if "lora" in trained else ()
+    rows = rows_of(base, lora, trained.get("dapt"), None, memdec)
+    settings = CompareSettings(n_ctx=1024, stride=512, options=ModelOptions(n_threads=threads))
+    return compare(rows, test_text, None, settings)

@@ -84,6 +84,21 @@ class Progress:
     seconds: float = 0.0  # step time over every process that ran this run
     positions: int = 0  # positions trained (all ranks)
 
+    def summary(self, plan: StepPlan, ranks: list[dict], best: dict | None) -> dict:
+        """The train.json fields every training command writes: steps, epochs, positions, time, per-rank
+        figures, the best validation (the kept model's) and the whole history."""
+        return {
+            "steps": self.step,
+            "epochs": self.step / plan.per_epoch,
+            "positions_trained": self.positions,
+            "seconds": self.seconds,
+            "positions_per_second": self.positions / max(self.seconds, 1e-9),
+            "ranks": ranks,
+            "validation": best["validation"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "history": self.history,
+        }
+
 
 def distributed() -> tuple[int, int]:
     """(rank, world size); joins the torchrun process group when WORLD_SIZE > 1."""

@@ -224,18 +224,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             save_model(model, out / "hf")
         summary = {
             "params": n_params(model),
-            "steps": done.step,
-            "epochs": done.step / plan.per_epoch,
-            "positions_trained": done.positions,
             "datastore_positions": n_positions,
-            "seconds": done.seconds,
-            "positions_per_second": done.positions / max(done.seconds, 1e-9),
-            "ranks": ranks,
             "knn": tmeta["params"],
             "config": cfg.fingerprint(),
-            "validation": best["validation"] if best else None,
-            "best_epoch": best["epoch"] if best else None,
-            "history": done.history,
+            **done.summary(plan, ranks, best),
         }
         write_json_atomic(out / "train.json", summary)
     if world > 1:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from edge_memdec.defaults import VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
@@ -43,22 +44,7 @@ FALLBACK_NOISE = 0.1  # fallback rows: mean of the copied rows + N(0, (0.1 * per
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies (256 entries)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-BYTE_TO_CHAR = _byte_alphabet()
+BYTE_TO_CHAR: dict[int, str] = bytes_to_unicode()  # GPT-2's byte -> printable character table (256)
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
