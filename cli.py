@@ -847,7 +847,8 @@ def serve(
     alias: Annotated[Optional[str], typer.Option("--alias", help="Model id /v1/models lists (default: base+memdec file names); any name a request gives is answered.")] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = defaults.SERVER_MAX_TOKENS,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_MEMDEC_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health.")] = None,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer).")] = 4096,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer) of each request.")] = 4096,
+    parallel: Annotated[int, typer.Option("-np", "--parallel", help="Requests decoded together in one batch, each with its own -c context (KV memory grows N times); 1: one after another.")] = defaults.SERVER_PARALLEL,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
@@ -869,14 +870,16 @@ def serve(
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
-    lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size, n_threads=threads,
-                         n_gpu_layers=n_gpu_layers, flash_attn=defaults.flash_attn_setting(flash_attn), lora=lora or (),
+    lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size,
+                         n_parallel=parallel, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                         flash_attn=defaults.flash_attn_setting(flash_attn), lora=lora or (),
                          shared_trunk=shared_trunk, base_special_tokens=base_special_tokens,
                          log_llama=_log_llama(verbose, log_llama))
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)
         server.warm_up()
-        print(f"serving {server.model_id} (lambda {lm.lam:.2f}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
+        slots = f"{lm.pair.n_parallel} requests at a time, {lm.pair.n_ctx} tokens each"
+        print(f"serving {server.model_id} (lambda {lm.lam:.2f}, {slots}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

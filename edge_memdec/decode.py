@@ -1,4 +1,9 @@
-"""The one decode loop: chat, the server and the Python API all generate through `Generation`."""
+"""The one decode loop: chat, the server and the Python API all generate through `Generation`.
+
+A `Generation` holds one answer's sampling state and its per-token `step` (logits in, token and text out); the
+drivers only evaluate the models: `Generation.__iter__` runs one answer alone (chat, the API, a `--parallel 1`
+server), `batch.BatchDecoder` runs several in one llama.cpp batch (the server). Both call the same `step`.
+"""
 
 from __future__ import annotations
 
@@ -112,86 +117,119 @@ class Generation:
         return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def __iter__(self) -> Iterator[str]:
+        """The sequential driver (chat, the Python API): this generation alone in sequence 0 of the pair."""
+        pair = self.pair
+        with pair.lock:
+            self.begin()
+            self.n_cached = pair.reuse_prefix(self.prompt_tokens)
+            pair.eval(self.prompt_tokens[self.n_cached :])
+            self.prompt_evaluated()
+            mem = pair.memdec
+            try:
+                while True:
+                    yield from self.step(pair.base.last_logits(), mem.last_logits() if mem is not None else None)
+                    if self.finish_reason is not None:
+                        break
+                    pair.eval([self.tokens[-1]])
+            finally:
+                self.end()
+
+    # ---- the per-sequence step, shared by the sequential driver above and the server's batch.py ----
+
+    def begin(self) -> None:
+        """Set up this answer's sampler (seeded draw, penalty history, stop strings, logit bias) and start its
+        clock; a driver calls it once, just before the prompt is evaluated."""
         # numba: loaded by the warmup thread
-        from edge_memdec.kernels import make_logit_bias, make_scratch, sample_token
+        from edge_memdec.kernels import make_logit_bias, make_scratch
 
         pair, params = self.pair, self.params
-        lam = pair.lam if params.lam is None else params.lam
-        mem = pair.memdec
-        rng = np.random.default_rng(params.seed)
-        scratch = make_scratch(pair.n_shared)
-        stream = TextStream(params.stop)
-        bias = make_logit_bias(params.logit_bias) if params.logit_bias else None
+        self._lam = pair.lam if params.lam is None else params.lam
+        self._rng = np.random.default_rng(params.seed)
+        self._scratch = make_scratch(pair.n_shared)
+        self._stream = TextStream(params.stop)
+        self._bias = make_logit_bias(params.logit_bias) if params.logit_bias else None
         base_special = params.base_special_tokens
         if base_special is None:
             base_special = pair.base_special_tokens
-        special = _SpecialTokens(pair.base.special_ids, bias) if base_special and mem else None
-        last_n = pair.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
-        n_seen = len(self.prompt_tokens)  # the penalties count the last_n tokens of prompt + answer in history
-        history = np.zeros(min(n_seen + params.max_tokens, pair.n_ctx + 1), np.int64)
-        history[:n_seen] = self.prompt_tokens
-        with pair.lock:
-            t0 = time.perf_counter()
-            self.n_cached = pair.reuse_prefix(self.prompt_tokens)
-            pair.eval(self.prompt_tokens[self.n_cached :])
-            t1 = time.perf_counter()
-            self.prompt_seconds = t1 - t0
-            try:
-                while True:
-                    if self.cancel.is_set():
-                        self.finish_reason = "cancelled"
-                        break
-                    base_row = pair.base.last_logits()
-                    mem_row = mem.last_logits() if mem is not None else None
-                    if params.ignore_eos:
-                        _mask(base_row, pair.base.eog_ids)
-                        if mem_row is not None:
-                            _mask(mem_row, pair.base.eog_ids)
-                    token = sample_token(
-                        base_row,
-                        mem_row,
-                        lam,
-                        params.temperature,
-                        params.top_k,
-                        params.top_p,
-                        params.min_p,
-                        rng.random(),
-                        scratch,
-                        history[max(0, n_seen - last_n) : n_seen],
-                        params.repeat_penalty,
-                        params.frequency_penalty,
-                        params.presence_penalty,
-                        bias if special is None or lam == 0.0 else special.bias(base_row, mem_row, lam),
-                    )
-                    history[n_seen] = token
-                    n_seen += 1
-                    if pair.base.is_eog(token):
-                        self.finish_reason = "stop"
-                        break
-                    self.tokens.append(token)
-                    if self.explain is not None:
-                        self.traces.append(trace_step(pair.base, base_row, mem_row, lam, token, self.explain))
-                    piece = stream.push(pair.base.piece(token))
-                    if piece:
-                        yield self._traced(piece)
-                    if stream.stopped:
-                        self.finish_reason = "stop"
-                        break
-                    if len(self.tokens) >= params.max_tokens:
-                        self.finish_reason = "length"
-                        break
-                    if pair.base.n_past >= pair.n_ctx:
-                        self.finish_reason = "context"
-                        break
-                    pair.eval([token])
-                tail = stream.flush()
-                if tail:
-                    yield self._traced(tail)
-            finally:
-                self.text = stream.text
-                self.decode_seconds = time.perf_counter() - t1
-                if self.finish_reason is None:
-                    self.finish_reason = "cancelled"
+        self._special = _SpecialTokens(pair.base.special_ids, self._bias) if base_special and pair.memdec else None
+        self._last_n = pair.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+        self._n_seen = len(self.prompt_tokens)  # the penalties count the last_n tokens of prompt + answer
+        self._history = np.zeros(min(self._n_seen + params.max_tokens, pair.n_ctx + 1), np.int64)
+        self._history[: self._n_seen] = self.prompt_tokens
+        self._t_start = self._t_decode = time.perf_counter()
+
+    def prompt_evaluated(self) -> None:
+        """The driver has evaluated the prompt: the first logits are ready, and decoding time starts."""
+        self._t_decode = time.perf_counter()
+        self.prompt_seconds = self._t_decode - self._t_start
+
+    def step(self, base_row: np.ndarray, mem_row: np.ndarray | None) -> list[str]:
+        """One token from both models' logits for the next position: sample it, turn it into text, decide
+        whether the answer ends. Returns the text pieces to hand out (none, one, or a last one and the held-back
+        tail); while `finish_reason` stays None the driver evaluates `self.tokens[-1]` and steps again.
+
+        `base_row`, `mem_row`: float32 [n_vocab] logit rows (views over llama.cpp's buffer, masked in place with
+        `ignore_eos`); `mem_row` None without a memory decoder.
+        """
+        from edge_memdec.kernels import sample_token
+
+        if self.cancel.is_set():
+            return self.finish("cancelled")
+        params, lam, special = self.params, self._lam, self._special
+        base = self.pair.base
+        if params.ignore_eos:
+            _mask(base_row, base.eog_ids)
+            if mem_row is not None:
+                _mask(mem_row, base.eog_ids)
+        n_seen = self._n_seen
+        token = sample_token(
+            base_row,
+            mem_row,
+            lam,
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.min_p,
+            self._rng.random(),
+            self._scratch,
+            self._history[max(0, n_seen - self._last_n) : n_seen],
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+            self._bias if special is None or lam == 0.0 else special.bias(base_row, mem_row, lam),
+        )
+        self._history[n_seen] = token
+        self._n_seen = n_seen + 1
+        if base.is_eog(token):
+            return self.finish("stop")
+        self.tokens.append(token)
+        if self.explain is not None:
+            self.traces.append(trace_step(base, base_row, mem_row, lam, token, self.explain))
+        pieces = []
+        piece = self._stream.push(base.piece(token))
+        if piece:
+            pieces.append(self._traced(piece))
+        if self._stream.stopped:
+            return pieces + self.finish("stop")
+        if len(self.tokens) >= params.max_tokens:
+            return pieces + self.finish("length")
+        if len(self.prompt_tokens) + len(self.tokens) - 1 >= self.pair.n_ctx:  # tokens in the cache
+            return pieces + self.finish("context")
+        return pieces
+
+    def finish(self, reason: str) -> list[str]:
+        """End the answer for `reason` ("stop", "length", "context", "cancelled"); returns the held-back tail
+        as a last piece, if there is one."""
+        self.finish_reason = reason
+        tail = self._stream.flush()
+        return [self._traced(tail)] if tail else []
+
+    def end(self) -> None:
+        """The driver is done with this answer (finished, failed or abandoned): fix its text and timing."""
+        self.text = self._stream.text
+        self.decode_seconds = time.perf_counter() - self._t_decode
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
 
     def _traced(self, piece: str) -> str:
         """The piece, carrying the traces of the tokens since the last piece when explaining."""

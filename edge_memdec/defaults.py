@@ -40,6 +40,7 @@ BASE_SPECIAL_TOKENS = False  # lambda 0 on control/EOS tokens (bench/chat_eval.p
 SERVER_HOST = "127.0.0.1"  # the loopback: other machines reach the server only when asked to
 SERVER_PORT = 8080  # llama-server's
 SERVER_MAX_TOKENS = 1024  # answer length when a request names none, and the most any request gets
+SERVER_PARALLEL = 4  # requests decoded together in one batch, each with its own context (README, Serving)
 
 
 FLASH_ATTN_CHOICES = {"on": True, "off": False, "auto": None}  # -fa: auto (None) is llama.cpp's choice

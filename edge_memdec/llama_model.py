@@ -25,6 +25,7 @@ from edge_memdec.lora_file import LoraInfo, check_lora, lora_spec, read_lora
 from edge_memdec.threadpool import CpuThreadPool
 
 LoraSpecs = str | Path | Sequence[str | Path | tuple[str | Path, float]]  # one adapter or several
+MAX_PARALLEL = 256  # most sequences in one context: llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h)
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -56,14 +57,17 @@ def lora_adapters(base: GGUFInfo, loras: LoraSpecs) -> list[tuple[LoraInfo, floa
 class ModelOptions:
     """How to open a GGUF in llama.cpp."""
 
-    n_ctx: int = 2048  # context length in tokens (KV cache size); 0 = the model's training context
+    n_ctx: int = 2048  # context length in tokens (KV cells) of each sequence; 0 = the model's training context
+    n_parallel: int = 1  # sequences decoded together (the server's --parallel); each has its own n_ctx cells
     n_batch: int = 512  # most tokens given to one llama_decode call
     n_ubatch: int | None = None  # tokens llama.cpp computes at once inside a call (llama.cpp's -ub); None = n_batch
     n_threads: int | None = None  # CPU threads for one-token decode steps; None = default_threads()
     n_threads_batch: int | None = None  # CPU threads for prompt batches; None = n_threads
     n_gpu_layers: int = 0  # layers offloaded to a GPU (-1 = all); ignored by a CPU-only build
     f32_kv: bool = False  # f32 KV cache (exact, for fidelity tests) instead of llama.cpp's default f16
-    # None: llama.cpp decides (on for CPU): ~10% faster decode here, legal test PPL +0.13%; False for exact logits
+    # None: llama.cpp decides (on for CPU): ~10% faster decode here, legal test PPL +0.13%; False for exact logits.
+    # With n_parallel > 1 None means off: CPU flash attention picks its kernel by a micro-batch's rows and KV
+    # cells, so a sequence's logits would depend on what it is batched with (batch.py)
     flash_attn: bool | None = None
     cpu_threadpool: bool = True  # one persistent ggml thread pool per model pair (False: a pool per decode call)
     log_llama: bool = False  # print llama.cpp's own log (loader, context) to stderr; errors reach ours anyway
@@ -72,9 +76,12 @@ class ModelOptions:
 
 
 class LlamaModel:
-    """A GGUF model with one llama.cpp context (one sequence, id 0) and a batch we fill ourselves.
+    """A GGUF model with one llama.cpp context and a batch we fill ourselves.
 
-    `n_past` counts the tokens held in the KV cache; `tokens` lists them, so a caller can reuse a common prefix.
+    The context holds `n_parallel` sequences (ids 0..n_parallel-1), each in its own KV stream of `n_ctx` cells
+    (llama.cpp's `kv_unified = false`: a sequence never waits for, or evicts, another's cells); `eval`,
+    `rewind` and `tokens` are sequence 0's, what chat and the Python API use. `seq_tokens[s]` lists the tokens
+    sequence s holds, so a caller can reuse a common prefix; `n_past` counts sequence 0's.
     """
 
     def __init__(
@@ -114,23 +121,28 @@ class LlamaModel:
                 f"context size {n_ctx} is larger than {self.path.name}'s training context {self.n_ctx_train}; "
                 f"pass -c {self.n_ctx_train} or less"
             )
+        if not 1 <= options.n_parallel <= MAX_PARALLEL:
+            raise UserError(f"--parallel must be from 1 to {MAX_PARALLEL} sequences, got {options.n_parallel}")
         if options.n_ubatch is not None and options.n_ubatch < 1:
             raise UserError(f"-ub/--ubatch-size must be at least 1, got {options.n_ubatch}")
         n_threads = options.n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = min(options.n_batch, n_ctx)
+        # llama.cpp splits n_ctx evenly among the sequences' streams (rounding each up to 256 cells)
+        cparams.n_ctx = n_ctx * options.n_parallel
+        cparams.n_batch = min(options.n_batch, cparams.n_ctx)
         cparams.n_ubatch = min(options.n_ubatch or options.n_batch, cparams.n_batch)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = options.n_parallel
+        cparams.kv_unified = False
         cparams.n_threads = n_threads
         cparams.n_threads_batch = options.n_threads_batch or n_threads
         cparams.no_perf = True
         cparams.embeddings = False
-        if options.flash_attn is not None:
+        flash_attn = options.flash_attn
+        if flash_attn is None and options.n_parallel > 1:
+            flash_attn = False
+        if flash_attn is not None:
             cparams.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-                if options.flash_attn
-                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
         if options.f32_kv:
             cparams.type_k = llama_cpp.GGML_TYPE_F32
@@ -150,7 +162,8 @@ class LlamaModel:
                 )
             )
         self._apply_loras()
-        self.n_ctx: int = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx: int = llama_cpp.llama_n_ctx_seq(self._ctx)  # cells of each sequence
+        self.n_parallel: int = llama_cpp.llama_n_seq_max(self._ctx)
         self.n_batch: int = cparams.n_batch
         self.n_ubatch: int = cparams.n_ubatch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -160,7 +173,7 @@ class LlamaModel:
         self.bos: int = llama_cpp.llama_vocab_bos(self._vocab)
         self.eos: int = llama_cpp.llama_vocab_eos(self._vocab)
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        self.tokens: list[int] = []
+        self.seq_tokens: list[list[int]] = [[] for _ in range(self.n_parallel)]
         self._piece_buf = ctypes.create_string_buffer(256)
 
     def _apply_loras(self) -> None:
@@ -180,8 +193,13 @@ class LlamaModel:
             raise UserError(f"llama.cpp could not apply the LoRA adapters to {self.path.name}")
 
     @property
+    def tokens(self) -> list[int]:
+        """The tokens sequence 0 holds."""
+        return self.seq_tokens[0]
+
+    @property
     def n_past(self) -> int:
-        return len(self.tokens)
+        return len(self.seq_tokens[0])
 
     # ---- vocabulary ----
 
@@ -248,16 +266,26 @@ class LlamaModel:
 
     # ---- evaluation ----
 
-    def rewind(self, n_keep: int) -> None:
-        """Drop every cached token from position `n_keep` on (0 clears the cache)."""
-        if n_keep >= self.n_past:
+    def rewind(self, n_keep: int, seq: int = 0) -> None:
+        """Drop sequence `seq`'s cached tokens from position `n_keep` on (0 frees all its cells)."""
+        cached = self.seq_tokens[seq]
+        if n_keep >= len(cached):
             return
-        if n_keep <= 0:
+        if n_keep <= 0 and self.n_parallel == 1:
             llama_cpp.llama_memory_clear(self._memory, True)
-        elif not llama_cpp.llama_memory_seq_rm(self._memory, 0, n_keep, -1):
-            llama_cpp.llama_memory_clear(self._memory, True)
+        elif not llama_cpp.llama_memory_seq_rm(self._memory, seq, max(n_keep, 0), -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)  # a whole sequence always goes
             n_keep = 0
-        del self.tokens[n_keep:]
+        del cached[max(n_keep, 0) :]
+
+    def clear(self, seq: int) -> None:
+        """Free every cell of sequence `seq`, whatever our record of it says (after a failed llama_decode)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self.seq_tokens[seq].clear()
+
+    def cells(self, seq: int) -> int:
+        """KV cells sequence `seq` holds in llama.cpp's cache (its largest position + 1; 0 when empty)."""
+        return llama_cpp.llama_memory_seq_pos_max(self._memory, seq) + 1
 
     def eval(self, tokens: Sequence[int], logits: Sequence[bool] | None = None) -> int:
         """Append `tokens` to the cache (positions n_past...), asking logits only for the flagged rows.
@@ -278,6 +306,46 @@ class LlamaModel:
         if self._embd_batch is None:
             self._embd_batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
         return self._decode(tokens, logits, np.ascontiguousarray(rows, dtype=np.float32))
+
+    def eval_seqs(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]], logits: Sequence[bool]) -> list[int]:
+        """One llama_decode for several sequences: `tokens[i]` appended to sequence `seqs[i]` (distinct ids), at
+        its next positions, logits asked for its last token when `logits[i]`.
+
+        Returns, per entry, the batch index of its last token, for `logits_at`. All the tokens together must
+        fit in one batch (n_batch).
+        """
+        n = sum(len(t) for t in tokens)
+        if n > self.n_batch:
+            raise ValueError(f"{n} tokens do not fit in one batch of {self.n_batch}")
+        for seq, chunk in zip(seqs, tokens, strict=True):
+            if len(self.seq_tokens[seq]) + len(chunk) > self.n_ctx:
+                raise UserError(
+                    f"the context of sequence {seq} is full ({len(self.seq_tokens[seq]) + len(chunk)} tokens > "
+                    f"{self.n_ctx}); pass a larger -c/--ctx-size"
+                )
+        b = self._batch
+        j, last = 0, []
+        for seq, chunk, want in zip(seqs, tokens, logits, strict=True):
+            start = len(self.seq_tokens[seq])
+            for k, tok in enumerate(chunk):
+                b.token[j] = tok
+                b.pos[j] = start + k
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = seq
+                b.logits[j] = want and k == len(chunk) - 1
+                j += 1
+            last.append(j - 1)
+        b.n_tokens = j
+        self._run(b)
+        for seq, chunk in zip(seqs, tokens, strict=True):
+            self.seq_tokens[seq].extend(chunk)
+        return last
+
+    def _run(self, batch: llama_cpp.llama_batch) -> None:
+        llama_log.clear_errors()
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(llama_log.explain(f"llama_decode failed with status {status} on {self.path.name}"))
 
     def _decode(self, tokens: Sequence[int], logits: Sequence[bool] | None, rows: np.ndarray | None) -> int:
         n = len(tokens)
@@ -307,18 +375,18 @@ class LlamaModel:
                 b.logits[j] = want
                 n_out += want
             b.n_tokens = len(chunk)
-            llama_log.clear_errors()
-            status = llama_cpp.llama_decode(self._ctx, b)
-            if status != 0:
-                raise RuntimeError(
-                    llama_log.explain(f"llama_decode failed with status {status} on {self.path.name}")
-                )
+            self._run(b)
             self.tokens.extend(chunk)
         return n_out
 
     def last_logits(self) -> np.ndarray:
         """Logits of the last evaluated row that asked for them: float32 view [n_vocab], valid until next eval."""
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """Logits of batch index `i` of the last eval_seqs: float32 view [n_vocab], valid until the next eval."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def logits_rows(self, n_rows: int) -> np.ndarray:

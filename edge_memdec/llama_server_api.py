@@ -94,7 +94,7 @@ def props(lm: MemoryDecoderLM, model_id: str, max_tokens: int) -> dict[str, Any]
     return {
         "model_alias": model_id,
         "model_path": str(pair.base.path),
-        "total_slots": 1,
+        "total_slots": pair.n_parallel,
         "default_generation_settings": {"n_ctx": pair.n_ctx, "params": params},
         "chat_template": pair.base.metadata("tokenizer.chat_template", ""),
         "lambda": round(lm.lam, 6),

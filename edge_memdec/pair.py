@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,8 @@ from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 from edge_memdec.pair_check import check_pair, shared_blocks
 from edge_memdec.threadpool import CpuThreadPool
 from edge_memdec.trunk import HiddenCapture, TopDecoder
+
+logger = logging.getLogger(__name__)
 
 
 def recommended_lambda(memdec_path: Path, default: float = DEFAULT_LAMBDA) -> float:
@@ -34,6 +37,11 @@ class ModelPair:
     When the decoder's lower blocks are the base's own (a decoder trained with `--frozen-blocks`, exported with
     the base's bytes for them), `shared_trunk` runs only its upper blocks, on the base's hidden state (trunk.py);
     `self.shared` is then the number of blocks computed once (0: the whole decoder runs).
+
+    With `options.n_parallel` N > 1 both contexts hold N sequences of `n_ctx` cells each, which `eval_seqs`
+    decodes together (the server's batched decoding); the shared trunk then opens one sequence only (its hidden
+    rows come back in llama.cpp's internal batch order, which the top decoder cannot follow), and says so in
+    the log.
     """
 
     def __init__(
@@ -60,6 +68,20 @@ class ModelPair:
         # A LoRA on the base changes its lower blocks, which the decoder then no longer shares.
         sharing = memdec_info is not None and shared_trunk and not options.lora
         self.shared = shared_blocks(base_info, memdec_info) if sharing else 0
+        if self.shared and options.n_parallel > 1:
+            logger.warning(
+                "the decoder shares %d blocks with the base (shared trunk): decoding one request at a time, "
+                "not %d in parallel (--no-shared-trunk batches them)",
+                self.shared,
+                options.n_parallel,
+            )
+            options = replace(options, n_parallel=1)
+        if options.n_parallel > 1 and options.flash_attn:
+            logger.warning(
+                "flash attention with %d parallel sequences: an answer may then differ from the one a request "
+                "gets alone (its CPU kernel depends on what is batched together); -fa auto keeps it off",
+                options.n_parallel,
+            )
         threads = options.n_threads or default_threads()
         self.overlap = overlap and memdec_info is not None and threads > 1 and not self.shared
         step_threads = max(1, threads // 2) if self.overlap else threads
@@ -103,7 +125,18 @@ class ModelPair:
 
     @property
     def n_ctx(self) -> int:
+        """KV cells of each sequence: the most prompt + answer tokens one generation holds."""
         return self.base.n_ctx
+
+    @property
+    def n_parallel(self) -> int:
+        """Sequences the pair can decode together (`eval_seqs`); 1: one generation at a time."""
+        return self.base.n_parallel
+
+    @property
+    def n_batch(self) -> int:
+        """Most tokens one `eval_seqs` call takes."""
+        return min(model.n_batch for model in self.models)
 
     def eval(self, tokens: Sequence[int], logits: Sequence[bool] | None = None) -> int:
         """Append `tokens` to both caches; returns the number of logit rows each model now holds."""
@@ -122,20 +155,48 @@ class ModelPair:
         self.memdec.eval(tokens, logits)
         return n
 
-    def rewind(self, n_keep: int) -> None:
-        for model in self.models:
-            model.rewind(n_keep)
+    def eval_seqs(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]], logits: Sequence[bool]) -> list[int]:
+        """Append `tokens[i]` to sequence `seqs[i]` of both caches, one llama_decode per model; returns each
+        entry's batch index for the models' `logits_at` (see LlamaModel.eval_seqs)."""
+        if self.memdec is None:
+            return self.base.eval_seqs(seqs, tokens, logits)
+        if self._worker is not None and all(len(t) == 1 for t in tokens):
+            pending = self._worker.submit(self.memdec.eval_seqs, seqs, tokens, logits)
+            try:
+                last = self.base.eval_seqs(seqs, tokens, logits)
+            finally:
+                pending.result()
+            return last
+        last = self.base.eval_seqs(seqs, tokens, logits)
+        self.memdec.eval_seqs(seqs, tokens, logits)
+        return last
 
-    def reuse_prefix(self, tokens: Sequence[int]) -> int:
-        """Keep the cached tokens shared with `tokens` (all but its last), drop the rest; returns how many kept."""
-        cached = self.base.tokens
-        limit = min(len(cached), len(tokens) - 1)
+    def rewind(self, n_keep: int, seq: int = 0) -> None:
+        for model in self.models:
+            model.rewind(n_keep, seq)
+
+    def clear(self, seq: int) -> None:
+        """Free every cell of sequence `seq` in both caches."""
+        for model in self.models:
+            model.clear(seq)
+
+    def common_prefix(self, tokens: Sequence[int], seq: int = 0, n_new: int = 1) -> int:
+        """How many of sequence `seq`'s cached tokens (in both models) begin `tokens`, leaving at least `n_new`
+        of them (or all) to evaluate."""
+        cached = self.base.seq_tokens[seq]
+        limit = min(len(cached), max(len(tokens) - n_new, 0))
         n = 0
         while n < limit and cached[n] == tokens[n]:
             n += 1
-        if self.memdec is not None and self.memdec.tokens[:n] != cached[:n]:
+        if self.memdec is not None and self.memdec.seq_tokens[seq][:n] != cached[:n]:
             n = 0
-        self.rewind(n)
+        return n
+
+    def reuse_prefix(self, tokens: Sequence[int], seq: int = 0, n_new: int = 1) -> int:
+        """Keep sequence `seq`'s cached tokens shared with `tokens` (all but its last `n_new`), drop the rest;
+        returns how many kept."""
+        n = self.common_prefix(tokens, seq, n_new)
+        self.rewind(n, seq)
         return n
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
 """`edge-memdec serve`: an OpenAI-compatible HTTP server over one `MemoryDecoderLM`, Python stdlib only.
 
 Each request is read, checked and tokenized in its own HTTP thread, then waits in one FIFO queue for the one
-decode loop: a single worker thread runs the queued `Generation`s one after the other and hands their text
-pieces back through a per-request queue, so a slow client never holds the models. A client that disconnects
-(while queued or mid-answer) has its generation cancelled and the queue moves on.
+decode loop: a single worker thread runs the queued `Generation`s, up to `--parallel` of them together in one
+llama.cpp batch per step (batch.py; with 1, one after the other), and hands their text pieces back through a
+per-request queue, so a slow client never holds the models. A client that disconnects (while queued or
+mid-answer) has its generation cancelled and its sequence goes to the next request.
 
 Like llama-server it serves one model under any name a client asks for, answers llama-server's /tokenize,
 /detokenize, /props and /metrics, and with an API key wants `Authorization: Bearer KEY` on every request but
@@ -28,11 +29,13 @@ from urllib.parse import urlsplit
 
 from edge_memdec import defaults, llama_server_api, web
 from edge_memdec.api import MemoryDecoderLM
+from edge_memdec.batch import BatchDecoder
 from edge_memdec.decode import Generation
 from edge_memdec.errors import UserError
 from edge_memdec.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from edge_memdec.metrics import Metrics
 from edge_memdec.openai_api import CHAT, TEXT, Answer, ApiError, parse_request
+from edge_memdec.pair import ModelPair
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +69,22 @@ class Job:
 
 
 class DecodeWorker:
-    """The one decode loop's thread: runs queued generations one at a time, in arrival order."""
+    """The decode loop's thread: runs queued generations in arrival order, `pair.n_parallel` at a time.
 
-    def __init__(self, max_queued: int = MAX_QUEUED, metrics: Metrics | None = None) -> None:
+    With one sequence each generation runs alone through `Generation`'s own loop; with more, up to that many
+    run together in a `BatchDecoder` (one llama.cpp batch per step), and a queued request starts as soon as a
+    sequence is free.
+    """
+
+    def __init__(self, pair: ModelPair, max_queued: int = MAX_QUEUED, metrics: Metrics | None = None) -> None:
+        self.pair = pair
         self.metrics = metrics or Metrics()
         self._jobs: queue.Queue[Job] = queue.Queue(max_queued)
         self._stopping = threading.Event()
-        self._current: Job | None = None
-        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._current: Job | None = None  # one at a time
+        self._running: dict[Generation, Job] = {}  # batched
+        run = self._run if pair.n_parallel == 1 else self._run_batched
+        self._thread = threading.Thread(target=run, name="decode-loop", daemon=True)
         self._thread.start()
 
     @property
@@ -82,7 +93,7 @@ class DecodeWorker:
 
     @property
     def running(self) -> int:
-        return int(self._current is not None)
+        return len(self._running) + int(self._current is not None)
 
     def submit(self, generation: Generation, label: str) -> Job:
         job = Job(generation, label)
@@ -124,20 +135,64 @@ class DecodeWorker:
         finally:
             self.metrics.count_generation(generation)
         job.events.put(("done", None))
-        logger.info(
-            "%s: lambda %.2f, %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
-            job.label,
-            generation.pair.lam if generation.params.lam is None else generation.params.lam,
-            len(generation.prompt_tokens),
-            generation.n_cached,
-            generation.prompt_seconds,
-            len(generation.tokens),
-            generation.tokens_per_second,
-            generation.finish_reason,
-        )
+        _log_done(job)
+
+    def _run_batched(self) -> None:
+        decoder = BatchDecoder(self.pair)
+        while True:
+            if self._stopping.is_set():
+                for job in self._running.values():
+                    job.generation.cancel.set()  # their next step ends them
+                if not decoder.active:
+                    break
+            else:
+                self._admit(decoder)
+                if not decoder.active:
+                    continue
+            try:
+                outputs = decoder.step()
+            except Exception as err:  # a bug in the step: its generations end, never the loop
+                logger.exception("a batched decoding step failed")
+                outputs = decoder.abandon(err)
+            for out in outputs:
+                job = self._running[out.generation]
+                for piece in out.pieces:
+                    job.events.put(("piece", piece))
+                if not out.done:
+                    continue
+                del self._running[out.generation]
+                self.metrics.count_generation(out.generation)
+                if out.error is not None:
+                    logger.error("%s failed", job.label, exc_info=out.error)
+                    job.events.put(("error", out.error))
+                else:
+                    job.events.put(("done", None))
+                    _log_done(job)
+
+    def _admit(self, decoder: BatchDecoder) -> None:
+        """Queued jobs into the free sequences; waits up to POLL_SECONDS for one when nothing runs."""
+        while decoder.free:
+            try:
+                job = self._jobs.get_nowait() if decoder.active else self._jobs.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                return
+            if self._stopping.is_set():
+                job.events.put(("error", SHUTTING_DOWN))
+                return
+            if job.generation.cancel.is_set():
+                logger.info("%s: dropped, its client left while it waited", job.label)
+                job.events.put(("done", None))
+                continue
+            try:
+                decoder.add(job.generation)
+            except Exception as err:
+                logger.exception("%s failed", job.label)
+                job.events.put(("error", err))
+                continue
+            self._running[job.generation] = job
 
     def close(self) -> None:
-        """Stop after cancelling the running generation; queued requests get an error."""
+        """Stop after cancelling the running generations; queued requests get an error."""
         self._stopping.set()
         current = self._current
         if current is not None:
@@ -145,6 +200,21 @@ class DecodeWorker:
         self._thread.join()
         while not self._jobs.empty():
             self._jobs.get_nowait().events.put(("error", SHUTTING_DOWN))
+
+
+def _log_done(job: Job) -> None:
+    generation = job.generation
+    logger.info(
+        "%s: lambda %.2f, %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
+        job.label,
+        generation.pair.lam if generation.params.lam is None else generation.params.lam,
+        len(generation.prompt_tokens),
+        generation.n_cached,
+        generation.prompt_seconds,
+        len(generation.tokens),
+        generation.tokens_per_second,
+        generation.finish_reason,
+    )
 
 
 def default_model_id(lm: MemoryDecoderLM) -> str:
@@ -188,7 +258,7 @@ class MemdecServer(ThreadingHTTPServer):
             raise UserError(
                 f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host"
             ) from None
-        self.worker = DecodeWorker(max_queued, self.metrics)
+        self.worker = DecodeWorker(lm.pair, max_queued, self.metrics)
         self._serving = False
 
     @property

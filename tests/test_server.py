@@ -470,6 +470,7 @@ def test_a_full_queue_answers_503(lm):
         (["--lambda", "2"], "lambda must be between 0 and 1"),
         (["-n", "0"], "at least 1 token"),
         (["--api-key", " "], "API key must be printable"),
+        (["--parallel", "0"], "--parallel must be from 1 to 256"),
         (None, "cannot listen"),
     ],
 )

@@ -3,6 +3,7 @@ hidden state, and gives the same distributions as the whole decoder run beside t
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -74,3 +75,15 @@ def test_shared_trunk_generates_the_same_tokens(tiny_llama_gguf, decoder):
             second = lm.generate("Permission is hereby granted", max_tokens=12, temperature=0)  # reuses the cache
             answers.append((first, second))
     assert answers[0] == answers[1]
+
+
+def test_shared_trunk_decodes_one_request_at_a_time(tiny_llama_gguf, decoder, caplog):
+    """The base's hidden rows come back in llama.cpp's micro-batch order, which the top decoder cannot follow
+    across sequences: a trunk pair opens one sequence, and says so."""
+    caplog.set_level(logging.WARNING, logger="edge_memdec.pair")
+    for shared, n_parallel in ((True, 1), (False, 3)):
+        with MemoryDecoderLM(
+            tiny_llama_gguf, decoder, n_ctx=64, n_threads=1, n_parallel=3, shared_trunk=shared
+        ) as lm:
+            assert lm.pair.n_parallel == lm.pair.memdec.n_parallel == n_parallel
+    assert "decoding one request at a time, not 3 in parallel" in caplog.text
