@@ -1,9 +1,17 @@
-"""Server load: N concurrent OpenAI clients against `edge-memdec serve`'s server, next to the same requests
-made one after the other through the Python API (what the one decode loop can do at best).
+"""Server load: 1, 4, 16 and 32 concurrent OpenAI clients against `edge-memdec serve`'s server, for each
+`--parallel` setting given, all measured in one run with the settings interleaved round by round.
 
-    python bench/serve.py --memdec MEM.gguf [-m BASE.gguf] [--clients 32] [-n 32] [-t THREADS]
+    python bench/serve.py [--memdec MEM.gguf] [-m BASE.gguf] [--parallel 1 4] [--clients 1 4 16 32] [-n 32]
+                          [--min-requests 4] [--repeats 2] [-t THREADS] [-c CTX]
 
-Prints wall time, requests/s, answer tokens/s and per-request latency (median, 95th percentile).
+Each client sends greedy streamed chat requests one after the other (four legal questions in turn), as many
+as make at least `--min-requests` in the round (1 client: 4 requests; 16 clients: one each). Per setting and
+client count the table gives the median over the repeats of the aggregate answer tokens/s (all answer tokens
+over the round's wall time) and its ratio to the same setting's 1-client row, then the p50 and p95 time to
+first token (request sent -> first text chunk) over every request of every repeat. "changed" counts answers
+unlike the Python API's, computed one after another from an empty cache on a pair opened like the server's
+(flash attention setting included). A last line gives llama.cpp's own rate on the pair for one row per
+llama_decode and for 64 rows with logits for each: the most that batching can gain on this machine.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
@@ -33,67 +42,143 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
 
 
-def run_clients(server: MemdecServer, n_clients: int, max_tokens: int) -> tuple[float, list[float], int]:
-    """(wall seconds, per-request latencies, answer tokens) for n_clients concurrent greedy chat requests."""
-    client = openai.OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=600)
+@dataclass
+class Round:
+    """One round: n clients at once, each sending its requests in turn."""
 
-    def one(i: int) -> tuple[float, int]:
+    wall: float  # seconds from the first request sent to the last answer read
+    n_tokens: int  # answer tokens of all requests (the usage chunk's completion_tokens)
+    ttft: list[float]  # seconds to the first text chunk, per request
+    answers: list[tuple[int, str]]  # (request number, answer text) per request
+    changed: int = 0  # answers unlike the Python API's
+
+
+@dataclass
+class Setting:
+    parallel: int
+    server: MemdecServer
+    rounds: dict[int, list[Round]] = field(default_factory=dict)  # clients -> repeats
+
+
+def run_round(server: MemdecServer, n_clients: int, n_requests: int, max_tokens: int) -> Round:
+    client = openai.OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=900)
+
+    def one(i: int) -> tuple[float, int, str]:
         start = time.perf_counter()
-        reply = client.chat.completions.create(
-            model=server.model_id, messages=messages(i), max_tokens=max_tokens, temperature=0
-        )
-        return time.perf_counter() - start, reply.usage.completion_tokens
+        first, text, n_tokens = None, "", 0
+        stream = client.chat.completions.create(
+            model=server.model_id, messages=messages(i), max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        for chunk in stream:
+            if chunk.usage is not None:
+                n_tokens = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter() - start
+                text += chunk.choices[0].delta.content
+        return first if first is not None else time.perf_counter() - start, n_tokens, text
+
+    def client_requests(c: int) -> list[tuple[int, float, int, str]]:
+        return [(i, *one(i)) for i in range(c * n_requests, (c + 1) * n_requests)]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(n_clients) as pool:
-        results = list(pool.map(one, range(n_clients)))
-    return time.perf_counter() - start, [r[0] for r in results], sum(r[1] for r in results)
+        results = [r for rs in pool.map(client_requests, range(n_clients)) for r in rs]
+    wall = time.perf_counter() - start
+    answers = [(i, text) for i, _, _, text in results]
+    return Round(wall, sum(r[2] for r in results), [r[1] for r in results], answers)
 
 
-def run_sequential(lm: MemoryDecoderLM, n_requests: int, max_tokens: int) -> tuple[float, int]:
-    start = time.perf_counter()
-    n_tokens = 0
-    for i in range(n_requests):
-        generation = lm.start(lm.chat_format.tokens(messages(i)), max_tokens=max_tokens, temperature=0.0)
-        generation.run()
-        n_tokens += len(generation.tokens)
-    return time.perf_counter() - start, n_tokens
+def reference_answers(lm: MemoryDecoderLM, max_tokens: int) -> dict[int, str]:
+    """Each question's greedy answer through the Python API, from an empty cache."""
+    answers = {}
+    for i in range(len(QUESTIONS)):
+        lm.pair.rewind(0)
+        answers[i] = lm.chat(messages(i), max_tokens=max_tokens, temperature=0.0)
+    return answers
+
+
+def row_rates(lm: MemoryDecoderLM, n_rows: int = 64, repeats: int = 3) -> tuple[float, float]:
+    """(one row, n_rows rows) tokens/s of the pair's llama_decode calls, logits for every row: what a decode
+    step of one sequence and one of n_rows sequences compute (median of `repeats`)."""
+    pair = lm.pair
+    tokens = (lm.tokenize(" ".join(QUESTIONS)) * n_rows)[:n_rows]
+    one, many = [], []
+    for _ in range(repeats):
+        pair.rewind(0)
+        start = time.perf_counter()
+        for token in tokens:
+            pair.eval([token])
+        one.append(n_rows / (time.perf_counter() - start))
+        pair.rewind(0)
+        start = time.perf_counter()
+        pair.eval(tokens, [True] * n_rows)
+        many.append(n_rows / (time.perf_counter() - start))
+    pair.rewind(0)
+    return statistics.median(one), statistics.median(many)
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20)[-1] if len(values) > 1 else values[0]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=Path, default=None)
     parser.add_argument("--memdec", type=Path, default=None)
-    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1, 4], help="server settings to compare")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("-n", type=int, default=32, help="max_tokens per request")
+    parser.add_argument("--min-requests", type=int, default=4, help="fewest requests in a round")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("-t", "--threads", type=int, default=None)
+    parser.add_argument("-c", "--ctx-size", type=int, default=2048, help="context of each sequence")
     args = parser.parse_args()
-    memdec = args.memdec or default_memdec_gguf()
-    lm = MemoryDecoderLM(args.model or default_base_gguf(), memdec, n_ctx=2048, n_threads=args.threads)
-    server = MemdecServer(lm, port=0)
-    server.warm_up()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    if 1 not in args.clients:
+        parser.error("--clients must include 1: the other rows are compared with it")
+    base, memdec = args.model or default_base_gguf(), args.memdec or default_memdec_gguf()
+    settings, threads, ceiling = [], [], ()
     try:
-        wall, latencies, n_tokens = run_clients(server, args.clients, args.n)
-        seq_wall, seq_tokens = run_sequential(lm, args.clients, args.n)
+        for parallel in args.parallel:
+            lm = MemoryDecoderLM(base, memdec, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=parallel)
+            server = MemdecServer(lm, port=0)
+            server.warm_up()
+            reference = reference_answers(lm, args.n)
+            if parallel > 1 and not ceiling:
+                ceiling = row_rates(lm)
+            settings.append((Setting(parallel, server), reference))
+            threads.append(threading.Thread(target=server.serve_forever, daemon=True))
+            threads[-1].start()
+        for repeat in range(args.repeats):
+            order = settings if repeat % 2 == 0 else settings[::-1]  # interleaved: drift hits every setting
+            for setting, reference in order:
+                for n_clients in args.clients:
+                    per_client = -(-args.min_requests // n_clients)
+                    measured = run_round(setting.server, n_clients, per_client, args.n)
+                    measured.changed = sum(text != reference[i % len(QUESTIONS)] for i, text in measured.answers)
+                    setting.rounds.setdefault(n_clients, []).append(measured)
     finally:
-        server.close()
-        lm.close()
-    p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
-    print(f"model: {server.model_id}, {args.clients} clients, max_tokens {args.n}")
-    print("| run | wall s | requests/s | answer tok/s | median latency s | p95 latency s |")
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| server, {args.clients} concurrent clients | {wall:.2f} | {args.clients / wall:.2f} | "
-        f"{n_tokens / wall:.1f} | {statistics.median(latencies):.2f} | {p95:.2f} |"
-    )
-    print(
-        f"| Python API, one after another | {seq_wall:.2f} | {args.clients / seq_wall:.2f} | "
-        f"{seq_tokens / seq_wall:.1f} | - | - |"
-    )
+        for setting, _ in settings:
+            setting.server.close()
+            setting.server.lm.close()
+    threads_used = settings[0][0].server.lm.pair.base.options.n_threads or "all"
+    print(f"{settings[0][0].server.model_id}, max_tokens {args.n}, threads {threads_used}, "
+          f"median of {args.repeats} interleaved repeats")  # fmt: skip
+    print("| --parallel | clients | answer tok/s | vs 1 client | p50 TTFT s | p95 TTFT s | answers changed |")
+    print("|---|---|---|---|---|---|---|")
+    for setting, _ in settings:
+        rates = {n: statistics.median(r.n_tokens / r.wall for r in rounds) for n, rounds in setting.rounds.items()}
+        for n_clients, rounds in setting.rounds.items():
+            ttft = [t for r in rounds for t in r.ttft]
+            n_answers = sum(len(r.answers) for r in rounds)
+            print(
+                f"| {setting.parallel} | {n_clients} | {rates[n_clients]:.1f} | {rates[n_clients] / rates[1]:.2f}x | "
+                f"{statistics.median(ttft):.2f} | {p95(ttft):.2f} | {sum(r.changed for r in rounds)} of {n_answers} |"
+            )
+    if ceiling:
+        one, many = ceiling
+        print(f"llama.cpp on this pair (exact attention): {one:.1f} tok/s one row per llama_decode, {many:.1f} tok/s "
+              f"for 64 rows with logits each: batching gains at most {many / one:.2f}x here")
 
 
 if __name__ == "__main__":
