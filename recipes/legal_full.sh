@@ -8,6 +8,8 @@ work=${1:?usage: recipes/legal_full.sh WORK [MAX_TOKENS]}
 max_tokens=${2:-1200000}
 frozen=${FROZEN:-24}          # lower blocks kept at the base's weights (their output read from the datastore)
 threads=${THREADS:-2}
+hidden=${HIDDEN:-$frozen}     # blocks whose input the datastore stores (add 18 for recipes/legal_designs.sh's top 12)
+precision=${PRECISION:-auto}  # auto: bf16 autocast where the CPU multiplies bf16 natively (2x here), else fp32
 mkdir -p "$work"
 stage() {  # stage NAME DONE_FILE COMMAND...
   local name=$1 done=$2; shift 2
@@ -18,11 +20,11 @@ stage() {  # stage NAME DONE_FILE COMMAND...
 }
 stage split "$work/split/manifest.json" edge-memdec corpus split legal --out "$work/split"
 stage datastore "$work/datastore/.complete" bash -c "edge-memdec datastore build --corpus '$work/split' \
-  --out '$work/datastore' --max-tokens $max_tokens --hidden-blocks 18,24 --pass carry --threads $threads --device auto \
+  --out '$work/datastore' --max-tokens $max_tokens --hidden-blocks $hidden --pass carry --threads $threads --device auto --precision $precision \
   && touch '$work/datastore/.complete'"
 stage knn_targets "$work/datastore/targets/knn-ids.npy" edge-memdec knn-targets "$work/datastore" \
   --temperature auto --ks 64,256,1024 --index ivfflat --threads "$threads"
 stage train "$work/run/train.json" edge-memdec train "$work/datastore" --out "$work/run" \
   --frozen-blocks "$frozen" --epochs "${EPOCHS:-2}" --lr "${LR:-3e-4}" --batch-windows "${BATCH:-8}" \
   --n-ctx 1024 --stride 1024 --valid-corpus "$work/split" --valid-tokens 10000 --valid-every "${VALID_EVERY:-40}" \
-  --checkpoint-every 5 --threads "$threads" --device auto $( [ -f "$work/run/checkpoint.pt" ] && echo --resume )
+  --checkpoint-every 5 --threads "$threads" --device auto --precision "$precision" $( [ -f "$work/run/checkpoint.pt" ] && echo --resume )

@@ -91,12 +91,14 @@ def build_datastore(
     mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),
     device=None,
+    precision: str = "fp32",
 ) -> dict:
     """Run the base over `tokens` and write keys (and the residual stream entering `hidden_blocks`) shard by
     shard into `out_dir`; resumes a partial build.
 
     Positions 0..n_tokens-2 get keys (the last token has no next token). `mode` is `carry` (one pass, each
-    position computed once, see `carry.py`) or `windows` (one forward per 1024/512 window). Returns the manifest.
+    position computed once, see `carry.py`) or `windows` (one forward per 1024/512 window). `precision` is a
+    resolved `fp32` or `bf16` (autocast; a resume must use the build's own). Returns the manifest.
     """
     from edge_memdec.train.device import autocast
 
@@ -133,6 +135,7 @@ def build_datastore(
         "key": "last layer FFN input (post_attention_layernorm output)",
         "hidden_blocks": list(hidden_blocks),
         "forward_dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
+        "precision": precision,
         "n_tokens": len(tokens),
         "n_positions": n_positions,
         "shards": shard_plan(n_positions, n_ctx, stride, shard_windows, mode),
@@ -144,6 +147,10 @@ def build_datastore(
         manifest = json.loads(manifest_path.read_text())
         fixed = ("n_ctx", "stride", "pass", "dim", "hidden_blocks", "n_tokens", "shards")
         same = all(manifest.get(k) == fresh[k] for k in fixed)
+        if manifest.get("precision", "fp32") != precision:
+            raise UserError(
+                f"{out_dir} was built with --precision {manifest.get('precision', 'fp32')}; resume it with the same"
+            )
         old_tokens = (
             np.load(out_dir / "tokens.npy", mmap_mode="r") if (out_dir / "tokens.npy").is_file() else None
         )
@@ -160,7 +167,7 @@ def build_datastore(
         for shard in todo:
             t0 = time.perf_counter()
             keys, hidden = [], {b: [] for b in hidden_blocks}
-            with autocast(device):
+            with autocast(device, precision):
                 for states in shard_states(
                     base.model, tokens, shard, n_ctx, stride, mode, hidden_blocks, device
                 ):

@@ -23,7 +23,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.scoring import ppl_of
 from edge_memdec.train.base import load_base
-from edge_memdec.train.device import autocast, resolve_device
+from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
 from edge_memdec.train.steps import StepPlan, best_validation, distributed, optimise
 from edge_memdec.train.trainer import VALID_BASE_CACHE, save_model, window_states
@@ -57,6 +57,7 @@ class FinetuneConfig:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
+    precision: str = "fp32"  # auto, fp32 or bf16 (autocast of the forward's matrix products)
     valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
 
     @property
@@ -80,7 +81,7 @@ class FinetuneConfig:
 
     def fingerprint(self, tokens: np.ndarray) -> dict:
         """The settings and training tokens that must not change across a resume."""
-        skip = {"out", "threads", "device", "checkpoint_every", "valid_every"}
+        skip = {"out", "threads", "device", "precision", "checkpoint_every", "valid_every"}
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
         settings["targets"] = list(self.targets)
         return {**settings, "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
@@ -137,10 +138,12 @@ def plain_copy(model: PreTrainedModel, name: str) -> PreTrainedModel:
     return copy.to(model.device)
 
 
-def window_ce(model, tokens: np.ndarray, w: Window, a: int, b: int, count: int, device) -> torch.Tensor:
+def window_ce(
+    model, tokens: np.ndarray, w: Window, a: int, b: int, count: int, device, precision: str = "fp32"
+) -> torch.Tensor:
     """Forward window `w`, backpropagate the next-token cross-entropy of its positions [a, b) / `count`;
     returns the summed cross-entropy (nats) on the CPU, float [1]."""
-    with autocast(device):
+    with autocast(device, precision):
         states = window_states(model, tokens, None, w, 0, device)
         logits = model.lm_head(states[a - w.begin : b - w.begin])
     targets = torch.from_numpy(tokens[a + 1 : b + 1].astype(np.int64)).to(device)
@@ -182,6 +185,7 @@ def finetune(
             "make them with this base's tokenizer"
         )
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     base.model.to(device)
     validator = None
     if valid_tokens is not None and rank == 0:
@@ -199,7 +203,7 @@ def finetune(
     )
 
     def window_loss(w: Window, a: int, b: int, count: int) -> torch.Tensor:
-        return window_ce(inner, tokens, w, a, b, count, device)
+        return window_ce(inner, tokens, w, a, b, count, device, precision)
 
     done, ranks = optimise(
         model,

@@ -51,6 +51,7 @@ class TrainOptions(RunOptions):
     frozen_blocks: int  # the base's first N blocks kept frozen (read from the datastore); 0 trains all
     head: str  # tied or untied
     device: str  # auto, cpu, cuda or mps
+    precision: str  # auto, fp32 or bf16 (autocast)
     valid_every: int  # also validate every N steps (0: at epoch ends only)
 
 
@@ -99,3 +100,4 @@ class FinetuneOptions:
     threads: int  # torch threads per process
     seed: int  # seed of the data order and the LoRA init
     device: str  # auto, cpu, cuda or mps
+    precision: str  # auto, fp32 or bf16 (autocast)

@@ -49,13 +49,16 @@ def datastore_command(
     mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict:
     """`edge-memdec datastore build`: tokenize the chosen documents and build (or resume) the datastore."""
     from edge_memdec.train.datastore import build_datastore, check_window_options
+    from edge_memdec.train.device import resolve_device, resolve_precision
     from edge_memdec.train.stream import token_stream
 
     check_window_options(n_ctx, stride, shard_windows)  # before the corpus is read and the base loaded
     check_threads(threads)
+    precision = resolve_precision(precision, resolve_device(device))
     docs = split_documents_of(corpus, split)
     base = open_base(model, threads, device)
     tokens = token_stream(base.tokenizer, docs, max_tokens, seed)
@@ -70,10 +73,12 @@ def datastore_command(
         info={"corpus": str(corpus), "split": split, "seed": seed},
         mode=mode,
         hidden_blocks=hidden_blocks,
+        precision=precision,
     )
     seconds = time.perf_counter() - t0
     print(
-        f"datastore: {manifest['n_positions']} positions, dim {manifest['dim']} -> {out} ({seconds:.0f} s this run)"
+        f"datastore: {manifest['n_positions']} positions, dim {manifest['dim']} -> {out} "
+        f"({seconds:.0f} s this run, {precision})"
     )
     return manifest
 
@@ -125,6 +130,7 @@ def train_command(opts: TrainOptions) -> dict:
         frozen_blocks=opts.frozen_blocks,
         head=opts.head,
         device=opts.device,
+        precision=opts.precision,
         valid_every=opts.valid_every,
     )
     summary = train(cfg, resume=opts.resume)
@@ -343,6 +349,7 @@ def finetune_command(opts: FinetuneOptions) -> dict:
         seed=opts.seed,
         threads=opts.threads,
         device=opts.device,
+        precision=opts.precision,
         valid_every=opts.valid_every,
     )
     summary = finetune(cfg, tokens, valid, opts.resume, facts)

@@ -20,7 +20,7 @@ from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.carry import run_blocks
 from edge_memdec.train.datastore import load_hidden, read_manifest
-from edge_memdec.train.device import autocast, resolve_device
+from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
 from edge_memdec.train.loss import memdec_loss_sum
@@ -58,11 +58,12 @@ class TrainConfig:
     frozen_blocks: int = 0  # lower blocks kept at the base's weights; their output is read from the datastore
     head: str = "tied"  # tied: LM head = embeddings (frozen when frozen_blocks > 0); untied: a trained copy
     device: str = "cpu"
+    precision: str = "fp32"  # auto, fp32 or bf16 (autocast of the forward's matrix products)
     valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
 
     def fingerprint(self) -> dict:
         """The settings that must not change across a resume."""
-        skip = {"valid_tokens", "checkpoint_every", "threads", "out", "device", "valid_every"}
+        skip = {"valid_tokens", "checkpoint_every", "threads", "out", "device", "precision", "valid_every"}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
 
 
@@ -150,11 +151,12 @@ def window_backward(
     count: int,
     cfg: TrainConfig,
     device,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Forward window `w`, backpropagate its positions [a, b)'s loss sum / `count` (the step's positions);
     returns the summed (loss, kl, ce) on the CPU, float [3]. `targets`: the sparse kNN (ids, probs)."""
     knn_ids, knn_probs = targets
-    with autocast(device):
+    with autocast(device, precision):
         states = window_states(model, tokens, hidden, w, cfg.frozen_blocks, device)
         logits = model.lm_head(states[a - w.begin : b - w.begin])
     loss, kl, ce = memdec_loss_sum(
@@ -185,6 +187,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     model = make_memdec(cfg.init, base.model, cfg.shape, cfg.seed)
     hidden = prepare_frozen(model, base, cfg, Path(cfg.datastore))
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     model.to(device)
     plan = StepPlan(
         sliding_windows(len(tokens), cfg.n_ctx, cfg.stride),
@@ -200,7 +203,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     del base
 
     def window_loss(w: Window, a: int, b: int, count: int) -> torch.Tensor:
-        return window_backward(model, tokens, hidden, (knn_ids, knn_probs), w, a, b, count, cfg, device)
+        return window_backward(
+            model, tokens, hidden, (knn_ids, knn_probs), w, a, b, count, cfg, device, precision
+        )
 
     done, ranks = optimise(
         model,
@@ -227,6 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             "datastore_positions": n_positions,
             "knn": tmeta["params"],
             "config": cfg.fingerprint(),
+            "precision": precision,
             **done.summary(plan, ranks, best),
         }
         write_json_atomic(out / "train.json", summary)
