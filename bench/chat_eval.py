@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edge_memdec import MemoryDecoderLM  # noqa: E402
-from edge_memdec.paths import default_base_gguf, default_memdec_gguf  # noqa: E402
+from edge_memdec import MemoryDecoderLM
+from edge_memdec.paths import default_base_gguf, default_memdec_gguf
 
 LEGAL = [
     (

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,16 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edge_memdec.corpus import load_corpus, split_documents  # noqa: E402
-from edge_memdec.defaults import VALIDATION_LAMBDAS  # noqa: E402
-from edge_memdec.paths import default_base_gguf  # noqa: E402
-from edge_memdec.train.base import load_base  # noqa: E402
-from edge_memdec.train.datastore import build_datastore, load_keys, load_values  # noqa: E402
-from edge_memdec.train.knn_lm import base_keys_and_logprobs, knn_sweep, search  # noqa: E402
-from edge_memdec.train.knn_targets import build_index  # noqa: E402
-from edge_memdec.train.stream import token_stream  # noqa: E402
+from edge_memdec.corpus import load_corpus, split_documents
+from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.paths import default_base_gguf
+from edge_memdec.train.base import load_base
+from edge_memdec.train.datastore import build_datastore, load_keys, load_values
+from edge_memdec.train.knn_lm import base_keys_and_logprobs, knn_sweep, search
+from edge_memdec.train.knn_targets import build_index
+from edge_memdec.train.stream import token_stream
 
 
 def main() -> None:

@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edge_memdec.files import write_json_atomic  # noqa: E402
-from edge_memdec.gguf_file import read_gguf  # noqa: E402
-from edge_memdec.train.export_gguf import export_memdec  # noqa: E402
-from edge_memdec.train.recipe import Budget  # noqa: E402
-from edge_memdec.train.report import report  # noqa: E402
+from edge_memdec.files import write_json_atomic
+from edge_memdec.gguf_file import read_gguf
+from edge_memdec.train.export_gguf import export_memdec
+from edge_memdec.train.recipe import Budget
+from edge_memdec.train.report import report
 
 MODELS = Path(__file__).resolve().parent.parent / "edge_memdec" / "models"
 SPLIT = "95M"  # git hosts refuse files over 100 MB

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
-import pytest
+# The repository root holds the source folder `kernels/` (installed as `edge_memdec.kernels`). On sys.path, as
+# `python -m pytest` and `python -m edge_memdec.cli` put it, that folder shadows the PyPI package `kernels` that
+# transformers imports. Drop the root here and keep it out of every child Python (PYTHONSAFEPATH, Python 3.11+).
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 
-from edge_memdec.convert import convert_checkpoint
-from edge_memdec.gguf_file import read_gguf
-from edge_memdec.paths import default_base_gguf
+import pytest  # noqa: E402
+
+from edge_memdec.convert import convert_checkpoint  # noqa: E402
+from edge_memdec.gguf_file import read_gguf  # noqa: E402
+from edge_memdec.paths import default_base_gguf  # noqa: E402
 
 LEGAL_TEXT_LICENCES = ("apache-2.0", "mit", "bsd-new")  # ~3.4k SmolLM2 tokens of real legal text
 TOKENIZER_TRAINING_STRIDE = 10  # every 10th licence file (~230 texts) trains the tiny tokenizers

@@ -11,7 +11,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from edge_memdec.cli import app
 
 
 def chat_args(smollm2_gguf, tiny_memdec_gguf, *extra: str) -> list[str]:

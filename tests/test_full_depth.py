@@ -64,7 +64,7 @@ def store(tmp_path_factory, deep_base, legal_text) -> dict[str, Path]:
     invoke(
         "datastore", "build", "--corpus", str(split), "--out", str(ds), "-m", str(deep_base),
         "--n-ctx", str(N_CTX), "--stride", str(STRIDE), "--shard-windows", "8", "--threads", "1",
-        "--hidden-blocks", str(FROZEN), "--device", "cpu",
+        "--hidden-blocks", str(FROZEN), "--device", "cpu", "--precision", "fp32",
     )  # fmt: skip
     return {"split": split, "ds": ds, "work": work}
 
@@ -125,6 +125,7 @@ def test_stored_hidden_states_and_upper_blocks_equal_the_base(store, model):
     ds = store["ds"]
     manifest = json.loads((ds / "datastore.json").read_text())
     assert manifest["pass"] == "carry" and manifest["hidden_blocks"] == [FROZEN]
+    assert manifest["precision"] == "fp32"
     tokens = np.load(ds / "tokens.npy")
     stored = np.load(ds / f"hidden-{FROZEN:03d}-00000.npy")
     keys = np.load(ds / "keys-00000.npy")
@@ -134,6 +135,26 @@ def test_stored_hidden_states_and_upper_blocks_equal_the_base(store, model):
     with torch.no_grad():
         top = run_blocks(model, ref_hidden[FROZEN], FROZEN)
     torch.testing.assert_close(top, final, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_datastore_is_recorded_close_to_fp32_and_resumes_only_as_bf16(store, deep_base):
+    """`--precision bf16` (autocast, emulated where the CPU has no bf16) gives keys and hidden states within
+    bf16's rounding of the fp32 build's, says so in the manifest, and refuses to be resumed in fp32."""
+    fp32, bf16 = store["ds"], store["work"] / "ds-bf16"
+    args = [
+        "datastore", "build", "--corpus", str(store["split"]), "--out", str(bf16), "-m", str(deep_base),
+        "--n-ctx", str(N_CTX), "--stride", str(STRIDE), "--shard-windows", "8", "--threads", "1",
+        "--hidden-blocks", str(FROZEN), "--device", "cpu",
+    ]  # fmt: skip
+    invoke(*args, "--precision", "bf16")
+    assert json.loads((bf16 / "datastore.json").read_text())["precision"] == "bf16"
+    for name in ("keys-00000.npy", f"hidden-{FROZEN:03d}-00000.npy"):
+        a, b = np.load(fp32 / name).astype(np.float32), np.load(bf16 / name).astype(np.float32)
+        assert not np.array_equal(a, b), name  # the products really ran in bf16
+        scale = np.abs(a).mean()
+        assert np.abs(a - b).mean() < 0.03 * scale, name
+    res = CliRunner().invoke(app, [*args, "--precision", "fp32"])
+    assert "built with --precision bf16; resume it with the same" in str(res.exception)
 
 
 def test_temperature_chosen_on_validation_from_one_search(store):

@@ -15,8 +15,8 @@ from test_perplexity import log_softmax64
 from test_runtime import reference_mixture
 from typer.testing import CliRunner
 
-from cli import app
 from edge_memdec import MemoryDecoderLM
+from edge_memdec.cli import app
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.pair_check import pair_problems
 

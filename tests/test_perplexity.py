@@ -11,8 +11,8 @@ import pytest
 from llama_cpp import Llama
 from typer.testing import CliRunner
 
-from cli import app
 from edge_memdec import MemoryDecoderLM
+from edge_memdec.cli import app
 
 N_CTX = 128
 
