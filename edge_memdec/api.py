@@ -9,10 +9,10 @@ from typing import Any
 
 from edge_memdec.chat_format import ChatFormat
 from edge_memdec.decode import Generation, SamplingParams
-from edge_memdec.defaults import BASE_SPECIAL_TOKENS, PERPLEXITY_LAMBDAS, PERPLEXITY_SETTINGS
+from edge_memdec.defaults import BASE_SPECIAL_TOKENS, PERPLEXITY_SETTINGS
 from edge_memdec.errors import UserError
 from edge_memdec.llama_model import ModelOptions
-from edge_memdec.pair import ModelPair
+from edge_memdec.pair import Lambdas, ModelPair
 from edge_memdec.perplexity import perplexity
 from edge_memdec.trace import alternatives
 
@@ -21,7 +21,10 @@ class MemoryDecoderLM:
     """Base model + memory decoder, mixed token by token: p = lam * p_mem + (1 - lam) * p_base.
 
     `base` and `memdec` are GGUF paths (`memdec=None` runs the base alone); `lam=None` takes the memory
-    decoder's recommended `memdec.lambda`. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
+    decoder's recommended `memdec.lambda`. Several memory decoders: `memdec=[legal, finance]` with
+    `lam=[0.3, 0.2]` (or `{"legal": 0.3, "finance": 0.2}`, names from the file names; None: each one's
+    `memdec.lambda`) gives p = sum_i lam_i p_i + (1 - sum_i lam_i) p_base; the lambdas must sum to at most 1,
+    and a request's `lam` takes the same forms. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
     n_gpu_layers, flash_attn, f32_kv, lora: GGUF LoRA adapters on the base, ...), plus `memdec_gpu_layers`,
     `overlap`, `skip_blas_probe` (see `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no
     other thread), `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
@@ -35,8 +38,8 @@ class MemoryDecoderLM:
     def __init__(
         self,
         base: str | Path,
-        memdec: str | Path | None = None,
-        lam: float | None = None,
+        memdec: str | Path | Sequence[str | Path] | None = None,
+        lam: Lambdas = None,
         memdec_gpu_layers: int | None = None,
         overlap: bool = False,
         skip_blas_probe: bool = False,
@@ -75,7 +78,13 @@ class MemoryDecoderLM:
 
     @property
     def lam(self) -> float:
+        """The memory decoders' weight (with several, their lambdas' sum)."""
         return self.pair.lam
+
+    @property
+    def lambdas(self) -> dict[str, float]:
+        """Each memory decoder's lambda by name (file name without extension), in the order given."""
+        return dict(zip(self.pair.names, self.pair.lams, strict=True))
 
     @property
     def chat_format(self) -> ChatFormat:
@@ -129,18 +138,23 @@ class MemoryDecoderLM:
         protocol: str = "paper",
         n_ctx: int | None = None,
         stride: int | None = None,
-        lambdas: Sequence[float] = PERPLEXITY_LAMBDAS,
+        lambdas: Sequence[float] | None = None,
         max_windows: int | None = None,
         progress: bool = False,
+        sweep: str | None = None,
     ) -> dict:
         """Base, memory decoder and mixed perplexity of `text` in one pass (the `--json` report's data).
+
+        `lambdas` (default 0, 0.1, ..., 1) are the sweep of one decoder's lambda, the decoder named `sweep`
+        (default the first) with the others at the pair's lambdas; with several decoders the default sweep
+        stops where the lambdas would sum above 1.
 
         Windows of `n_ctx` tokens (default: the protocol's, 1024 paper, 512 llama) moved by `stride` (default
         n_ctx // 2) for the paper protocol. Flash attention and the compute batch are the pair's, set when it
         was opened (`flash_attn`, `n_ubatch`)."""
         if n_ctx is None:
             n_ctx = PERPLEXITY_SETTINGS.get(protocol, PERPLEXITY_SETTINGS["paper"])["n_ctx"]
-        return perplexity(self.pair, text, protocol, n_ctx, stride, lambdas, max_windows, progress)
+        return perplexity(self.pair, text, protocol, n_ctx, stride, lambdas, max_windows, progress, sweep=sweep)
 
     def close(self) -> None:
         self.pair.close()

@@ -139,7 +139,7 @@ class BatchDecoder:
                 self.pair.clear(slot.seq)
                 outputs.append(self._close(slot, [], err))
             return outputs
-        base, mem = self.pair.base, self.pair.memdec
+        base, memdecs = self.pair.base, self.pair.memdecs
         for (slot, chunk, want), i in zip(entries, last, strict=True):
             del slot.pending[: len(chunk)]
             if not want:
@@ -149,7 +149,7 @@ class BatchDecoder:
                 slot.prompting = False
                 generation.prompt_evaluated()
             try:
-                pieces = generation.step(base.logits_at(i), mem.logits_at(i) if mem is not None else None)
+                pieces = generation.step(base.logits_at(i), [memdec.logits_at(i) for memdec in memdecs])
             except Exception as err:
                 outputs.append(self._close(slot, [], err))
                 continue

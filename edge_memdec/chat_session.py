@@ -15,9 +15,9 @@ from typing import Any, TextIO
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
-from edge_memdec.defaults import check_lambda
 from edge_memdec.errors import UserError
 from edge_memdec.explain_view import LEGEND, is_terminal, report, tint, use_colour
+from edge_memdec.pair import Lambdas
 
 RESERVE_TOKENS = 16  # room kept free for at least the start of an answer
 
@@ -44,20 +44,20 @@ class ChatSession:
         self.system = [{"role": "system", "content": system}] if system else []
         self.turns: list[dict[str, str]] = []
         self.cancel = threading.Event()
-        self.lam: float | None = self.sampling.pop("lam", None)  # None: the pair's own lambda
+        self.lam: Lambdas = self.sampling.pop("lam", None)  # None: the pair's own lambdas
         self.memdec_on = True
 
     def reset(self) -> None:
         self.turns.clear()
 
     @property
-    def effective_lambda(self) -> float | None:
-        """The memory decoder's weight for the next answer (None when the pair has no decoder)."""
+    def effective_lambda(self) -> tuple[float, ...] | None:
+        """Each memory decoder's weight for the next answer (None when the pair has no decoder)."""
         if self.lm.pair.memdec is None:
             return None
         if not self.memdec_on:
-            return 0.0
-        return self.lm.lam if self.lam is None else self.lam
+            return (0.0,) * len(self.lm.pair.memdecs)
+        return self.lm.pair.weights(self.lam)
 
     def _prompt_tokens(self, user_text: str) -> list[int]:
         if self.raw:
@@ -107,7 +107,7 @@ class ChatSession:
                 f"[{len(generation.tokens)} tokens in {generation.decode_seconds:.2f} s, "
                 f"{generation.tokens_per_second:.1f} tok/s; prompt {len(generation.prompt_tokens)} tokens "
                 f"({generation.n_cached} cached) in {generation.prompt_seconds:.2f} s; "
-                f"lambda {'none' if lam is None else format(lam, 'g')}]",
+                f"lambda {'none' if lam is None else self.lm.pair.describe(lam)}]",
                 file=self.err,
             )
         return generation
@@ -168,19 +168,21 @@ class ChatSession:
             self.memdec_on = _on_off(name, arg)
         else:
             try:
-                lam = float(arg)
+                values = [float(x) for x in arg.split(",")]
             except ValueError:
-                raise UserError(f"/lambda takes a number between 0 and 1, got {arg!r}") from None
-            self.lam = check_lambda(lam)
+                raise UserError(
+                    f"/lambda takes a number between 0 and 1 (several decoders: one each, 0.3,0.2), got {arg!r}"
+                ) from None
+            self.lam = self.lm.pair.weights(values if len(values) > 1 else values[0])
             self.memdec_on = True
         if self.memdec_on:
-            print(f"[memory decoder on, lambda {format(self.effective_lambda, 'g')}]", file=self.err)
+            print(f"[memory decoder on, lambda {self.lm.pair.describe(self.effective_lambda)}]", file=self.err)
         else:
             print("[memory decoder off: the base model answers alone (lambda 0)]", file=self.err)
 
 
 COMMANDS = {
-    "/lambda": ("/lambda X", "the memory decoder's weight (0 to 1) from the next answer on"),
+    "/lambda": ("/lambda X", "the memory decoder's weight (0 to 1) from the next answer on; X,Y,.. for several"),
     "/memdec": ("/memdec on|off", "mix the memory decoder in, or answer with the base alone"),
     "/explain": ("/explain on|off", "show how the memory decoder moved each token"),
     "/system": ("/system TEXT", "set the system message (no text: remove it)"),

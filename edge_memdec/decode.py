@@ -18,7 +18,7 @@ import numpy as np
 from edge_memdec import defaults
 from edge_memdec.detok import TextStream
 from edge_memdec.errors import UserError
-from edge_memdec.pair import ModelPair
+from edge_memdec.pair import Lambdas, ModelPair
 from edge_memdec.trace import MAX_ALTERNATIVES, TokenTrace, TracedText, trace_step
 
 
@@ -33,7 +33,9 @@ class SamplingParams:
     min_p: float = defaults.MIN_P  # 0.0 = off
     seed: int | None = None  # None = a fresh random seed
     stop: Sequence[str] = field(default_factory=tuple)  # text that ends the answer (not included in it)
-    lam: float | None = None  # memory decoder weight for this request; None = the pair's lambda
+    # memory decoder weights for this request (ModelPair.weights): None = the pair's, a number (one decoder),
+    # one per decoder in order, or {decoder name: lambda}
+    lam: Lambdas = None
     ignore_eos: bool = False  # never end on EOS/EOT (their logits are masked), as llama.cpp's --ignore-eos
     # llama.cpp's penalties and logit bias, on the mixture's logits (kernels/adjust.py)
     repeat_penalty: float = defaults.REPEAT_PENALTY
@@ -54,8 +56,6 @@ class SamplingParams:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise UserError(f"min-p must be in [0, 1], got {self.min_p}")
-        if self.lam is not None:
-            defaults.check_lambda(self.lam)
         if not 0.0 < self.repeat_penalty < math.inf:
             raise UserError(f"the repeat penalty must be above 0 (1 = off), got {self.repeat_penalty}")
         if self.repeat_last_n < -1:
@@ -91,6 +91,8 @@ class Generation:
         if not prompt_tokens:
             raise UserError("the prompt is empty; give some text to continue")
         params.check(pair.base.n_vocab)
+        self.weights = pair.weights(params.lam)  # each memory decoder's lambda
+        self.lam = defaults.lambda_total(self.weights)  # theirs together: the memory side's weight
         if explain is not None and not 0 <= explain <= MAX_ALTERNATIVES:
             raise UserError(f"explain takes 0 to {MAX_ALTERNATIVES} alternatives per token, got {explain}")
         if len(prompt_tokens) >= pair.n_ctx:
@@ -124,10 +126,9 @@ class Generation:
             self.n_cached = pair.reuse_prefix(self.prompt_tokens)
             pair.eval(self.prompt_tokens[self.n_cached :])
             self.prompt_evaluated()
-            mem = pair.memdec
             try:
                 while True:
-                    yield from self.step(pair.base.last_logits(), mem.last_logits() if mem is not None else None)
+                    yield from self.step(pair.base.last_logits(), [m.last_logits() for m in pair.memdecs])
                     if self.finish_reason is not None:
                         break
                     pair.eval([self.tokens[-1]])
@@ -143,7 +144,8 @@ class Generation:
         from edge_memdec.kernels import make_logit_bias, make_scratch
 
         pair, params = self.pair, self.params
-        self._lam = pair.lam if params.lam is None else params.lam
+        self._used = [i for i, w in enumerate(self.weights) if w > 0.0]  # decoders whose rows are read
+        self._premix = np.empty(pair.n_shared, np.float32) if len(self._used) > 1 else None
         self._rng = np.random.default_rng(params.seed)
         self._scratch = make_scratch(pair.n_shared)
         self._stream = TextStream(params.stop)
@@ -151,7 +153,7 @@ class Generation:
         base_special = params.base_special_tokens
         if base_special is None:
             base_special = pair.base_special_tokens
-        self._special = _SpecialTokens(pair.base.special_ids, self._bias) if base_special and pair.memdec else None
+        self._special = _SpecialTokens(pair.base.special_ids, self._bias) if base_special and pair.memdecs else None
         self._last_n = pair.n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
         self._n_seen = len(self.prompt_tokens)  # the penalties count the last_n tokens of prompt + answer
         self._history = np.zeros(min(self._n_seen + params.max_tokens, pair.n_ctx + 1), np.int64)
@@ -163,24 +165,24 @@ class Generation:
         self._t_decode = time.perf_counter()
         self.prompt_seconds = self._t_decode - self._t_start
 
-    def step(self, base_row: np.ndarray, mem_row: np.ndarray | None) -> list[str]:
-        """One token from both models' logits for the next position: sample it, turn it into text, decide
+    def step(self, base_row: np.ndarray, mem_rows: Sequence[np.ndarray]) -> list[str]:
+        """One token from the models' logits for the next position: sample it, turn it into text, decide
         whether the answer ends. Returns the text pieces to hand out (none, one, or a last one and the held-back
         tail); while `finish_reason` stays None the driver evaluates `self.tokens[-1]` and steps again.
 
-        `base_row`, `mem_row`: float32 [n_vocab] logit rows (views over llama.cpp's buffer, masked in place with
-        `ignore_eos`); `mem_row` None without a memory decoder.
+        `base_row`, `mem_rows` (one per memory decoder, none without): float32 [n_vocab] logit rows (views over
+        llama.cpp's buffers, masked in place with `ignore_eos`).
         """
         from edge_memdec.kernels import sample_token
 
         if self.cancel.is_set():
             return self.finish("cancelled")
-        params, lam, special = self.params, self._lam, self._special
+        params, lam, special = self.params, self.lam, self._special
         base = self.pair.base
         if params.ignore_eos:
-            _mask(base_row, base.eog_ids)
-            if mem_row is not None:
-                _mask(mem_row, base.eog_ids)
+            for row in (base_row, *mem_rows):
+                _mask(row, base.eog_ids)
+        mem_row = self._memory_row(mem_rows)
         n_seen = self._n_seen
         token = sample_token(
             base_row,
@@ -216,6 +218,18 @@ class Generation:
         if len(self.prompt_tokens) + len(self.tokens) - 1 >= self.pair.n_ctx:  # tokens in the cache
             return pieces + self.finish("context")
         return pieces
+
+    def _memory_row(self, mem_rows: Sequence[np.ndarray]) -> np.ndarray | None:
+        """The one row the mixing kernels take for the memory side, at weight `self.lam`: a single decoder's own
+        logits, or the decoders' mixture as logits (kernels.mix_decoders, at their lambdas relative to their
+        sum). Decoders at lambda 0 are not read; with all at 0 any row does (lam 0 never reads it)."""
+        if not mem_rows:
+            return None
+        if len(self._used) < 2:
+            return mem_rows[self._used[0] if self._used else 0]
+        from edge_memdec.kernels import mix_decoders
+
+        return mix_decoders([mem_rows[i] for i in self._used], [self.weights[i] for i in self._used], self._premix)
 
     def finish(self, reason: str) -> list[str]:
         """End the answer for `reason` ("stop", "length", "context", "cancelled"); returns the held-back tail

@@ -1,11 +1,13 @@
 """Every user-facing default and the lambda rule, defined once; the CLI, the server, the API and the llm plugin
 read them from here (this module imports nothing heavy, so the CLI can use it at import time).
 
-lambda is the memory decoder's weight in the mixture p = lambda * p_memdec + (1 - lambda) * p_base.
+lambda is the memory decoder's weight in the mixture p = lambda * p_memdec + (1 - lambda) * p_base; with several
+decoders each has its own, p = sum_i lambda_i * p_i + (1 - sum_i lambda_i) * p_base, and they sum to at most 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from numbers import Real
 
 from edge_memdec.errors import UserError
@@ -63,3 +65,30 @@ def check_lambda(lam: object, error: type[Exception] = UserError) -> float:
     if not is_lambda(lam):
         raise error(f"lambda must be between 0 and 1, got {lam}")
     return float(lam)
+
+
+LAMBDA_SUM_SLACK = 1e-9  # lambdas summing to 1 in decimal (0.1 + 0.2 + 0.7) may exceed it by float rounding
+
+
+def check_lambdas(lams: Sequence[object], names: Sequence[str], error: type[Exception] = UserError) -> tuple[float, ...]:
+    """One lambda per memory decoder (`names`, in order) as floats, each in [0, 1] and summing to at most 1 (the
+    base keeps 1 - sum), or `error` in one sentence."""
+    if len(lams) != len(names):
+        raise error(
+            f"{len(lams)} lambda{'s' * (len(lams) != 1)} for {len(names)} memory decoder{'s' * (len(names) != 1)}"
+            f" ({', '.join(names) or 'the base runs alone'}); give one per decoder, in the order the decoders were given"
+        )
+    values = tuple(check_lambda(lam, error) for lam in lams)
+    total = sum(values)
+    if total > LAMBDA_MAX + LAMBDA_SUM_SLACK:
+        each = ", ".join(f"{name} {lam:g}" for name, lam in zip(names, values, strict=True))
+        raise error(
+            f"the memory decoders' lambdas sum to {total:g} ({each}), above 1; lower them so that the base keeps "
+            "1 - their sum"
+        )
+    return values
+
+
+def lambda_total(lams: Sequence[float]) -> float:
+    """The memory decoders' weight together, sum_i lambda_i, within [0, 1] (float rounding clipped)."""
+    return min(float(sum(lams)), LAMBDA_MAX)

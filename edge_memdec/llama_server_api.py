@@ -100,4 +100,9 @@ def props(lm: MemoryDecoderLM, model_id: str, max_tokens: int) -> dict[str, Any]
         "lambda": round(lm.lam, 6),
         "n_ctx": pair.n_ctx,
         "models": {"base": _model_facts(pair.base), "memdec": memdec},
+        # every memory decoder (the first is "memdec" above), by the name a request's lambda uses
+        "memdecs": [
+            {**_model_facts(model), "name": name, "lambda": round(lam, 6), "metadata": model.info.memdec}
+            for name, model, lam in zip(pair.names, pair.memdecs, pair.lams, strict=True)
+        ],
     }

@@ -3,8 +3,8 @@
 Every request field is either honoured, ignored because it changes no token (it only tunes a hosted service:
 user, store, metadata, ...), accepted only at the value that turns it off (n=1, no tools), or
 refused with a 400 that names it; unknown fields are refused too. llama-server's own sampling fields
-(top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` and `base_special_tokens` are
-honoured. Omitted sampling
+(top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` (a number, or with several memory
+decoders {"decoder name": lambda}) and `base_special_tokens` are honoured. Omitted sampling
 fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
 
 `logprobs` (chat: true plus `top_logprobs` 0..20; completions: the number of alternatives 0..20) reports the
@@ -24,6 +24,7 @@ from typing import Any
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.defaults import LAMBDA_MAX, LAMBDA_MIN
+from edge_memdec.errors import UserError
 from edge_memdec.trace import MAX_ALTERNATIVES, Alternative, TokenTrace
 
 CHAT, TEXT = "chat", "text"  # /v1/chat/completions and /v1/completions
@@ -224,15 +225,31 @@ def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> d
     if bias:
         settings["logit_bias"] = bias
     settings["stop"] = _stop_strings(body.get("stop"))
-    lam = _number(body, "lambda", LAMBDA_MIN, LAMBDA_MAX)
+    lam = _lambdas(body, lm)
     if lam is not None:
-        if lm.pair.memdec is None:
-            raise _bad(
-                "lambda",
-                "this server runs the base model without a memory decoder, so 'lambda' has no effect",
-            )
         settings["lam"] = lam
     return settings
+
+
+def _lambdas(body: dict, lm: MemoryDecoderLM) -> tuple[float, ...] | None:
+    """`lambda`: a number (one memory decoder; with several, 0 turns them all off) or {"decoder name": lambda}
+    (the decoders not named keep the server's), as one lambda per decoder, checked (their sum at most 1)."""
+    value = body.get("lambda")
+    if value is None:
+        return None
+    pair = lm.pair
+    if pair.memdec is None:
+        raise _bad("lambda", "this server runs the base model without a memory decoder, so 'lambda' has no effect")
+    if isinstance(value, dict):
+        for name, lam in value.items():
+            if isinstance(lam, bool) or not isinstance(lam, int | float) or not LAMBDA_MIN <= lam <= LAMBDA_MAX:
+                raise _bad("lambda", f"'lambda' of {name!r} must be a number from 0 to 1, got {lam!r}")
+    else:
+        value = _number(body, "lambda", LAMBDA_MIN, LAMBDA_MAX)
+    try:
+        return pair.weights(value)
+    except UserError as err:
+        raise _bad("lambda", f"'lambda': {err}") from None
 
 
 def _message_text(i: int, content: Any) -> str:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from edge_memdec.defaults import BASE_SPECIAL_TOKENS, DEFAULT_LAMBDA, check_lambda
+from edge_memdec.defaults import (
+    BASE_SPECIAL_TOKENS,
+    DEFAULT_LAMBDA,
+    LAMBDA_SUM_SLACK,
+    check_lambdas,
+    is_lambda,
+    lambda_total,
+)
+from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 from edge_memdec.pair_check import check_pair, shared_blocks
@@ -18,6 +27,10 @@ from edge_memdec.trunk import HiddenCapture, TopDecoder
 
 logger = logging.getLogger(__name__)
 
+# a request's memory-decoder weights: None (the pair's), one number, one per decoder, or {decoder name: lambda}
+SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")  # llama.cpp's gguf-split part names: NAME-00001-of-00003
+Lambdas = float | Sequence[float] | Mapping[str, float] | None
+
 
 def recommended_lambda(memdec_path: Path, default: float = DEFAULT_LAMBDA) -> float:
     """The memory decoder's own `memdec.lambda`, or `default` when its GGUF carries none."""
@@ -25,18 +38,46 @@ def recommended_lambda(memdec_path: Path, default: float = DEFAULT_LAMBDA) -> fl
     return default if value is None else float(value)
 
 
+def _decoder_paths(memdec: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if memdec is None:
+        return []
+    if isinstance(memdec, str | Path):
+        return [Path(memdec)]
+    return [Path(path) for path in memdec]
+
+
+def decoder_names(paths: Sequence[Path]) -> tuple[str, ...]:
+    """Each memory decoder's name, by which a server request sets its lambda: its file name without the
+    extension (a split GGUF's without the part suffix), a repeated name numbered from its second use
+    (legal, legal-2)."""
+    names: list[str] = []
+    for path in paths:
+        stem = SPLIT_SUFFIX.sub("", path.stem)
+        name, k = stem, 1
+        while name in names:
+            k += 1
+            name = f"{stem}-{k}"
+        names.append(name)
+    return tuple(names)
+
+
 class ModelPair:
-    """Base model + optional memory decoder, evaluated on the same tokens.
+    """Base model + optional memory decoders, evaluated on the same tokens.
 
-    By default each step runs the two models one after the other with every thread (fastest on an idle 2-core
-    machine, bench/decode.py); with `overlap=True` single-token steps run both at once in two threads, half the
-    threads each (ctypes releases the GIL), which wins when other work competes for the cores. Prompt batches
-    always run one model after the other. `lock`
-    serialises users of the pair: a llama.cpp context is not safe to drive from two threads at once.
+    With several memory decoders the next-token distribution is p = sum_i lambda_i p_i + (1 - sum_i lambda_i)
+    p_base (`lams`, one per decoder, in the order given; `names` are their file names without extension, a
+    repeated one numbered). `lam` is their sum, the weight of the memory side as a whole.
 
-    When the decoder's lower blocks are the base's own (a decoder trained with `--frozen-blocks`, exported with
-    the base's bytes for them), `shared_trunk` runs only its upper blocks, on the base's hidden state (trunk.py);
-    `self.shared` is then the number of blocks computed once (0: the whole decoder runs).
+    By default each step runs the models one after the other with every thread (fastest on an idle 2-core
+    machine, bench/decode.py); with `overlap=True` single-token steps run the base and the decoders at once in
+    two threads, half the threads each (ctypes releases the GIL), which wins when other work competes for the
+    cores. Prompt batches always run one model after the other. `lock` serialises users of the pair: a
+    llama.cpp context is not safe to drive from two threads at once.
+
+    When a single decoder's lower blocks are the base's own (a decoder trained with `--frozen-blocks`, exported
+    with the base's bytes for them), `shared_trunk` runs only its upper blocks, on the base's hidden state
+    (trunk.py); `self.shared` is then the number of blocks computed once (0: the whole decoder runs; always 0
+    with several decoders).
 
     With `options.n_parallel` N > 1 both contexts hold N sequences of `n_ctx` cells each, which `eval_seqs`
     decodes together (the server's batched decoding); the shared trunk then opens one sequence only (its hidden
@@ -47,8 +88,8 @@ class ModelPair:
     def __init__(
         self,
         base_path: str | Path,
-        memdec_path: str | Path | None = None,
-        lam: float | None = None,
+        memdec_path: str | Path | Sequence[str | Path] | None = None,
+        lam: Lambdas = None,
         options: ModelOptions | None = None,
         memdec_gpu_layers: int | None = None,
         overlap: bool = False,
@@ -62,12 +103,15 @@ class ModelPair:
         warm = threading.Thread(target=_warm_kernels, args=(skip_blas_probe,), name="kernel-warmup", daemon=True)
         warm.start()
         base_info = read_gguf(base_path)
-        memdec_info = read_gguf(memdec_path) if memdec_path is not None else None
-        if memdec_info is not None:
-            check_pair(base_info, memdec_info)
+        memdec_infos = [read_gguf(path) for path in _decoder_paths(memdec_path)]
+        for info in memdec_infos:
+            check_pair(base_info, info)
+        self.names = decoder_names([info.path for info in memdec_infos])
+        own = [float(info.memdec.get("lambda", DEFAULT_LAMBDA)) for info in memdec_infos]
+        self.lams: tuple[float, ...] = self._resolve(lam, own, "--lambda" if lam is None else None)
         # A LoRA on the base changes its lower blocks, which the decoder then no longer shares.
-        sharing = memdec_info is not None and shared_trunk and not options.lora
-        self.shared = shared_blocks(base_info, memdec_info) if sharing else 0
+        sharing = len(memdec_infos) == 1 and shared_trunk and not options.lora
+        self.shared = shared_blocks(base_info, memdec_infos[0]) if sharing else 0
         if self.shared and options.n_parallel > 1:
             logger.warning(
                 "the decoder shares %d blocks with the base (shared trunk): decoding one request at a time, "
@@ -83,7 +127,7 @@ class ModelPair:
                 options.n_parallel,
             )
         threads = options.n_threads or default_threads()
-        self.overlap = overlap and memdec_info is not None and threads > 1 and not self.shared
+        self.overlap = overlap and bool(memdec_infos) and threads > 1 and not self.shared
         step_threads = max(1, threads // 2) if self.overlap else threads
         base_opts = replace(
             options, n_threads=step_threads, n_threads_batch=options.n_threads_batch or threads
@@ -95,19 +139,16 @@ class ModelPair:
         self.base = LlamaModel(
             base_path, base_opts, info=base_info, eval_callback=capture.callback if capture else None
         )
-        self.memdec: LlamaModel | None = None
-        if memdec_info is not None:
-            gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
-            mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers, lora=())  # base's
+        self.memdecs: list[LlamaModel] = []
+        gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
+        mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers, lora=())  # base's n_ctx
+        for info in memdec_infos:
             if capture is not None:
-                self.memdec = TopDecoder(memdec_info, capture, mem_opts)
+                self.memdecs.append(TopDecoder(info, capture, mem_opts))
             else:
-                self.memdec = LlamaModel(memdec_path, mem_opts, info=memdec_info)
-        if lam is None:
-            lam = float(memdec_info.memdec.get("lambda", DEFAULT_LAMBDA)) if memdec_info is not None else 0.0
-        self.lam = check_lambda(lam) if self.memdec is not None else 0.0
+                self.memdecs.append(LlamaModel(info.path, mem_opts, info=info))
         self.base_special_tokens = base_special_tokens  # lambda 0 on control/EOS tokens unless a request says
-        self.n_shared = min(self.base.n_vocab, self.memdec.n_vocab) if self.memdec else self.base.n_vocab
+        self.n_shared = min(model.n_vocab for model in self.models)  # ids every model has: the mixed ones
         self.lock = threading.RLock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if self.overlap else None
         # Sequential steps share one persistent ggml pool (two polling pools would fight over the cores).
@@ -120,8 +161,62 @@ class ModelPair:
         warm.join()
 
     @property
+    def memdec(self) -> LlamaModel | None:
+        """The first memory decoder (None: the base runs alone)."""
+        return self.memdecs[0] if self.memdecs else None
+
+    @property
+    def lam(self) -> float:
+        """The memory decoders' weight together, sum_i lambda_i (0 without a decoder)."""
+        return lambda_total(self.lams)
+
+    def weights(self, lam: Lambdas) -> tuple[float, ...]:
+        """Each decoder's lambda for a request's `lam`, checked (UserError: one sentence).
+
+        None: the pair's own; a number: the one decoder's (with several, only 0 is accepted: all off); a
+        sequence: one per decoder, in order; a mapping by decoder name: those named, the others keep the pair's.
+        """
+        return self._resolve(lam, self.lams)
+
+    def describe(self, weights: Sequence[float] | None = None) -> str:
+        """`weights` (default the pair's lambdas) for a message: "0.3" for one decoder, "legal 0.3, finance 0.2"
+        for several."""
+        weights = self.lams if weights is None else weights
+        if len(weights) == 1:
+            return format(weights[0], "g")
+        return ", ".join(f"{name} {x:g}" for name, x in zip(self.names, weights, strict=True)) or "none"
+
+    def _resolve(self, lam: Lambdas, own: Sequence[float], option: str | None = None) -> tuple[float, ...]:
+        names = self.names
+        if lam is None:
+            if len(own) > 1 and sum(own) > 1.0 + LAMBDA_SUM_SLACK and option is not None:
+                shown = ", ".join(f"{name} {x:g}" for name, x in zip(names, own, strict=True))
+                raise UserError(
+                    f"the memory decoders' own lambdas ({shown}) sum to {sum(own):g}, above 1; give {option} with "
+                    "one weight per decoder"
+                )
+            return check_lambdas(own, names)
+        if isinstance(lam, Mapping):
+            unknown = [key for key in lam if key not in names]
+            if unknown:
+                known = ", ".join(names) if names else "none: the base runs alone"
+                raise UserError(f"no memory decoder is named {unknown[0]!r}; the decoders are {known}")
+            return check_lambdas([lam.get(name, x) for name, x in zip(names, own, strict=True)], names)
+        if isinstance(lam, str) or not isinstance(lam, Sequence):
+            if len(names) > 1 and is_lambda(lam) and lam == 0:
+                return (0.0,) * len(names)
+            if len(names) > 1:
+                raise UserError(
+                    f"one lambda ({lam}) for {len(names)} memory decoders ({', '.join(names)}); give one per "
+                    "decoder, in order, or by name"
+                )
+            lam = [lam] if names else []
+        return check_lambdas(list(lam), names)
+
+    @property
     def models(self) -> list[LlamaModel]:
-        return [self.base] if self.memdec is None else [self.base, self.memdec]
+        """The base, then each memory decoder."""
+        return [self.base, *self.memdecs]
 
     @property
     def n_ctx(self) -> int:
@@ -140,36 +235,46 @@ class ModelPair:
 
     def eval(self, tokens: Sequence[int], logits: Sequence[bool] | None = None) -> int:
         """Append `tokens` to both caches; returns the number of logit rows each model now holds."""
-        if self.memdec is None:
+        if not self.memdecs:
             return self.base.eval(tokens, logits)
         if self._capture is not None:
             self._capture.clear()  # rows of a failed earlier call must not feed this one
         if self._worker is not None and len(tokens) == 1:
-            pending = self._worker.submit(self.memdec.eval, tokens, logits)
+            pending = self._worker.submit(self._eval_memdecs, tokens, logits)
             try:
                 n = self.base.eval(tokens, logits)
             finally:
                 pending.result()
             return n
         n = self.base.eval(tokens, logits)
-        self.memdec.eval(tokens, logits)
+        self._eval_memdecs(tokens, logits)
         return n
+
+    def _eval_memdecs(self, tokens: Sequence[int], logits: Sequence[bool] | None) -> None:
+        for memdec in self.memdecs:
+            memdec.eval(tokens, logits)
 
     def eval_seqs(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]], logits: Sequence[bool]) -> list[int]:
         """Append `tokens[i]` to sequence `seqs[i]` of both caches, one llama_decode per model; returns each
         entry's batch index for the models' `logits_at` (see LlamaModel.eval_seqs)."""
-        if self.memdec is None:
+        if not self.memdecs:
             return self.base.eval_seqs(seqs, tokens, logits)
         if self._worker is not None and all(len(t) == 1 for t in tokens):
-            pending = self._worker.submit(self.memdec.eval_seqs, seqs, tokens, logits)
+            pending = self._worker.submit(self._eval_memdecs_seqs, seqs, tokens, logits)
             try:
                 last = self.base.eval_seqs(seqs, tokens, logits)
             finally:
                 pending.result()
             return last
         last = self.base.eval_seqs(seqs, tokens, logits)
-        self.memdec.eval_seqs(seqs, tokens, logits)
+        self._eval_memdecs_seqs(seqs, tokens, logits)
         return last
+
+    def _eval_memdecs_seqs(
+        self, seqs: Sequence[int], tokens: Sequence[Sequence[int]], logits: Sequence[bool]
+    ) -> None:
+        for memdec in self.memdecs:
+            memdec.eval_seqs(seqs, tokens, logits)
 
     def rewind(self, n_keep: int, seq: int = 0) -> None:
         for model in self.models:
@@ -188,7 +293,7 @@ class ModelPair:
         n = 0
         while n < limit and cached[n] == tokens[n]:
             n += 1
-        if self.memdec is not None and self.memdec.seq_tokens[seq][:n] != cached[:n]:
+        if any(memdec.seq_tokens[seq][:n] != cached[:n] for memdec in self.memdecs):
             n = 0
         return n
 

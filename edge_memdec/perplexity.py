@@ -7,8 +7,10 @@ Two protocols:
 - "llama": exactly llama.cpp's `llama-perplexity`: non-overlapping chunks of n_ctx tokens, BOS written over
   each chunk's first token when the model adds one, the second half of each chunk scored.
 
-Each model evaluates each window once; only the scored rows' logits are requested from llama.cpp, and the
-per-row negative log-likelihoods of every lambda come from one kernel call (kernels.score_rows).
+Each model evaluates each window once; only the scored rows' logits are requested from llama.cpp. The kernel
+(kernels.score_rows) gives each model's per-row negative log-likelihood of the target; every mixture of the
+sweep is arithmetic on those (scoring.mixture_nll). With several memory decoders the sweep moves one decoder's
+lambda (`sweep`, default the first) with the others fixed at the pair's lambdas.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.defaults import PERPLEXITY_LAMBDAS, check_lambda
+from edge_memdec.defaults import LAMBDA_MAX, LAMBDA_SUM_SLACK, PERPLEXITY_LAMBDAS, check_lambdas
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_text_atomic
 from edge_memdec.pair import ModelPair
-from edge_memdec.scoring import Accumulator
+from edge_memdec.scoring import Accumulator, mixture_nll
 from edge_memdec.windows import Window, llama_windows, paper_windows
 
 PROTOCOLS = ("paper", "llama")
@@ -84,6 +86,15 @@ class ProgressState:
                 )
             self.next_window, self.sums = saved["next_window"], saved["sums"]
 
+    def restore(self, accumulators: Sequence[Accumulator]) -> None:
+        """Load the saved sums into `accumulators` (none saved yet: left as they are)."""
+        if self.sums and len(self.sums) != len(accumulators):
+            raise UserError(
+                f"{self.path} holds the progress of another perplexity run; remove it or pick another --state"
+            )
+        for acc, saved in zip(accumulators, self.sums, strict=False):
+            acc.restore(saved)
+
     def save(self, next_window: int, accumulators: Sequence[Accumulator]) -> None:
         payload = {"job": self.job, "next_window": next_window, "sums": [a.state() for a in accumulators]}
         write_text_atomic(self.path, json.dumps(payload))
@@ -93,11 +104,13 @@ class ProgressState:
 
 
 def job_key(
-    pair: ModelPair, text: str, protocol: str, n_ctx: int, stride: int, lambdas: Sequence[float]
+    pair: ModelPair, text: str, protocol: str, n_ctx: int, stride: int, lambdas: Sequence[float], sweep: int = 0
 ) -> dict:
     """What identifies a perplexity run for resuming: the inputs that change its numbers."""
     files = [{"name": m.path.name, "bytes": m.path.stat().st_size} for m in pair.models]
+    several = {"lambdas": list(pair.lams), "sweep": pair.names[sweep]} if len(pair.memdecs) > 1 else {}
     return {
+        **several,
         "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "protocol": protocol,
         "n_ctx": n_ctx,
@@ -128,19 +141,24 @@ def perplexity(
     protocol: str = "paper",
     n_ctx: int = 1024,
     stride: int | None = None,
-    lambdas: Sequence[float] = PERPLEXITY_LAMBDAS,
+    lambdas: Sequence[float] | None = None,
     max_windows: int | None = None,
     progress: bool = True,
     on_window: Callable[[int, Accumulator], None] | None = None,
     state_path: str | Path | None = None,
+    sweep: str | None = None,
 ) -> dict:
     """Score `text`; returns the JSON report (see the README): base, memdec, mixed per lambda, best lambda.
 
-    `on_window(i, acc)` is called after window i with the accumulator of the headline model (the mixture at
-    the pair's lambda, or the base alone), which is how `--protocol llama` prints its running `[i]x.xxxx,`.
-    With `state_path`, progress is saved there after every window and a rerun continues from it.
+    `lambdas` (default 0, 0.1, ..., 1) sweep the lambda of the decoder named `sweep` (default the first), the
+    others fixed at the pair's; with several decoders the default sweep stops where the lambdas would sum
+    above 1. `on_window(i, acc)` is called after window i with the accumulator of the headline model (the
+    mixture at the pair's lambdas, or the base alone), which is how `--protocol llama` prints its running
+    `[i]x.xxxx,`. With `state_path`, progress is saved there after every window and a rerun continues from it.
     """
-    stride, lambdas = _check_options(pair, protocol, n_ctx, stride, lambdas)
+    stride = _check_options(pair, protocol, n_ctx, stride)
+    j = _sweep_index(pair, sweep)
+    lambdas, weights = _sweep_weights(pair, j, lambdas)
     t0 = time.perf_counter()
     base = pair.base
     tokens = base.tokenize(text, add_bos=None, special=False)
@@ -152,24 +170,21 @@ def perplexity(
             raise UserError(f"--chunks must be at least 1, got {max_windows}")
         windows = windows[:max_windows]
 
-    has_memdec = pair.memdec is not None
     n_batch = min(model.n_batch for model in pair.models)
-    # the pair's own lambda rides along as the last column: it drives the running [i] lines
-    lam_arr = np.asarray([*lambdas, pair.lam] if has_memdec else [], np.float64)
-    accumulators = [Accumulator() for _ in range(2 + len(lam_arr))]  # base, memdec, one per lambda column
-    headline = accumulators[-1] if has_memdec else accumulators[0]
+    # base, each memory decoder, one per row of `weights` (the sweep, then the pair's own lambdas)
+    accumulators = [Accumulator() for _ in range(1 + len(pair.memdecs) + len(weights))]
+    headline = accumulators[-1] if pair.memdecs else accumulators[0]  # the pair's own mixture: the [i] lines
     state = None
     if state_path is not None:
-        state = ProgressState(Path(state_path), job_key(pair, text, protocol, n_ctx, stride, lambdas))
-        for acc, saved in zip(accumulators, state.sums, strict=True):
-            acc.restore(saved)
+        state = ProgressState(Path(state_path), job_key(pair, text, protocol, n_ctx, stride, lambdas, j))
+        state.restore(accumulators)
     bar = _progress(len(windows), progress)
     bar.update(state.next_window if state else 0)
     with pair.lock:
         for i, window in enumerate(windows):
             if state is not None and i < state.next_window:
                 continue
-            _score_window(pair, tokens, window, bos, n_batch, lam_arr, accumulators)
+            _score_window(pair, tokens, window, bos, n_batch, weights, accumulators)
             if on_window is not None:
                 on_window(i, headline)
             if state is not None:
@@ -179,15 +194,13 @@ def perplexity(
     bar.close()
     if state is not None:
         state.done()
-    report = _report(pair, protocol, n_ctx, stride, lambdas, accumulators)
+    report = _report(pair, protocol, n_ctx, stride, lambdas, j, accumulators)
     report["seconds"] = time.perf_counter() - t0
     return report
 
 
-def _check_options(
-    pair: ModelPair, protocol: str, n_ctx: int, stride: int | None, lambdas: Sequence[float]
-) -> tuple[int, list[float]]:
-    """The stride (default n_ctx // 2) and the checked lambdas, or a UserError for an option out of range."""
+def _check_options(pair: ModelPair, protocol: str, n_ctx: int, stride: int | None) -> int:
+    """The stride (default n_ctx // 2), or a UserError for an option out of range."""
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if n_ctx < 2 or n_ctx > pair.n_ctx:
@@ -195,7 +208,30 @@ def _check_options(
     stride = n_ctx // 2 if stride is None else stride
     if protocol == "paper" and not 1 <= stride <= n_ctx:
         raise UserError(f"--stride must be between 1 and -c ({n_ctx}), got {stride}")
-    return stride, [check_lambda(x) for x in lambdas]
+    return stride
+
+
+def _sweep_index(pair: ModelPair, sweep: str | None) -> int:
+    """The position of the decoder whose lambda the sweep moves (0 without a name)."""
+    if sweep is None:
+        return 0
+    if sweep not in pair.names:
+        known = ", ".join(pair.names) if pair.names else "none: the base runs alone"
+        raise UserError(f"--sweep names no memory decoder: {sweep!r}; the decoders are {known}")
+    return pair.names.index(sweep)
+
+
+def _sweep_weights(pair: ModelPair, j: int, lambdas: Sequence[float] | None) -> tuple[list[float], np.ndarray]:
+    """The sweep of decoder j's lambda (checked: each with the others' sums to at most 1) and the weight rows
+    float64 [len(sweep) + 1, n_decoders]: the sweep's, then the pair's own lambdas. No decoder: no rows."""
+    if not pair.memdecs:
+        return [], np.zeros((0, 0))
+    fixed = list(pair.lams)
+    rest = sum(fixed) - fixed[j]
+    if lambdas is None:
+        lambdas = [x for x in PERPLEXITY_LAMBDAS if x + rest <= LAMBDA_MAX + LAMBDA_SUM_SLACK]
+    rows = [check_lambdas([*fixed[:j], x, *fixed[j + 1 :]], pair.names) for x in lambdas]
+    return [row[j] for row in rows], np.array([*rows, fixed], np.float64).reshape(-1, len(fixed))
 
 
 def _score_window(
@@ -204,39 +240,52 @@ def _score_window(
     window: Window,
     bos: int | None,
     n_batch: int,
-    lam_arr: np.ndarray,
+    weights: np.ndarray,
     accumulators: list[Accumulator],
 ) -> None:
-    """Evaluate one window from an empty cache and add its rows' NLLs to [base, memdec, *per lambda]."""
+    """Evaluate one window from an empty cache and add its rows' NLLs to [base, *memdecs, *weight rows]."""
     from edge_memdec.kernels import score_rows  # numba: imported by the pair's warmup thread
 
-    acc_base, acc_mem, *acc_mix = accumulators
+    k = len(pair.memdecs)
+    acc_base, acc_mems, acc_mix = accumulators[0], accumulators[1 : 1 + k], accumulators[1 + k :]
     pair.rewind(0)
     for piece in _pieces(tokens, window, bos, n_batch):
         n_rows = pair.eval(piece.tokens, piece.flags)
         if n_rows == 0:
             continue
         base_rows = pair.base.logits_rows(n_rows)
-        mem_rows = pair.memdec.logits_rows(n_rows) if pair.memdec is not None else None
-        nll_base, nll_mem, nll_mix = score_rows(base_rows, mem_rows, piece.targets, lam_arr)
+        mem_rows = [memdec.logits_rows(n_rows) for memdec in pair.memdecs] or [None]
+        scores = [score_rows(base_rows, rows, piece.targets, _NO_LAMBDAS, pair.n_shared) for rows in mem_rows]
+        nll_base = scores[0][0]  # every call's: all over the ids every model shares
+        nll_mems = np.array([nll_mem for _, nll_mem, _ in scores[:k]]).reshape(k, len(nll_base))
         acc_base.add(nll_base)
-        if pair.memdec is not None:
-            acc_mem.add(nll_mem)
-            for j, acc in enumerate(acc_mix):
-                acc.add(nll_mix[:, j])
+        for acc, nll in zip(acc_mems, nll_mems, strict=True):
+            acc.add(nll)
+        if k:
+            nll_mix = mixture_nll(nll_base, nll_mems, weights)
+            for c, acc in enumerate(acc_mix):
+                acc.add(nll_mix[:, c])
+
+
+_NO_LAMBDAS = np.zeros(0)
 
 
 def _report(
-    pair: ModelPair, protocol: str, n_ctx: int, stride: int, lambdas: list[float], accumulators: list[Accumulator]
+    pair: ModelPair,
+    protocol: str,
+    n_ctx: int,
+    stride: int,
+    lambdas: list[float],
+    j: int,
+    accumulators: list[Accumulator],
 ) -> dict:
-    """The JSON report from the accumulators [base, memdec, *lambdas, the pair's lambda]; seconds left at 0."""
-    acc_base, acc_mem, *acc_mix = accumulators
-    has_memdec = pair.memdec is not None
-    mixed = (
-        [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix[:-1], strict=True)]
-        if has_memdec
-        else []
-    )
+    """The JSON report from the accumulators [base, *memdecs, *sweep, the pair's lambdas]; seconds left at 0.
+
+    "memdec", "lambda" and the "mixed" rows' "lambda" are the swept decoder's (decoder j); "memdecs" lists
+    every decoder alone with its lambda, "lambdas" the pair's lambdas by name."""
+    k = len(pair.memdecs)
+    acc_base, acc_mems, acc_mix = accumulators[0], accumulators[1 : 1 + k], accumulators[1 + k :]
+    mixed = [{"lambda": lam, **acc.report()} for lam, acc in zip(lambdas, acc_mix[:-1], strict=True)]
     return {
         "protocol": protocol,
         "n_ctx": n_ctx,
@@ -246,11 +295,17 @@ def _report(
         "tokens_scored": acc_base.count,
         "base": acc_base.report(),
         "lora": [{"file": lora.path.name, "scale": scale} for lora, scale in pair.base.loras],
-        "memdec": acc_mem.report() if has_memdec else None,
-        "lambda": pair.lam if has_memdec else None,
-        "selected": {"lambda": pair.lam, **acc_mix[-1].report()} if has_memdec else None,
+        "memdec": acc_mems[j].report() if k else None,
+        "lambda": pair.lams[j] if k else None,
+        "selected": {"lambda": pair.lams[j], **acc_mix[-1].report()} if k else None,
         "mixed": mixed,
         "best_lambda": min(mixed, key=lambda row: row["ppl"])["lambda"] if mixed else None,
+        "sweep": pair.names[j] if k else None,
+        "lambdas": dict(zip(pair.names, pair.lams, strict=True)),
+        "memdecs": [
+            {"name": name, "file": memdec.path.name, "lambda": lam, **acc.report()}
+            for name, memdec, lam, acc in zip(pair.names, pair.memdecs, pair.lams, acc_mems, strict=True)
+        ],
         "seconds": 0.0,
     }
 

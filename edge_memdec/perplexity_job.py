@@ -40,7 +40,11 @@ class KnnBaseline:
 
 @dataclass
 class PerplexityJob:
-    """Score `text_file` with base (+ LoRA), memory decoder and the mixture at each of `lambdas`.
+    """Score `text_file` with base (+ LoRA), memory decoders and the mixture at each of `lambdas`.
+
+    `memdec`: one GGUF or several; `lam`: as `MemoryDecoderLM`'s (one per decoder); `lambdas` sweep the lambda
+    of the decoder named `sweep` (default the first) with the others fixed (None: 0, 0.1, ..., 1, as far as
+    the lambdas may go).
 
     n_ctx, n_ubatch and flash_attn (on/off/auto) None take the protocol's defaults
     (defaults.PERPLEXITY_SETTINGS); model_options are further `MemoryDecoderLM` keywords (threads, GPU layers,
@@ -48,9 +52,9 @@ class PerplexityJob:
 
     text_file: Path
     base: Path
-    memdec: Path | None
-    lam: float | None = None
-    lambdas: Sequence[float] = defaults.PERPLEXITY_LAMBDAS
+    memdec: Path | Sequence[Path] | None
+    lam: float | Sequence[float] | None = None
+    lambdas: Sequence[float] | None = None
     protocol: str = "paper"
     n_ctx: int | None = None
     n_ubatch: int | None = None
@@ -62,6 +66,7 @@ class PerplexityJob:
     plot_out: Path | None = None
     knn: KnnBaseline | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
+    sweep: str | None = None
 
     def __post_init__(self) -> None:
         settings = defaults.PERPLEXITY_SETTINGS.get(self.protocol, defaults.PERPLEXITY_SETTINGS["paper"])
@@ -102,7 +107,7 @@ class PerplexityJob:
         ) as lm:
             report = perplexity(
                 lm.pair, text, self.protocol, self.n_ctx, self.stride, self.lambdas, self.max_windows,
-                progress=True, on_window=on_window, state_path=self.state,
+                progress=True, on_window=on_window, state_path=self.state, sweep=self.sweep,
             )  # fmt: skip
         if self.knn is not None:
             from edge_memdec.knn_baseline import knn_lm_scores
@@ -110,7 +115,7 @@ class PerplexityJob:
 
             knn = self.knn
             scores = knn_lm_scores(self.base, knn.datastore, text, self.n_ctx, report["stride"], knn.k, knn.temperature)
-            report["knn_lm"] = knn_lm_report(scores, knn.lam, self.lambdas)
+            report["knn_lm"] = knn_lm_report(scores, knn.lam, self.lambdas or defaults.PERPLEXITY_LAMBDAS)
         return report
 
     def save(self, report: dict) -> None:

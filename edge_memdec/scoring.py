@@ -112,19 +112,30 @@ def format_report(report: dict) -> str:
     lines.append(f"{label:<28}{base['ppl']:>10.4f}{base['stderr']:>10.5f}")
     headline = base
     if report["memdec"] is not None:
-        mem = report["memdec"]
-        lines.append(f"{'memory decoder':<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
+        several = len(report.get("memdecs") or ()) > 1
+        if several:
+            for mem in report["memdecs"]:
+                label = f"memory decoder {mem['name']}"
+                lines.append(f"{label:<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
+            fixed = ", ".join(f"{name} {lam:g}" for name, lam in report["lambdas"].items() if name != report["sweep"])
+            lines.append(f"lambda of {report['sweep']} swept, fixed: {fixed}")
+        else:
+            mem = report["memdec"]
+            lines.append(f"{'memory decoder':<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
         for row in report["mixed"]:
             mark = "  <- best" if row["lambda"] == report["best_lambda"] else ""
-            lines.append(
-                f"{'mixed, lambda ' + format(row['lambda'], 'g'):<28}{row['ppl']:>10.4f}{row['stderr']:>10.5f}{mark}"
-            )
-        best = min(report["mixed"], key=lambda row: row["ppl"])
-        lines.append(f"best lambda {report['best_lambda']:g}: {best['ppl'] / base['ppl']:.3f} x the base PPL")
+            label = f"mixed, {report['sweep'] + ' ' if several else ''}lambda {row['lambda']:g}"
+            lines.append(f"{label:<28}{row['ppl']:>10.4f}{row['stderr']:>10.5f}{mark}")
+        if report["mixed"]:
+            best = min(report["mixed"], key=lambda row: row["ppl"])
+            lines.append(f"best lambda {report['best_lambda']:g}: {best['ppl'] / base['ppl']:.3f} x the base PPL")
         headline = report["selected"]
-        lines.append(
-            f"selected lambda {headline['lambda']:g}: {headline['ppl'] / base['ppl']:.3f} x the base PPL"
+        chosen = (
+            "lambdas " + ", ".join(f"{name} {lam:g}" for name, lam in report["lambdas"].items())
+            if several
+            else f"lambda {headline['lambda']:g}"
         )
+        lines.append(f"selected {chosen}: {headline['ppl'] / base['ppl']:.3f} x the base PPL")
     knn = report.get("knn_lm")
     if knn is not None:
         lines.append(
@@ -149,3 +160,18 @@ def format_report(report: dict) -> str:
     )
     lines.append(f"Final estimate: PPL = {headline['ppl']:.4f} +/- {headline['stderr']:.5f}")
     return "\n".join(lines)
+
+
+def mixture_nll(nll_base: np.ndarray, nll_mems: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """NLL (nats, float64 [rows, cols]) of the target under p = sum_i w_ci p_i + (1 - sum_i w_ci) p_base for
+    each weight row c.
+
+    nll_base [rows] and nll_mems [k, rows]: each model's own NLL of the same targets; weights [cols, k]: one
+    lambda per memory decoder per row, summing to at most 1 (float rounding above 1 is clipped). A weight 0
+    drops its model exactly, so a row (lambda, 0, ...) equals the two-model mixture at lambda."""
+    logp = -np.vstack([nll_base[None, :], nll_mems])  # [k + 1, rows]
+    w = np.column_stack([np.clip(1.0 - weights.sum(axis=1), 0.0, None), weights])  # [cols, k + 1]
+    with np.errstate(divide="ignore"):
+        terms = np.log(w)[:, :, None] + logp[None, :, :]  # [cols, k + 1, rows]
+    top = terms.max(axis=1)
+    return -(top + np.log(np.exp(terms - top[:, None, :]).sum(axis=1))).T

@@ -207,7 +207,7 @@ def _log_done(job: Job) -> None:
     logger.info(
         "%s: lambda %.2f, %d prompt tokens (%d cached) in %.2f s, %d tokens at %.1f tok/s, %s",
         job.label,
-        generation.pair.lam if generation.params.lam is None else generation.params.lam,
+        generation.lam,
         len(generation.prompt_tokens),
         generation.n_cached,
         generation.prompt_seconds,
@@ -302,6 +302,8 @@ class MemdecServer(ThreadingHTTPServer):
                 "base": pair.base.path.name,
                 "memdec": pair.memdec.path.name if pair.memdec is not None else None,
                 "lambda": round(self.lm.lam, 6),
+                "memdecs": [{"name": name, "file": m.path.name, "lambda": round(lam, 6)}
+                            for name, m, lam in zip(pair.names, pair.memdecs, pair.lams, strict=True)],
                 "n_ctx": pair.n_ctx,
                 "max_tokens": self.max_tokens,
             },

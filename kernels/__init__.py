@@ -16,6 +16,7 @@ from .api import (
     base_only_bias,
     make_logit_bias,
     make_scratch,
+    mix_decoders,
     mix_logprobs,
     sample_token,
     score_rows,
@@ -26,6 +27,7 @@ __all__ = [
     "base_only_bias",
     "make_logit_bias",
     "make_scratch",
+    "mix_decoders",
     "mix_logprobs",
     "sample_token",
     "score_rows",
@@ -60,6 +62,7 @@ def _compile_all() -> None:
     base = rng.standard_normal(130).astype(np.float32)
     mem = rng.standard_normal(128).astype(np.float32)
     mix_logprobs(base, mem, 0.5)
+    mix_decoders([mem, base], [0.3, 0.2], np.empty(128, np.float32))
     sample_token(base, mem, 0.5, 0.8, 40, 0.95, 0.05, 0.5, make_scratch(128))
     score_rows(base[None, :], mem[None, :], np.zeros(1, np.int64), np.array([0.0, 0.5, 1.0]))
     trace_token(base, mem, 0.5, 3, 5)

@@ -6,14 +6,14 @@ rows may differ in length and only the n = min(len(base), len(mem)) shared ids a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from edge_memdec.defaults import check_lambda
 
 from .adjust import base_only_offsets
-from .mixture import mix_into
+from .mixture import blend_into, mix_into
 from .sample import sample_core
 from .score import score_core
 from .trace import trace_core
@@ -51,6 +51,30 @@ def mix_logprobs(
     elif out.dtype != np.float32 or out.ndim != 1 or out.shape[0] < n or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous float32 array of at least {n} entries")
     mix_into(base, mem, n, lam, out)
+    return out[:n]
+
+
+def mix_decoders(mem_logits: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> np.ndarray:
+    """Several memory decoders' logit rows as one: log sum_i w_i softmax(row_i) + sum_i w_i lse(row_i), float32
+    [n] over the n shared ids, with w_i = weights[i] / sum(weights).
+
+    The result is the decoders' mixture as logits (their lambda-weighted mean log-normaliser, see
+    mixture.blend_into): mixed with the base at lam = sum(lambda_i) it gives sum_i lambda_i p_i + (1 - lam)
+    p_base exactly, and one decoder given twice is that decoder's row. weights: at least two, each above 0;
+    `out`: a contiguous float32 array of at least n entries, the result is its first n.
+    """
+    rows = [_row(row, "mem_logits") for row in mem_logits]
+    w = [float(x) for x in weights]
+    if len(rows) < 2 or len(w) != len(rows) or not all(x > 0.0 for x in w):
+        raise ValueError(f"mix_decoders takes two or more rows, each with a weight above 0, got {len(rows)} rows and {w}")
+    n = min(row.shape[0] for row in rows)
+    if out.dtype != np.float32 or out.ndim != 1 or out.shape[0] < n or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array of at least {n} entries")
+    total = w[0] + w[1]
+    blend_into(rows[0], rows[1], n, w[1] / total, out)
+    for row, weight in zip(rows[2:], w[2:], strict=True):
+        total += weight
+        blend_into(out, row, n, weight / total, out)
     return out[:n]
 
 
@@ -120,13 +144,18 @@ def make_logit_bias(bias: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_rows(
-    base_logits: np.ndarray, mem_logits: np.ndarray | None, targets: np.ndarray, lambdas: np.ndarray
+    base_logits: np.ndarray,
+    mem_logits: np.ndarray | None,
+    targets: np.ndarray,
+    lambdas: np.ndarray,
+    n_ids: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Negative log-likelihoods (natural log, float64) of targets[r] under row r of each model and mixture.
 
     base_logits [rows, vb] and mem_logits [rows, vm] float32 (mem None: base only), targets [rows] ints below
-    n = min(vb, vm), lambdas [L] in [0, 1]. Returns (nll_base [rows], nll_mem [rows], nll_mix [rows, L]);
-    softmaxes run over the n shared ids. Without a memory decoder nll_mem is NaN and nll_mix repeats nll_base.
+    n = min(vb, vm, n_ids), lambdas [L] in [0, 1]. Returns (nll_base [rows], nll_mem [rows], nll_mix [rows, L]);
+    softmaxes run over the n shared ids (`n_ids`: fewer, e.g. the ids a third model shares too). Without a
+    memory decoder nll_mem is NaN and nll_mix repeats nll_base.
     """
     base = np.ascontiguousarray(base_logits, dtype=np.float32)
     if base.ndim != 2:
@@ -136,7 +165,7 @@ def score_rows(
     mem = np.ascontiguousarray(mem_logits, dtype=np.float32) if has_mem else base
     if mem.ndim != 2 or mem.shape[0] != rows:
         raise ValueError(f"mem_logits must be 2-D with {rows} rows like base_logits, got shape {mem.shape}")
-    n = min(base.shape[1], mem.shape[1])
+    n = min(base.shape[1], mem.shape[1], base.shape[1] if n_ids is None else int(n_ids))
     targets = np.ascontiguousarray(targets, dtype=np.int64)
     if targets.shape != (rows,):
         raise ValueError(f"targets must have shape ({rows},), got {targets.shape}")
@@ -149,7 +178,7 @@ def score_rows(
     nll_mem = np.empty(rows)
     nll_mix = np.empty((rows, lambdas.shape[0]))
     if rows and n:
-        score_core(base, mem, has_mem, targets, lambdas, nll_base, nll_mem, nll_mix)
+        score_core(base, mem, has_mem, n, targets, lambdas, nll_base, nll_mem, nll_mix)
     return nll_base, nll_mem, nll_mix
 
 

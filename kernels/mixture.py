@@ -5,6 +5,8 @@ where cb = log(1 - lam) - log Z_base and cm = log(lam) - log Z_mem (Z: the softm
 max-shifted row). Subtracting the row maximum first keeps x and y exact near the head even for logits in the
 thousands.
 lam == 0 and lam == 1 never touch the unused row, so no log(0) appears and the result is exactly one model's.
+
+Several memory decoders are mixed first, into one row (`blend_into`, chained), which then mixes with the base.
 """
 
 from __future__ import annotations
@@ -51,3 +53,28 @@ def mix_into(base, mem, n, lam, out):
     else:
         for i in range(n):
             out[i] = mix_key((base[i] - mb) + cb32, (mem[i] - mm) + cm32)
+
+
+@jit(fastmath=ELEMENTWISE)
+def blend_into(a, b, n, w, out):
+    """out[:n] = log((1 - w) * softmax(a[:n]) + w * softmax(b[:n])) + (1 - w) * lse(a[:n]) + w * lse(b[:n]).
+
+    The mixture of two memory decoders as logits: its log-normaliser (lse) is the w-weighted mean of the two
+    rows' own, so chaining it over several decoders gives the logits whose normaliser is their lambda-weighted
+    mean (what adjust.py's penalties read). `out` may be `a`: each entry is read before it is written.
+    """
+    if w == 0.0:
+        for i in range(n):
+            out[i] = a[i]
+        return
+    if w == 1.0:
+        for i in range(n):
+            out[i] = b[i]
+        return
+    ma = row_max(a, n)
+    mb = row_max(b, n)
+    ca, cb = mixture_constants(a, b, n, w, ma, mb, True)  # log1p(-w) - log Z_a, log(w) - log Z_b
+    shift = (1.0 - w) * (np.float64(ma) + np.log1p(-w) - ca) + w * (np.float64(mb) + np.log(w) - cb)
+    ca32, cb32, shift32 = np.float32(ca), np.float32(cb), np.float32(shift)
+    for i in range(n):
+        out[i] = mix_key((a[i] - ma) + ca32, (b[i] - mb) + cb32) + shift32

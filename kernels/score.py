@@ -21,12 +21,11 @@ def _row_nll(row, n, target):
 
 
 @jit(parallel=True, fastmath=ELEMENTWISE)
-def score_core(base, mem, has_mem, targets, lambdas, nll_base, nll_mem, nll_mix):
-    """Fill nll_base [rows], nll_mem [rows] and nll_mix [rows, L] (float64) over the first n shared ids.
+def score_core(base, mem, has_mem, n, targets, lambdas, nll_base, nll_mem, nll_mix):
+    """Fill nll_base [rows], nll_mem [rows] and nll_mix [rows, L] (float64) over the first n ids of each row.
 
     Without a memory decoder (has_mem False, mem ignored) nll_mem is NaN and every mixture column is the base.
     """
-    n = min(base.shape[1], mem.shape[1]) if has_mem else base.shape[1]
     for r in prange(base.shape[0]):
         nb = _row_nll(base[r], n, targets[r])
         nll_base[r] = nb

@@ -289,8 +289,11 @@ def tiny_gpt2_memdec_ckpt(tmp_path_factory, gpt2_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_memdec_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
     """A random llama memory decoder (2 layers, hidden 64) over SmolLM2's 49,152-token vocabulary."""
+    return _tiny_memdec_ckpt(tmp_path_factory.mktemp("tiny_memdec"), smollm2_gguf, seed=3)
+
+
+def _tiny_memdec_ckpt(folder: Path, smollm2_gguf: Path, seed: int) -> Path:
     base = read_gguf(smollm2_gguf)
-    folder = tmp_path_factory.mktemp("tiny_memdec")
     settings = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|im_start|>",
@@ -306,7 +309,7 @@ def tiny_memdec_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
         smollm2_tokenizer(base),
         base.n_vocab,
         settings,
-        seed=3,
+        seed=seed,
         tie_word_embeddings=True,
         max_position_embeddings=base.n_ctx_train,
         rope_theta=100000.0,
@@ -336,6 +339,24 @@ def tiny_memdec_gguf(tmp_path_factory, tiny_memdec_ckpt, smollm2_gguf) -> Path:
         "f32",
         tokenizer_from=smollm2_gguf,
         memdec={"lambda": 0.3, "domain": "legal", "base_model": "SmolLM2-135M-Instruct"},
+    )
+
+
+@pytest.fixture(scope="session")
+def finance_memdec_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
+    """A second tiny memory decoder for SmolLM2: tiny_memdec_ckpt's shape, other random weights (seed 4)."""
+    return _tiny_memdec_ckpt(tmp_path_factory.mktemp("finance_memdec"), smollm2_gguf, seed=4)
+
+
+@pytest.fixture(scope="session")
+def finance_memdec_gguf(tmp_path_factory, finance_memdec_ckpt, smollm2_gguf) -> Path:
+    """finance_memdec_ckpt as an f32 GGUF named finance.gguf, memdec.lambda 0.2."""
+    return convert_checkpoint(
+        finance_memdec_ckpt,
+        tmp_path_factory.mktemp("gguf") / "finance.gguf",
+        "f32",
+        tokenizer_from=smollm2_gguf,
+        memdec={"lambda": 0.2, "domain": "finance", "base_model": "SmolLM2-135M-Instruct"},
     )
 
 
