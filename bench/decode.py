@@ -1,12 +1,13 @@
 """Decode speed: base alone vs base + memory decoder (sequential and overlapped), measured in one run.
 
     python bench/decode.py [--memdec MEM.gguf] [-m BASE.gguf] [-n 128] [--repeats 3] [--also OTHER_MEM.gguf ...]
-                           [--llama-bench PATH/TO/llama-bench]
+                           [--second MEM2.gguf] [--llama-bench PATH/TO/llama-bench]
 
 Prints ms/token and tokens/s for each setting, and the ratio of each to the best base-alone setting. With
 --llama-bench (llama.cpp's own benchmark binary, built from the llama.cpp that llama-cpp-python vendors), every
 round also times llama-bench's tg test on each model (2 threads, flash attention on): the hardware's speed for
-these two models without any of our code.
+these two models without any of our code. "base + 2 memdecs" runs two decoders on the base (--memdec and
+--second, default --memdec again: the same compute as a second decoder of its size), each at its own lambda.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--also", type=Path, nargs="*", default=[], help="more memory decoders (e.g. other quantizations)"
     )
+    parser.add_argument("--second", type=Path, default=None, help="second decoder of the two-decoder setting")
     parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary")
     args = parser.parse_args()
     base = args.model or default_base_gguf()
@@ -62,6 +64,8 @@ def main() -> None:
         ("base + memdec, sequential, 1 thread each", dict(memdec=memdec, n_threads=1, overlap=False)),
         ("base + memdec, overlapped, 1 thread each", dict(memdec=memdec, n_threads=2, overlap=True)),
         ("memdec alone, 2 threads", dict(base=memdec, memdec=None, n_threads=2)),
+        ("base + 2 memdecs, sequential, 2 threads", dict(memdec=[memdec, args.second or memdec], n_threads=2)),
+        ("base + 2 memdecs, sequential, 1 thread", dict(memdec=[memdec, args.second or memdec], n_threads=1)),
     ]
     for other in args.also:
         settings.append((f"base + {other.stem[-14:]}, seq, 2 thr", dict(memdec=other, n_threads=2)))

@@ -9,12 +9,14 @@ from edge_memdec.kernels import (
     base_only_bias,
     make_logit_bias,
     make_scratch,
+    mix_decoders,
     mix_logprobs,
     sample_token,
     score_rows,
     trace_token,
 )
 from edge_memdec.kernels.fastmath import exp_f32, exp_f64, log1p_f32
+from edge_memdec.scoring import mixture_nll
 
 LAMBDAS = (0.0, 0.3, 1.0)
 
@@ -107,6 +109,55 @@ def test_mix_logprobs_lambda_ends_are_exact_models_and_out_is_used():
     np.testing.assert_allclose(alone, ref_mixture(base, base, 0.0), atol=1e-5)
     mixed = mix_logprobs(base, mem, 0.5)
     assert np.isfinite(mixed).all()
+
+
+def ref_lse(row: np.ndarray) -> float:
+    return float(np.logaddexp.reduce(row.astype(np.float64)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_decoders_premixed_then_mixed_with_the_base_are_the_mixture_of_all(scale):
+    """Three decoders at (0.3, 0.15, 0.05) with the base at 0.5: float64 reference of four distributions; the
+    premixed row's log-normaliser is the lambda-weighted mean of the decoders' (their logits' scale)."""
+    rng = np.random.default_rng(int(scale))
+    base = logits(rng, 3000, scale)
+    mems = [logits(rng, n, scale) for n in (3010, 3000, 3050)]
+    lams = np.array([0.3, 0.15, 0.05])
+    out = np.full(3100, np.nan, np.float32)
+    premixed = mix_decoders(mems, lams, out)
+    assert np.shares_memory(premixed, out) and premixed.shape == (3000,)
+    got = mix_logprobs(base, premixed, lams.sum())
+    logps = [ref_mixture(row[:3000], row[:3000], 0.0) for row in (base, *mems)]
+    want = np.log(0.5 * np.exp(logps[0]) + sum(w * np.exp(lp) for w, lp in zip(lams, logps[1:], strict=True)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=2e-5)
+    mean_lse = sum(w * ref_lse(row[:3000]) for w, row in zip(lams / lams.sum(), mems, strict=True))
+    assert ref_lse(premixed) == pytest.approx(mean_lse, abs=1e-5 * max(scale, 1.0) * 10)
+
+
+def test_one_decoder_premixed_with_itself_is_its_own_row():
+    rng = np.random.default_rng(5)
+    mem = logits(rng, 2000, 4.0)
+    mem[9] = -np.inf
+    got = mix_decoders([mem, mem, mem], [0.1, 0.2, 0.1], np.empty(2000, np.float32))
+    assert got[9] == -np.inf
+    np.testing.assert_allclose(np.delete(got, 9), np.delete(mem, 9), rtol=0, atol=3e-5)
+    with pytest.raises(ValueError, match="two or more rows"):
+        mix_decoders([mem, mem], [0.3, 0.0], np.empty(2000, np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        mix_decoders([mem, mem], [0.3, 0.1], np.empty(100, np.float32))
+
+
+def test_mixture_nll_of_several_decoders_is_the_float64_mixture():
+    rng = np.random.default_rng(11)
+    nll_base, nll_mems = rng.uniform(0.1, 9.0, 50), rng.uniform(0.1, 12.0, (3, 50))
+    weights = np.array([[0.0, 0.0, 0.0], [0.3, 0.2, 0.1], [0.7, 0.0, 0.3], [0.2, 0.2, 0.2]])
+    got = mixture_nll(nll_base, nll_mems, weights)
+    for c, w in enumerate(weights):
+        p = (1 - w.sum()) * np.exp(-nll_base) + (w[:, None] * np.exp(-nll_mems)).sum(axis=0)
+        np.testing.assert_allclose(got[:, c], -np.log(p), rtol=1e-12)
+    assert (got[:, 0] == nll_base).all()  # weight 0 drops a model exactly
+    two = mixture_nll(nll_base, nll_mems[:1], np.array([[0.55]]))[:, 0]
+    np.testing.assert_allclose(two, ref_mixture_rows(nll_base, nll_mems[0], 0.55), rtol=1e-13)
 
 
 @pytest.mark.parametrize("lam", LAMBDAS)
@@ -364,6 +415,9 @@ def test_score_rows_base_only_and_bad_arguments():
         score_rows(base, base, targets, np.array([1.2]))
     with pytest.raises(ValueError, match="rows"):
         score_rows(base, base[:3], targets, np.array([0.5]))
+    ones = np.ones(4, np.int64)
+    fewer = score_rows(base, base[:, ::-1].copy(), ones, np.array([0.5]), n_ids=650)  # softmax over ids < 650
+    np.testing.assert_allclose(fewer[0], ref_nll(base, 650, ones), rtol=1e-9)
 
 
 @pytest.mark.parametrize("lam", LAMBDAS)
