@@ -108,7 +108,12 @@ class ModelPair:
             check_pair(base_info, info)
         self.names = decoder_names([info.path for info in memdec_infos])
         own = [float(info.memdec.get("lambda", DEFAULT_LAMBDA)) for info in memdec_infos]
-        self.lams: tuple[float, ...] = self._resolve(lam, own, "--lambda" if lam is None else None)
+        if lam is None and sum(own) > 1.0 + LAMBDA_SUM_SLACK:
+            raise UserError(
+                f"the memory decoders' own lambdas ({self.describe(own)}) sum to {sum(own):g}, above 1; give the "
+                "lambdas (--lambda) with one weight per decoder"
+            )
+        self.lams: tuple[float, ...] = self._resolve(lam, own)
         # A LoRA on the base changes its lower blocks, which the decoder then no longer shares.
         sharing = len(memdec_infos) == 1 and shared_trunk and not options.lora
         self.shared = shared_blocks(base_info, memdec_infos[0]) if sharing else 0
@@ -186,15 +191,10 @@ class ModelPair:
             return format(weights[0], "g")
         return ", ".join(f"{name} {x:g}" for name, x in zip(self.names, weights, strict=True)) or "none"
 
-    def _resolve(self, lam: Lambdas, own: Sequence[float], option: str | None = None) -> tuple[float, ...]:
+    def _resolve(self, lam: Lambdas, own: Sequence[float]) -> tuple[float, ...]:
+        """`lam` (see `weights`) as one checked lambda per decoder; `own`: those of None and of unnamed ones."""
         names = self.names
         if lam is None:
-            if len(own) > 1 and sum(own) > 1.0 + LAMBDA_SUM_SLACK and option is not None:
-                shown = ", ".join(f"{name} {x:g}" for name, x in zip(names, own, strict=True))
-                raise UserError(
-                    f"the memory decoders' own lambdas ({shown}) sum to {sum(own):g}, above 1; give {option} with "
-                    "one weight per decoder"
-                )
             return check_lambdas(own, names)
         if isinstance(lam, Mapping):
             unknown = [key for key in lam if key not in names]

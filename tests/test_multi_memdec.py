@@ -122,7 +122,7 @@ def test_bad_lambdas_are_one_sentence(lm, lam, words):
 
 
 def test_own_lambdas_summing_above_one_are_refused_before_loading(smollm2_gguf, tiny_memdec_gguf):
-    with pytest.raises(UserError, match="sum to 1.2, above 1; give --lambda with one weight per decoder"):
+    with pytest.raises(UserError, match="sum to 1.2, above 1; give the lambdas"):
         MemoryDecoderLM(smollm2_gguf, [tiny_memdec_gguf] * 4)
 
 
