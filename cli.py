@@ -144,10 +144,6 @@ LogLlamaOpt = Annotated[
     bool, typer.Option("--log-llama", help="Print llama.cpp's own log (model loader, context) to stderr.")
 ]
 
-
-def _log_llama(verbose: int, log_llama: bool) -> bool:
-    """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
-    return log_llama or verbose >= 2
 LoraOpt = Annotated[
     Optional[list[str]],
     typer.Option("--lora", help="LoRA adapter GGUF on the base, FILE[:SCALE] (scale 1 unless given); repeatable."),
@@ -172,6 +168,16 @@ FlashAttnOpt = Annotated[
         "-fa", "--flash-attn", help="Flash attention: on, off (exact attention logits) or auto (llama.cpp decides)."
     ),
 ]
+KnnLambdaOpt = Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")]
+KnnTemperatureOpt = Annotated[
+    float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature on squared L2 distances.")
+]
+KnnKOpt = Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")]
+
+
+def _log_llama(verbose: int, log_llama: bool) -> bool:
+    """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
+    return log_llama or verbose >= 2
 
 
 def _model_paths(
@@ -219,7 +225,7 @@ def chat(
     frequency_penalty: Annotated[
         float, typer.Option("--frequency-penalty", help="Subtracted per occurrence (0 = off).")
     ] = defaults.FREQUENCY_PENALTY,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = defaults.N_CTX,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
@@ -314,11 +320,9 @@ def perplexity(
         Optional[Path],
         typer.Option("--knn", help="Also score the kNN-LM baseline from this datastore (needs the train extra)."),
     ] = None,
-    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
-    knn_temperature: Annotated[
-        float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature on squared L2 distances.")
-    ] = 1.0,
-    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
+    knn_lambda: KnnLambdaOpt = defaults.DEFAULT_LAMBDA,
+    knn_temperature: KnnTemperatureOpt = defaults.KNN_TEMPERATURE,
+    knn_k: KnnKOpt = defaults.KNN_K,
     state: Annotated[
         Optional[Path],
         typer.Option("--state", help="Save progress here after every window; rerun to continue."),
@@ -336,15 +340,17 @@ def perplexity(
     log_llama: LogLlamaOpt = False,
 ) -> None:
     """Perplexity of base (+ LoRA), memory decoder and their mixture on a text, in one pass."""
-    from edge_memdec.perplexity_job import KnnBaseline, PerplexityJob
+    from edge_memdec.knn_baseline import KnnBaseline
+    from edge_memdec.perplexity_job import PerplexityJob
     from edge_memdec.scoring import format_report
 
     lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lam] if lam is not None else None)
     base, mem = _model_paths(model, memdec, no_memdec)
     job = PerplexityJob(
-        file, base, mem, lam, lambdas or defaults.PERPLEXITY_LAMBDAS, protocol, ctx_size, ubatch_size, flash_attn,
-        stride, chunks, state, json_out, plot_out,
-        knn=None if knn is None else KnnBaseline(knn, knn_lambda, knn_temperature, knn_k),
+        text_file=file, base=base, memdec=mem, lam=lam, lambdas=lambdas or defaults.PERPLEXITY_LAMBDAS,
+        protocol=protocol, n_ctx=ctx_size, n_ubatch=ubatch_size, flash_attn=flash_attn, stride=stride,
+        max_windows=chunks, state=state, json_out=json_out, plot_out=plot_out,
+        knn=None if knn is None else KnnBaseline(knn, lam=knn_lambda, temperature=knn_temperature, k=knn_k),
         model_options=dict(memdec_gpu_layers=memdec_ngl, n_threads=threads, n_gpu_layers=n_gpu_layers,
                            lora=lora or (), shared_trunk=shared_trunk, log_llama=_log_llama(verbose, log_llama)),
     )  # fmt: skip
@@ -371,12 +377,12 @@ def compare(
     memdec: Annotated[Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF.")] = None,
     lam: LambdaOpt = None,
     knn: Annotated[Optional[Path], typer.Option("--knn", help="Datastore for the kNN-LM row (needs the train extra).")] = None,
-    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
-    knn_temperature: Annotated[float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature.")] = 1.0,
-    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window size in tokens.")] = 1024,
+    knn_lambda: KnnLambdaOpt = defaults.DEFAULT_LAMBDA,
+    knn_temperature: KnnTemperatureOpt = defaults.KNN_TEMPERATURE,
+    knn_k: KnnKOpt = defaults.KNN_K,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window size in tokens.")] = defaults.PERPLEXITY_SETTINGS["paper"]["n_ctx"],
     stride: Annotated[Optional[int], typer.Option("--stride", help="Window step (default: half of -c).")] = None,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed per row (0: none).")] = 32,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed per row (0: none).")] = defaults.COMPARE_DECODE_TOKENS,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write a bar chart (PNG) here.")] = None,
     n_gpu_layers: NglOpt = 0,
@@ -385,41 +391,20 @@ def compare(
     log_llama: LogLlamaOpt = False,
 ) -> None:
     """Base, base + LoRA, DAPT, kNN-LM, base + memory decoder, base + LoRA + memory decoder: one text, one protocol."""
-    import json
-
-    from edge_memdec.compare import CompareSettings, format_compare, rows_of
-    from edge_memdec.compare import compare as run_compare
-    from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
+    from edge_memdec.compare import CompareJob, CompareSettings, format_compare, rows_of
+    from edge_memdec.knn_baseline import KnnBaseline
     from edge_memdec.llama_model import ModelOptions
     from edge_memdec.paths import default_base_gguf
 
-    text = read_text_file(file)
-    general_text = read_text_file(general) if general is not None else None
-    for out in (json_out, plot_out):
-        if out is not None:
-            check_output_path(out)
-    if lam is not None:
-        defaults.check_lambda(lam)
-    defaults.check_lambda(knn_lambda)
-    if knn is not None:
-        from edge_memdec.train.datastore import read_manifest
-
-        read_manifest(knn)
-    if ctx_size < 2:
-        raise UserError(f"-c must be at least 2, got {ctx_size}")
-    rows = rows_of(model or default_base_gguf(), tuple(lora or ()), dapt, knn, memdec)
+    knn_row = None if knn is None else KnnBaseline(knn, lam=knn_lambda, temperature=knn_temperature, k=knn_k)
+    rows = rows_of(model or default_base_gguf(), tuple(lora or ()), dapt, knn_row, memdec)
     options = ModelOptions(n_ctx=ctx_size, n_batch=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
                            flash_attn=False, log_llama=_log_llama(verbose, log_llama))  # fmt: skip
-    settings = CompareSettings(n_ctx=ctx_size, stride=stride, lam=lam, knn_lambda=knn_lambda, knn_k=knn_k,
-                               knn_temperature=knn_temperature, decode_tokens=decode_tokens, options=options)  # fmt: skip
-    report = run_compare(rows, text, general_text, settings, progress=True)
+    settings = CompareSettings(n_ctx=ctx_size, stride=stride, lam=lam, decode_tokens=decode_tokens, options=options)
+    job = CompareJob(file, general, rows, settings, json_out=json_out, plot_out=plot_out)
+    report = job.run(progress=True)
     print(format_compare(report))
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
-    if plot_out is not None:
-        from edge_memdec.plot import plot_compare
-
-        plot_compare(report, plot_out)
+    job.save(report)
 
 
 def _parse_lambdas(text: str) -> list[float]:
@@ -546,7 +531,7 @@ def knn_targets(
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Targets folder (default DATASTORE/targets)")
     ] = None,
-    k: Annotated[int, typer.Option("-k", help="Neighbours per position (with a fixed --temperature)")] = 1024,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per position (with a fixed --temperature)")] = defaults.KNN_K,
     temperature: Annotated[
         str,
         typer.Option(
@@ -860,7 +845,7 @@ def serve(
     alias: Annotated[Optional[str], typer.Option("--alias", help="Model id /v1/models lists (default: base+memdec file names); any name a request gives is answered.")] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = defaults.SERVER_MAX_TOKENS,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_MEMDEC_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health.")] = None,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer) of each request.")] = 4096,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer) of each request.")] = defaults.N_CTX,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Requests decoded together in one batch, each with its own -c context (KV memory grows N times); 1: one after another.")] = defaults.SERVER_PARALLEL,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import KNN_K, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_json_atomic
 
@@ -31,7 +31,7 @@ class Budget:
     """
 
     datastore_tokens: int = 250_000
-    k: int = 1024
+    k: int = KNN_K
     ks: str = "64,256,1024"
     temperatures: str = "0.25,0.5,1,2,4,8,16"
     trained_blocks: int = 6
