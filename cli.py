@@ -53,6 +53,14 @@ def _exit_now() -> None:
 
 # ---- convert / inspect (GGUF export) ----
 
+SplitOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--split-max-size",
+        help="Above this size (e.g. 95M) write llama.cpp split parts NAME-00001-of-0000N.gguf, each at most it",
+    ),
+]
+
 
 @app.command("convert")
 def convert_command(
@@ -94,7 +102,10 @@ def convert_command(
 
     memdec = {"lambda": lam, "domain": domain, "base_model": base_model}
     split = parse_size(split_max_size) if split_max_size is not None else None
-    path = convert_checkpoint(checkpoint, out, outtype, tokenizer_from, memdec, keep_base_tensors, split)
+    path = convert_checkpoint(
+        checkpoint, out, outtype, tokenizer_from=tokenizer_from, memdec=memdec, keep_equal_from=keep_base_tensors,
+        split_max_bytes=split,
+    )  # fmt: skip
     print(f"wrote {path}")
 
 
@@ -424,6 +435,33 @@ def _parse_numbers(text: str, kind: type, option: str, example: str, what: str =
 
 # ---- training: datastore, knn-targets, train, recipe ----
 
+# options shared by the training commands (datastore build, train, transfer, lora train)
+TargetsOpt = Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints")]
+ValidTokensOpt = Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")]
+ExportOpt = Annotated[Optional[Path], typer.Option(help="Also write this GGUF")]
+OuttypeOpt = Annotated[str, typer.Option(help="GGUF weight type for --export")]
+TokenizerFromOpt = Annotated[
+    Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")
+]
+DomainOpt = Annotated[str, typer.Option(help="Domain name stored in the GGUF")]
+TorchThreadsOpt = Annotated[int, typer.Option(help="Torch threads per process")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Stop after this many steps")]
+BatchWindowsOpt = Annotated[int, typer.Option(help="Windows per step (all ranks)")]
+TrainCtxOpt = Annotated[int, typer.Option(help="Training window length")]
+TrainStrideOpt = Annotated[int, typer.Option(help="Training window stride")]
+ValidEveryOpt = Annotated[int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="fp32, bf16 (autocast matrix products; weights and losses stay fp32), or auto: bf16 on CUDA and on "
+        "CPUs with native bf16 (AVX512-BF16, AMX), where it ran 1.8-2x faster; fp32 elsewhere"
+    ),
+]
+
+
 corpus_app = typer.Typer(
     help="Domain corpora split by document into train / validation / test.", no_args_is_help=True
 )
@@ -453,15 +491,6 @@ def corpus_split(
     print(f"{source}: {counts} documents -> {out}")
 
 
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        help="fp32, bf16 (autocast matrix products; weights and losses stay fp32), or auto: bf16 on CUDA and on "
-        "CPUs with native bf16 (AVX512-BF16, AMX), where it ran 1.8-2x faster; fp32 elsewhere"
-    ),
-]
-
-
 @datastore_app.command("build")
 def datastore_build(
     corpus: Annotated[Path, typer.Option(help="Split folder from `corpus split` (or a .txt file)")],
@@ -489,7 +518,7 @@ def datastore_build(
         Optional[str],
         typer.Option(help="Also store the residual stream entering these blocks, e.g. 24 (for --frozen-blocks)"),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Run the base over a split and store keys (last FFN input) and values (next token)."""
@@ -596,25 +625,6 @@ def knn_targets(
     )
 
 
-# ---- options shared by train and transfer (edge_memdec.train.options.RunOptions) ----
-
-TargetsOpt = Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")]
-CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints")]
-ValidTokensOpt = Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")]
-ExportOpt = Annotated[Optional[Path], typer.Option(help="Also write this GGUF")]
-OuttypeOpt = Annotated[str, typer.Option(help="GGUF weight type for --export")]
-SplitOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--split-max-size",
-        help="Above this size (e.g. 95M) write llama.cpp split parts NAME-00001-of-0000N.gguf, each at most it",
-    ),
-]
-TokenizerFromOpt = Annotated[
-    Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")
-]
-DomainOpt = Annotated[str, typer.Option(help="Domain name stored in the GGUF")]
-TorchThreadsOpt = Annotated[int, typer.Option(help="Torch threads per process")]
 
 
 @app.command("train")
@@ -631,16 +641,16 @@ def train_memdec(
     heads: Annotated[int, typer.Option(help="Attention heads (scratch only)")] = 9,
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (scratch only)")] = 3,
     epochs: Annotated[int, typer.Option(help="Passes over the datastore text")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    max_steps: MaxStepsOpt = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay to 0)")] = 1e-3,
     beta: Annotated[float, typer.Option(help="Weight of KL(p_kNN || p_mem); 1-beta on CE")] = 0.5,
-    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
-    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
-    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    batch_windows: BatchWindowsOpt = 4,
+    n_ctx: TrainCtxOpt = 1024,
+    stride: TrainStrideOpt = 512,
     checkpoint_every: CheckpointEveryOpt = 50,
     valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation")] = None,
     valid_tokens: ValidTokensOpt = 20000,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    resume: ResumeOpt = False,
     export: ExportOpt = None,
     outtype: OuttypeOpt = "q8_0",
     split_max_size: SplitOpt = None,
@@ -656,11 +666,9 @@ def train_memdec(
         ),
     ] = 0,
     head: Annotated[str, typer.Option(help="tied (LM head = embeddings) or untied (a trained copy)")] = "tied",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    valid_every: Annotated[
-        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
-    ] = 0,
+    valid_every: ValidEveryOpt = 0,
 ) -> None:
     """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
     opts = TrainOptions(**locals())  # first: locals() is exactly the options here
@@ -694,29 +702,27 @@ def lora_train(
         str, typer.Option(help="Modules the LoRA adapts")
     ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     epochs: Annotated[int, typer.Option(help="Passes over the training tokens")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    max_steps: MaxStepsOpt = None,
     lr: Annotated[
         Optional[float], typer.Option(help="Peak learning rate, linear decay to 0 (default 2e-4, --full 2e-5)")
     ] = None,
-    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
-    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
-    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    batch_windows: BatchWindowsOpt = 4,
+    n_ctx: TrainCtxOpt = 1024,
+    stride: TrainStrideOpt = 512,
     checkpoint_every: CheckpointEveryOpt = 50,
     valid_corpus: Annotated[
         Optional[Path], typer.Option(help="Split folder for validation (default: the tokens' corpus)")
     ] = None,
     valid_tokens: ValidTokensOpt = 20000,
-    valid_every: Annotated[
-        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
-    ] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    valid_every: ValidEveryOpt = 0,
+    resume: ResumeOpt = False,
     export: Annotated[
         Optional[Path], typer.Option(help="Also write this GGUF (the LoRA adapter, or the --full model)")
     ] = None,
     outtype: Annotated[str, typer.Option(help="GGUF weight type for --export (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
     threads: TorchThreadsOpt = 2,
     seed: Annotated[int, typer.Option(help="Seed for data order and the LoRA init")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Train a LoRA adapter of the base (or, with --full, every weight) on the domain text; runs under torchrun too."""
@@ -828,7 +834,9 @@ def recipe(
     from edge_memdec.train.pipeline import recipe_command
 
     kinds = tuple(k.strip() for k in (baselines or "").split(",") if k.strip())
-    recipe_command(domain, work, model, budget, json_out, threads, name, kinds)
+    recipe_command(
+        domain, work=work, model=model, budget=budget, as_json=json_out, threads=threads, name=name, baselines=kinds
+    )
 
 
 # ---- serve ----
