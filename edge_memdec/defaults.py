@@ -60,6 +60,11 @@ def flash_attn_setting(value: str) -> bool | None:
     return FLASH_ATTN_CHOICES[value]
 
 
+def flash_attn_name(setting: bool | None) -> str:
+    """ModelOptions.flash_attn as the -fa word that gives it (on, off or auto), for reports."""
+    return next(name for name, value in FLASH_ATTN_CHOICES.items() if value is setting)
+
+
 def is_lambda(lam: object) -> bool:
     """Whether `lam` is a number in [LAMBDA_MIN, LAMBDA_MAX] (not a bool, not NaN)."""
     return isinstance(lam, Real) and not isinstance(lam, bool) and LAMBDA_MIN <= lam <= LAMBDA_MAX

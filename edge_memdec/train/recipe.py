@@ -109,10 +109,9 @@ def run_recipe(
 
     th = ["--threads", str(threads)]
     stage("split", (split / "manifest.json").is_file(), ["corpus", "split", domain, "--out", str(split)])
-    ds_done = (ds / "datastore.json").is_file() and _finished(ds / "datastore.json")
     stage(
         "datastore",
-        ds_done,
+        _finished_datastore(ds),
         ["datastore", "build", "--corpus", str(split), "--out", str(ds), "-m", str(base)]
         + ["--max-tokens", str(budget.datastore_tokens), "--hidden-blocks", str(frozen), *th],
     )
@@ -158,9 +157,15 @@ def run_recipe(
     return result
 
 
-def _finished(manifest_path: Path) -> bool:
-    manifest = json.loads(manifest_path.read_text())
-    return len(manifest["finished"]) == len(manifest["shards"])
+def _finished_datastore(ds: Path) -> bool:
+    """Whether `ds` holds a finished datastore (`read_manifest` decides)."""
+    from edge_memdec.train.datastore import read_manifest
+
+    try:
+        read_manifest(ds)
+    except UserError:
+        return False
+    return True
 
 
 def baseline_table(
