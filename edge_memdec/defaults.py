@@ -11,7 +11,7 @@ from numbers import Real
 from edge_memdec.errors import UserError
 
 LAMBDA_MIN, LAMBDA_MAX = 0.0, 1.0  # lambda is a probability
-DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM's weight in `perplexity --knn`
+DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM's weight in `perplexity/compare --knn`
 
 # kNN-LM and the kNN targets: neighbours per position, and T in softmax(-d / T) over squared L2 distances d
 KNN_K = 1024
