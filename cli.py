@@ -53,6 +53,14 @@ def _exit_now() -> None:
 
 # ---- convert / inspect (GGUF export) ----
 
+SplitOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--split-max-size",
+        help="Above this size (e.g. 95M) write llama.cpp split parts NAME-00001-of-0000N.gguf, each at most it",
+    ),
+]
+
 
 @app.command("convert")
 def convert_command(
@@ -94,7 +102,10 @@ def convert_command(
 
     memdec = {"lambda": lam, "domain": domain, "base_model": base_model}
     split = parse_size(split_max_size) if split_max_size is not None else None
-    path = convert_checkpoint(checkpoint, out, outtype, tokenizer_from, memdec, keep_base_tensors, split)
+    path = convert_checkpoint(
+        checkpoint, out, outtype, tokenizer_from=tokenizer_from, memdec=memdec, keep_equal_from=keep_base_tensors,
+        split_max_bytes=split,
+    )  # fmt: skip
     print(f"wrote {path}")
 
 
@@ -157,10 +168,6 @@ LogLlamaOpt = Annotated[
     bool, typer.Option("--log-llama", help="Print llama.cpp's own log (model loader, context) to stderr.")
 ]
 
-
-def _log_llama(verbose: int, log_llama: bool) -> bool:
-    """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
-    return log_llama or verbose >= 2
 LoraOpt = Annotated[
     Optional[list[str]],
     typer.Option("--lora", help="LoRA adapter GGUF on the base, FILE[:SCALE] (scale 1 unless given); repeatable."),
@@ -185,6 +192,16 @@ FlashAttnOpt = Annotated[
         "-fa", "--flash-attn", help="Flash attention: on, off (exact attention logits) or auto (llama.cpp decides)."
     ),
 ]
+KnnLambdaOpt = Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")]
+KnnTemperatureOpt = Annotated[
+    float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature on squared L2 distances.")
+]
+KnnKOpt = Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")]
+
+
+def _log_llama(verbose: int, log_llama: bool) -> bool:
+    """llama.cpp's own log is shown with --log-llama or -vv; by default only its errors reach our messages."""
+    return log_llama or verbose >= 2
 
 
 def _model_paths(
@@ -242,7 +259,7 @@ def chat(
     frequency_penalty: Annotated[
         float, typer.Option("--frequency-penalty", help="Subtracted per occurrence (0 = off).")
     ] = defaults.FREQUENCY_PENALTY,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = 4096,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")] = defaults.N_CTX,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,
     threads: ThreadsOpt = None,
@@ -345,11 +362,9 @@ def perplexity(
         Optional[Path],
         typer.Option("--knn", help="Also score the kNN-LM baseline from this datastore (needs the train extra)."),
     ] = None,
-    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
-    knn_temperature: Annotated[
-        float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature on squared L2 distances.")
-    ] = 1.0,
-    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
+    knn_lambda: KnnLambdaOpt = defaults.DEFAULT_LAMBDA,
+    knn_temperature: KnnTemperatureOpt = defaults.KNN_TEMPERATURE,
+    knn_k: KnnKOpt = defaults.KNN_K,
     state: Annotated[
         Optional[Path],
         typer.Option("--state", help="Save progress here after every window; rerun to continue."),
@@ -367,7 +382,8 @@ def perplexity(
     log_llama: LogLlamaOpt = False,
 ) -> None:
     """Perplexity of base (+ LoRA), memory decoder and their mixture on a text, in one pass."""
-    from edge_memdec.perplexity_job import KnnBaseline, PerplexityJob
+    from edge_memdec.knn_baseline import KnnBaseline
+    from edge_memdec.perplexity_job import PerplexityJob
     from edge_memdec.scoring import format_report
 
     lams = _lambdas(lam)
@@ -375,9 +391,10 @@ def perplexity(
     lambdas = _parse_lambdas(lambda_sweep) if lambda_sweep else ([lams] if isinstance(lams, float) else None)
     base, mem = _model_paths(model, memdec, no_memdec)
     job = PerplexityJob(
-        file, base, mem, lams, lambdas, protocol, ctx_size, ubatch_size, flash_attn,
-        stride, chunks, state, json_out, plot_out,
-        knn=None if knn is None else KnnBaseline(knn, knn_lambda, knn_temperature, knn_k),
+        text_file=file, base=base, memdec=mem, lam=lams, lambdas=lambdas,
+        protocol=protocol, n_ctx=ctx_size, n_ubatch=ubatch_size, flash_attn=flash_attn, stride=stride,
+        max_windows=chunks, state=state, json_out=json_out, plot_out=plot_out,
+        knn=None if knn is None else KnnBaseline(knn, lam=knn_lambda, temperature=knn_temperature, k=knn_k),
         model_options=dict(memdec_gpu_layers=memdec_ngl, n_threads=threads, n_gpu_layers=n_gpu_layers,
                            lora=lora or (), shared_trunk=shared_trunk, log_llama=_log_llama(verbose, log_llama)),
         sweep=sweep,
@@ -405,12 +422,12 @@ def compare(
     memdec: Annotated[Optional[Path], typer.Option("--memdec", help="Memory decoder GGUF.")] = None,
     lam: LambdaOpt = None,
     knn: Annotated[Optional[Path], typer.Option("--knn", help="Datastore for the kNN-LM row (needs the train extra).")] = None,
-    knn_lambda: Annotated[float, typer.Option("--knn-lambda", help="kNN-LM interpolation weight.")] = defaults.DEFAULT_LAMBDA,
-    knn_temperature: Annotated[float, typer.Option("--knn-temperature", help="kNN-LM softmax temperature.")] = 1.0,
-    knn_k: Annotated[int, typer.Option("-k", "--knn-k", help="kNN-LM neighbours per position.")] = 1024,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window size in tokens.")] = 1024,
+    knn_lambda: KnnLambdaOpt = defaults.DEFAULT_LAMBDA,
+    knn_temperature: KnnTemperatureOpt = defaults.KNN_TEMPERATURE,
+    knn_k: KnnKOpt = defaults.KNN_K,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Window size in tokens.")] = defaults.PERPLEXITY_SETTINGS["paper"]["n_ctx"],
     stride: Annotated[Optional[int], typer.Option("--stride", help="Window step (default: half of -c).")] = None,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed per row (0: none).")] = 32,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Greedy tokens timed per row (0: none).")] = defaults.COMPARE_DECODE_TOKENS,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write a bar chart (PNG) here.")] = None,
     n_gpu_layers: NglOpt = 0,
@@ -419,41 +436,20 @@ def compare(
     log_llama: LogLlamaOpt = False,
 ) -> None:
     """Base, base + LoRA, DAPT, kNN-LM, base + memory decoder, base + LoRA + memory decoder: one text, one protocol."""
-    import json
-
-    from edge_memdec.compare import CompareSettings, format_compare, rows_of
-    from edge_memdec.compare import compare as run_compare
-    from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
+    from edge_memdec.compare import CompareJob, CompareSettings, format_compare, rows_of
+    from edge_memdec.knn_baseline import KnnBaseline
     from edge_memdec.llama_model import ModelOptions
     from edge_memdec.paths import default_base_gguf
 
-    text = read_text_file(file)
-    general_text = read_text_file(general) if general is not None else None
-    for out in (json_out, plot_out):
-        if out is not None:
-            check_output_path(out)
-    if lam is not None:
-        defaults.check_lambda(lam)
-    defaults.check_lambda(knn_lambda)
-    if knn is not None:
-        from edge_memdec.train.datastore import read_manifest
-
-        read_manifest(knn)
-    if ctx_size < 2:
-        raise UserError(f"-c must be at least 2, got {ctx_size}")
-    rows = rows_of(model or default_base_gguf(), tuple(lora or ()), dapt, knn, memdec)
+    knn_row = None if knn is None else KnnBaseline(knn, lam=knn_lambda, temperature=knn_temperature, k=knn_k)
+    rows = rows_of(model or default_base_gguf(), tuple(lora or ()), dapt, knn_row, memdec)
     options = ModelOptions(n_ctx=ctx_size, n_batch=ctx_size, n_threads=threads, n_gpu_layers=n_gpu_layers,
                            flash_attn=False, log_llama=_log_llama(verbose, log_llama))  # fmt: skip
-    settings = CompareSettings(n_ctx=ctx_size, stride=stride, lam=lam, knn_lambda=knn_lambda, knn_k=knn_k,
-                               knn_temperature=knn_temperature, decode_tokens=decode_tokens, options=options)  # fmt: skip
-    report = run_compare(rows, text, general_text, settings, progress=True)
+    settings = CompareSettings(n_ctx=ctx_size, stride=stride, lam=lam, decode_tokens=decode_tokens, options=options)
+    job = CompareJob(file, general, rows, settings, json_out=json_out, plot_out=plot_out)
+    report = job.run(progress=True)
     print(format_compare(report))
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
-    if plot_out is not None:
-        from edge_memdec.plot import plot_compare
-
-        plot_compare(report, plot_out)
+    job.save(report)
 
 
 def _parse_lambdas(text: str) -> list[float]:
@@ -472,6 +468,33 @@ def _parse_numbers(text: str, kind: type, option: str, example: str, what: str =
 
 
 # ---- training: datastore, knn-targets, train, recipe ----
+
+# options shared by the training commands (datastore build, train, transfer, lora train)
+TargetsOpt = Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints")]
+ValidTokensOpt = Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")]
+ExportOpt = Annotated[Optional[Path], typer.Option(help="Also write this GGUF")]
+OuttypeOpt = Annotated[str, typer.Option(help="GGUF weight type for --export")]
+TokenizerFromOpt = Annotated[
+    Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")
+]
+DomainOpt = Annotated[str, typer.Option(help="Domain name stored in the GGUF")]
+TorchThreadsOpt = Annotated[int, typer.Option(help="Torch threads per process")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option(help="Stop after this many steps")]
+BatchWindowsOpt = Annotated[int, typer.Option(help="Windows per step (all ranks)")]
+TrainCtxOpt = Annotated[int, typer.Option(help="Training window length")]
+TrainStrideOpt = Annotated[int, typer.Option(help="Training window stride")]
+ValidEveryOpt = Annotated[int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="fp32, bf16 (autocast matrix products; weights and losses stay fp32), or auto: bf16 on CUDA and on "
+        "CPUs with native bf16 (AVX512-BF16, AMX), where it ran 1.8-2x faster; fp32 elsewhere"
+    ),
+]
+
 
 corpus_app = typer.Typer(
     help="Domain corpora split by document into train / validation / test.", no_args_is_help=True
@@ -502,15 +525,6 @@ def corpus_split(
     print(f"{source}: {counts} documents -> {out}")
 
 
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        help="fp32, bf16 (autocast matrix products; weights and losses stay fp32), or auto: bf16 on CUDA and on "
-        "CPUs with native bf16 (AVX512-BF16, AMX), where it ran 1.8-2x faster; fp32 elsewhere"
-    ),
-]
-
-
 @datastore_app.command("build")
 def datastore_build(
     corpus: Annotated[Path, typer.Option(help="Split folder from `corpus split` (or a .txt file)")],
@@ -538,7 +552,7 @@ def datastore_build(
         Optional[str],
         typer.Option(help="Also store the residual stream entering these blocks, e.g. 24 (for --frozen-blocks)"),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Run the base over a split and store keys (last FFN input) and values (next token)."""
@@ -580,7 +594,7 @@ def knn_targets(
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Targets folder (default DATASTORE/targets)")
     ] = None,
-    k: Annotated[int, typer.Option("-k", help="Neighbours per position (with a fixed --temperature)")] = 1024,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per position (with a fixed --temperature)")] = defaults.KNN_K,
     temperature: Annotated[
         str,
         typer.Option(
@@ -645,25 +659,6 @@ def knn_targets(
     )
 
 
-# ---- options shared by train and transfer (edge_memdec.train.options.RunOptions) ----
-
-TargetsOpt = Annotated[Optional[Path], typer.Option(help="kNN targets folder (default DATASTORE/targets)")]
-CheckpointEveryOpt = Annotated[int, typer.Option(help="Steps between checkpoints")]
-ValidTokensOpt = Annotated[int, typer.Option(help="Validation tokens (whole documents, seeded sample)")]
-ExportOpt = Annotated[Optional[Path], typer.Option(help="Also write this GGUF")]
-OuttypeOpt = Annotated[str, typer.Option(help="GGUF weight type for --export")]
-SplitOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--split-max-size",
-        help="Above this size (e.g. 95M) write llama.cpp split parts NAME-00001-of-0000N.gguf, each at most it",
-    ),
-]
-TokenizerFromOpt = Annotated[
-    Optional[Path], typer.Option(help="GGUF whose tokenizer --export copies (default --model)")
-]
-DomainOpt = Annotated[str, typer.Option(help="Domain name stored in the GGUF")]
-TorchThreadsOpt = Annotated[int, typer.Option(help="Torch threads per process")]
 
 
 @app.command("train")
@@ -680,16 +675,16 @@ def train_memdec(
     heads: Annotated[int, typer.Option(help="Attention heads (scratch only)")] = 9,
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (scratch only)")] = 3,
     epochs: Annotated[int, typer.Option(help="Passes over the datastore text")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    max_steps: MaxStepsOpt = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay to 0)")] = 1e-3,
     beta: Annotated[float, typer.Option(help="Weight of KL(p_kNN || p_mem); 1-beta on CE")] = 0.5,
-    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
-    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
-    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    batch_windows: BatchWindowsOpt = 4,
+    n_ctx: TrainCtxOpt = 1024,
+    stride: TrainStrideOpt = 512,
     checkpoint_every: CheckpointEveryOpt = 50,
     valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation")] = None,
     valid_tokens: ValidTokensOpt = 20000,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    resume: ResumeOpt = False,
     export: ExportOpt = None,
     outtype: OuttypeOpt = "q8_0",
     split_max_size: SplitOpt = None,
@@ -705,11 +700,9 @@ def train_memdec(
         ),
     ] = 0,
     head: Annotated[str, typer.Option(help="tied (LM head = embeddings) or untied (a trained copy)")] = "tied",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
-    valid_every: Annotated[
-        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
-    ] = 0,
+    valid_every: ValidEveryOpt = 0,
 ) -> None:
     """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
     opts = TrainOptions(**locals())  # first: locals() is exactly the options here
@@ -743,29 +736,27 @@ def lora_train(
         str, typer.Option(help="Modules the LoRA adapts")
     ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     epochs: Annotated[int, typer.Option(help="Passes over the training tokens")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps")] = None,
+    max_steps: MaxStepsOpt = None,
     lr: Annotated[
         Optional[float], typer.Option(help="Peak learning rate, linear decay to 0 (default 2e-4, --full 2e-5)")
     ] = None,
-    batch_windows: Annotated[int, typer.Option(help="Windows per step (all ranks)")] = 4,
-    n_ctx: Annotated[int, typer.Option(help="Training window length")] = 1024,
-    stride: Annotated[int, typer.Option(help="Training window stride")] = 512,
+    batch_windows: BatchWindowsOpt = 4,
+    n_ctx: TrainCtxOpt = 1024,
+    stride: TrainStrideOpt = 512,
     checkpoint_every: CheckpointEveryOpt = 50,
     valid_corpus: Annotated[
         Optional[Path], typer.Option(help="Split folder for validation (default: the tokens' corpus)")
     ] = None,
     valid_tokens: ValidTokensOpt = 20000,
-    valid_every: Annotated[
-        int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")
-    ] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")] = False,
+    valid_every: ValidEveryOpt = 0,
+    resume: ResumeOpt = False,
     export: Annotated[
         Optional[Path], typer.Option(help="Also write this GGUF (the LoRA adapter, or the --full model)")
     ] = None,
     outtype: Annotated[str, typer.Option(help="GGUF weight type for --export (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
     threads: TorchThreadsOpt = 2,
     seed: Annotated[int, typer.Option(help="Seed for data order and the LoRA init")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Train a LoRA adapter of the base (or, with --full, every weight) on the domain text; runs under torchrun too."""
@@ -877,7 +868,9 @@ def recipe(
     from edge_memdec.train.pipeline import recipe_command
 
     kinds = tuple(k.strip() for k in (baselines or "").split(",") if k.strip())
-    recipe_command(domain, work, model, budget, json_out, threads, name, kinds)
+    recipe_command(
+        domain, work=work, model=model, budget=budget, as_json=json_out, threads=threads, name=name, baselines=kinds
+    )
 
 
 # ---- serve ----
@@ -894,7 +887,7 @@ def serve(
     alias: Annotated[Optional[str], typer.Option("--alias", help="Model id /v1/models lists (default: base+memdec file names); any name a request gives is answered.")] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Answer length when a request names none, and the cap for all.")] = defaults.SERVER_MAX_TOKENS,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_MEMDEC_API_KEY", help="Require 'Authorization: Bearer KEY' on every request but /health.")] = None,
-    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer) of each request.")] = 4096,
+    ctx_size: Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens (prompt + answer) of each request.")] = defaults.N_CTX,
     parallel: Annotated[int, typer.Option("-np", "--parallel", help="Requests decoded together in one batch, each with its own -c context (KV memory grows N times); 1: one after another.")] = defaults.SERVER_PARALLEL,
     n_gpu_layers: NglOpt = 0,
     memdec_ngl: MemNglOpt = None,

@@ -1,11 +1,13 @@
-"""The datastore pass: one forward per 1024/512 window (each position computed twice) against the carried
-one pass (each position once), on the same legal train tokens, in alternating rounds; then kNN-LM
-validation PPL from each datastore's keys (same validation text, same exact search, best T and lambda).
+"""The datastore pass, variant against variant on the same legal train tokens, in alternating rounds: one forward
+per 1024/512 window (each position computed twice) or the carried one pass (each position once), in fp32 or
+with bf16 autocast; then kNN-LM validation PPL from each datastore's keys (same validation text, same fp32
+queries, same exact search, best T and lambda).
 
-    python bench/datastore_pass.py [--tokens 20000] [--rounds 2] [--valid-tokens 4000] [--threads 2]
+    python bench/datastore_pass.py [--variants windows:fp32,carry:fp32,carry:bf16] [--tokens 20000] [--rounds 2]
+                                   [--valid-tokens 4000] [--threads 2]
 
-Prints positions/s per pass and round, their ratio, and the kNN-LM table. Needs the train extra and the legal
-corpus (`pip install --no-deps licensedcode-data==32.1.0`).
+Prints positions/s per variant and round, each variant's ratio to the first, and the kNN-LM table. Needs the
+train extra and the legal corpus (`pip install --no-deps licensedcode-data==32.1.0`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from edge_memdec.train.stream import token_stream
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="windows:fp32,carry:fp32,carry:bf16", help="PASS:PRECISION,...")
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--valid-tokens", type=int, default=4_000)
@@ -42,34 +45,38 @@ def main() -> None:
     tokens = token_stream(base.tokenizer, splits["train"], args.tokens)
     valid = token_stream(base.tokenizer, splits["validation"], args.valid_tokens)
     work = Path(tempfile.mkdtemp(prefix="ds-pass-"))
-    rates: dict[str, list[float]] = {"windows": [], "carry": []}
+    variants = [tuple(v.split(":")) for v in args.variants.split(",")]
+    names = [f"{mode}:{precision}" for mode, precision in variants]
+    rates: dict[str, list[float]] = {name: [] for name in names}
     try:
         for r in range(args.rounds):
-            for mode in ("windows", "carry") if r % 2 == 0 else ("carry", "windows"):
-                out = work / f"{mode}-{r}"
+            order = list(zip(names, variants, strict=True))
+            for name, (mode, precision) in order if r % 2 == 0 else order[::-1]:
+                out = work / f"{name.replace(':', '-')}-{r}"
                 t0 = time.perf_counter()
-                build_datastore(base, tokens, out, mode=mode, shard_windows=32)
-                rates[mode].append((len(tokens) - 1) / (time.perf_counter() - t0))
+                build_datastore(base, tokens, out, mode=mode, shard_windows=32, precision=precision)
+                rates[name].append((len(tokens) - 1) / (time.perf_counter() - t0))
                 if r:
                     shutil.rmtree(out)
-        print(f"{'pass':8} " + " ".join(f"round {i + 1:>2}" for i in range(args.rounds)) + "   positions/s")
-        for mode, values in rates.items():
-            print(f"{mode:8} " + " ".join(f"{v:8.1f}" for v in values))
-        ratio = np.median(rates["carry"]) / np.median(rates["windows"])
-        print(f"carry / windows: {ratio:.2f}x (medians), {len(tokens) - 1} positions, {args.threads} threads")
+        first = np.median(rates[names[0]])
+        print(f"{'variant':12} " + " ".join(f"round {i + 1:>2}" for i in range(args.rounds)) + "   vs first")
+        for name, values in rates.items():
+            ratio = np.median(values) / first
+            print(f"{name:12} " + " ".join(f"{v:8.1f}" for v in values) + f"   {ratio:.2f}x")
+        print(f"positions/s (medians for the ratio), {len(tokens) - 1} positions, {args.threads} threads")
         queries, base_lp = base_keys_and_logprobs(base, valid, 1024, 512)
         print(
             f"\nkNN-LM on {len(base_lp)} validation tokens (base PPL {np.exp(-base_lp.mean()):.3f}), exact search"
         )
-        for mode in ("windows", "carry"):
-            ds = work / f"{mode}-0"
+        for name in names:
+            ds = work / f"{name.replace(':', '-')}-0"
             values = load_values(ds)
             distances, ids = search(build_index(load_keys(ds), "flat"), queries, 1024)
             rows = knn_sweep(
                 distances, ids, values, valid[1:], base_lp, [0.5, 1, 2, 4], [1024], list(VALIDATION_LAMBDAS)
             )
             best = rows[0]
-            print(f"{mode:8} PPL {best['ppl']:.3f} at T {best['temperature']:g}, lambda {best['lambda']:g}")
+            print(f"{name:12} PPL {best['ppl']:.3f} at T {best['temperature']:g}, lambda {best['lambda']:g}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -2,12 +2,17 @@
 
     python bench/decode.py [--memdec MEM.gguf] [-m BASE.gguf] [-n 128] [--repeats 3] [--also OTHER_MEM.gguf ...]
                            [--second MEM2.gguf] [--llama-bench PATH/TO/llama-bench]
+    python bench/decode.py --bases 135m,360m,1.7b [--threads 1,2] [--memdec MEM.gguf] [--llama-bench ...]
 
 Prints ms/token and tokens/s for each setting, and the ratio of each to the best base-alone setting. With
 --llama-bench (llama.cpp's own benchmark binary, built from the llama.cpp that llama-cpp-python vendors), every
 round also times llama-bench's tg test on each model (2 threads, flash attention on): the hardware's speed for
 these two models without any of our code. "base + 2 memdecs" runs two decoders on the base (--memdec and
 --second, default --memdec again: the same compute as a second decoder of its size), each at its own lambda.
+
+--bases pairs the memory decoder with bases of several sizes: the real SmolLM2-135M and random-weight bases
+shaped like SmolLM2-360M and 1.7B (`bench/shaped_bases.py`, built once and cached; timing only). For each base
+and thread count: base alone, base + memory decoder, their ratio, and llama-bench's sum of the same two files.
 """
 
 from __future__ import annotations
@@ -48,11 +53,16 @@ def main() -> None:
     )
     parser.add_argument("--second", type=Path, default=None, help="second decoder of the two-decoder setting")
     parser.add_argument("--llama-bench", type=Path, default=None, help="llama.cpp's llama-bench binary")
+    parser.add_argument("--bases", default=None, help="pair with bases of these sizes: 135m,360m,1.7b")
+    parser.add_argument("--threads", default="1,2", help="thread counts for --bases")
     args = parser.parse_args()
     base = args.model or default_base_gguf()
     memdec = args.memdec or default_memdec_gguf()
     if memdec is None:
         parser.error("no shipped memory decoder in this checkout; pass --memdec MEM.gguf")
+    if args.bases:
+        by_size(args, memdec)
+        return
 
     settings = [
         ("base alone, 1 thread", dict(memdec=None, n_threads=1)),
@@ -96,11 +106,50 @@ def main() -> None:
     print(f"base {base.name}, memory decoder {memdec.name}, {args.n} tokens, median of {args.repeats} rounds")
 
 
-def llama_bench(binary: Path, models: list[Path], n: int) -> dict[str, float]:
+def by_size(args, memdec: Path) -> None:
+    """Base alone vs base + memory decoder for each base size and thread count, all measured in the same rounds."""
+    from shaped_bases import SHAPES, shaped_base
+
+    sizes = args.bases.split(",")
+    unknown = [s for s in sizes if s != "135m" and s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown base size {unknown[0]!r}; use 135m, {', '.join(SHAPES)}")
+    threads = [int(t) for t in args.threads.split(",")]
+    bases = {s: default_base_gguf() if s == "135m" else shaped_base(s) for s in sizes}
+    models = {}
+    for size, path in bases.items():
+        for t in threads:
+            for paired in (False, True):
+                lm = MemoryDecoderLM(path, memdec if paired else None, n_ctx=512, n_threads=t)
+                time_decode(lm, 8, 1)
+                models[(size, t, paired)] = lm
+    samples: dict[tuple, list[float]] = {key: [] for key in models}
+    for _ in range(args.repeats):
+        for key, lm in models.items():
+            samples[key].append(time_decode(lm, args.n, 1))
+        if args.llama_bench is not None:
+            for size, path in bases.items():
+                for t in threads:
+                    sec = llama_bench(args.llama_bench, [path, memdec], args.n, t)
+                    samples.setdefault((size, t, "llama-bench"), []).append(sum(sec.values()) / sec["llama-bench, base"])
+    for lm in models.values():
+        lm.close()
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    print(f"{'base':>6}{'threads':>8}{'base ms/tok':>13}{'pair ms/tok':>13}{'pair / base':>13}{'llama-bench sum':>17}")
+    for size in sizes:
+        for t in threads:
+            alone, pair = med[(size, t, False)], med[(size, t, True)]
+            lb = med.get((size, t, "llama-bench"))
+            lb_text = f"{lb:.2f}x" if lb is not None else "-"
+            print(f"{size:>6}{t:>8}{alone * 1e3:>13.2f}{pair * 1e3:>13.2f}{pair / alone:>12.2f}x{lb_text:>17}")
+    print(f"memory decoder {memdec.name}, {args.n} tokens, median of {args.repeats} rounds; shaped bases: random weights")
+
+
+def llama_bench(binary: Path, models: list[Path], n: int, threads: int = 2) -> dict[str, float]:
     """Seconds per token of llama-bench's tg test (one repetition) for the base and the memory decoder."""
     out = subprocess.run(
-        [str(binary), *[a for m in models for a in ("-m", str(m))], "-t", "2", "-p", "0", "-n", str(n), "-r", "1",
-         "-fa", "1", "-o", "json"],
+        [str(binary), *[a for m in models for a in ("-m", str(m))], "-t", str(threads), "-p", "0", "-n", str(n),
+         "-r", "1", "-fa", "1", "-o", "json"],
         check=True, capture_output=True, text=True,
     ).stdout
     runs = json.loads(out)

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge_memdec.decode import Generation, SamplingParams
-from edge_memdec.defaults import DEFAULT_LAMBDA
+from edge_memdec.defaults import COMPARE_DECODE_TOKENS, PERPLEXITY_SETTINGS, check_lambda
 from edge_memdec.describe import size_text
+from edge_memdec.errors import UserError
+from edge_memdec.files import check_output_path, read_text_file, write_json_atomic
 from edge_memdec.gguf_file import read_any_gguf
+from edge_memdec.knn_baseline import KnnBaseline
 from edge_memdec.llama_model import ModelOptions
 from edge_memdec.lora_file import lora_spec
 from edge_memdec.pair import ModelPair
@@ -32,7 +35,7 @@ class Row:
     base: Path  # the model llama.cpp runs (the DAPT row's own)
     lora: tuple[Path | tuple[Path, float] | str, ...] = ()
     memdec: Path | None = None
-    knn: Path | None = None  # a datastore: kNN-LM instead of a llama.cpp pair
+    knn: KnnBaseline | None = None  # kNN-LM from a datastore instead of a llama.cpp pair
     files: tuple[Path, ...] = ()  # what the row adds to the base: its size and recorded training cost
 
 
@@ -40,18 +43,15 @@ class Row:
 class CompareSettings:
     """The protocol every row is measured with."""
 
-    n_ctx: int = 1024
+    n_ctx: int = PERPLEXITY_SETTINGS["paper"]["n_ctx"]  # window, tokens
     stride: int | None = None  # None: n_ctx // 2
     lam: float | None = None  # memory decoder weight (None: the decoder's memdec.lambda)
-    knn_lambda: float = DEFAULT_LAMBDA
-    knn_k: int = 1024
-    knn_temperature: float = 1.0
-    decode_tokens: int = 32  # greedy tokens timed per row (0: no timing)
+    decode_tokens: int = COMPARE_DECODE_TOKENS  # greedy tokens timed per row (0: no timing)
     options: ModelOptions = field(default_factory=ModelOptions)
 
 
 def rows_of(
-    base: Path, lora: tuple[str, ...], dapt: Path | None, knn: Path | None, memdec: Path | None
+    base: Path, lora: tuple[str, ...], dapt: Path | None, knn: KnnBaseline | None, memdec: Path | None
 ) -> list[Row]:
     """The rows the given files make, in the report's order; `lora` holds `--lora` FILE[:SCALE] specs."""
     adapters = tuple(lora_spec(spec)[0] for spec in lora)
@@ -92,6 +92,49 @@ def compare(
     }
 
 
+@dataclass
+class CompareJob:
+    """One `edge-memdec compare` run: everything that can be refused is checked before the first row is
+    measured; then the rows are measured on `text_file` (and `general_file`), and the report saved."""
+
+    text_file: Path
+    general_file: Path | None
+    rows: list[Row]
+    settings: CompareSettings
+    json_out: Path | None = None
+    plot_out: Path | None = None
+
+    def check(self) -> tuple[str, str | None]:
+        """The domain text and the general text (or None), or a UserError for anything refused."""
+        text = read_text_file(self.text_file)
+        general = read_text_file(self.general_file) if self.general_file is not None else None
+        for out in (self.json_out, self.plot_out):
+            if out is not None:
+                check_output_path(out)
+        if self.settings.lam is not None:
+            check_lambda(self.settings.lam)
+        for row in self.rows:
+            if row.knn is not None:
+                row.knn.check()
+        if self.settings.n_ctx < 2:
+            raise UserError(f"-c must be at least 2, got {self.settings.n_ctx}")
+        return text, general
+
+    def run(self, progress: bool = True) -> dict:
+        """Check, then measure every row (`compare`'s report)."""
+        text, general = self.check()
+        return compare(self.rows, text, general, self.settings, progress)
+
+    def save(self, report: dict) -> None:
+        """--json and --plot, each written atomically."""
+        if self.json_out is not None:
+            write_json_atomic(self.json_out, report, indent=2)
+        if self.plot_out is not None:
+            from edge_memdec.plot import plot_compare
+
+            plot_compare(report, self.plot_out)
+
+
 def _pair_row(row: Row, text: str, general: str | None, settings: CompareSettings, progress: bool) -> dict:
     options = replace(settings.options, lora=row.lora)
     pair = ModelPair(row.base, row.memdec, settings.lam, options, skip_blas_probe=True)
@@ -120,22 +163,14 @@ def _pair_row(row: Row, text: str, general: str | None, settings: CompareSetting
 
 
 def _knn_row(row: Row, text: str, general: str | None, settings: CompareSettings) -> dict:
-    from edge_memdec.knn_baseline import knn_lm_scores
-    from edge_memdec.scoring import knn_lm_report
-
+    knn = row.knn
     stride = settings.stride or settings.n_ctx // 2
-    results = []
-    for which in (text, general):
-        if which is not None:
-            scores = knn_lm_scores(
-                row.base, row.knn, which, settings.n_ctx, stride, settings.knn_k, settings.knn_temperature
-            )
-            results.append(knn_lm_report(scores, settings.knn_lambda, [settings.knn_lambda]))
+    results = [knn.report(row.base, t, settings.n_ctx, stride, [knn.lam]) for t in (text, general) if t is not None]
     domain, *rest = results
     out = {
         "ppl": domain["ppl"],
         "stderr": domain["stderr"],
-        "lambda": settings.knn_lambda,
+        "lambda": knn.lam,
         "general_ppl": rest[0]["ppl"] if rest else None,
         "general_stderr": rest[0]["stderr"] if rest else None,
         "decode_ms_per_token": None,  # kNN-LM runs in PyTorch + faiss here, not in the llama.cpp runtime
@@ -161,7 +196,8 @@ def _cost(row: Row) -> dict:
     """The training its files record (`memdec.train.*`, summed over them; the peak is the largest) and their
     size; the base row's size is the base's, a kNN-LM's the datastore folder's."""
     if row.knn is not None:
-        return {"training": _datastore_cost(row.knn), "bytes": sum(f.stat().st_size for f in Path(row.knn).iterdir())}
+        folder = Path(row.knn.datastore)
+        return {"training": _datastore_cost(row.knn), "bytes": sum(f.stat().st_size for f in folder.iterdir())}
     if not row.files:
         return {"training": None, "bytes": Path(row.base).stat().st_size}
     facts = [read_any_gguf(f).memdec for f in row.files]
@@ -177,11 +213,9 @@ def _cost(row: Row) -> dict:
     return {"training": training, "bytes": sum(Path(f).stat().st_size for f in row.files)}
 
 
-def _datastore_cost(datastore: Path) -> dict:
+def _datastore_cost(knn: KnnBaseline) -> dict:
     """A kNN-LM's training cost: the datastore pass over its positions (the kNN search happens at run time)."""
-    import json
-
-    manifest = json.loads((Path(datastore) / "datastore.json").read_text())
+    manifest = knn.check()
     return {"positions": int(manifest["n_positions"]), "seconds": manifest.get("seconds"), "peak_rss_mib": None}
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_memdec.errors import UserError
-from edge_memdec.files import write_text_atomic
+from edge_memdec.files import write_json_atomic, write_text_atomic
 from edge_memdec.normalize import normalize_text
 
 SPLITS = ("train", "validation", "test")
@@ -156,7 +156,7 @@ def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = Tru
         "documents": {name: [d.doc_id for d in part] for name, part in splits.items()},
         "characters": {name: sum(len(d.text) for d in part) for name, part in splits.items()},
     }
-    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
 
 

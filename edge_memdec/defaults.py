@@ -13,11 +13,18 @@ from numbers import Real
 from edge_memdec.errors import UserError
 
 LAMBDA_MIN, LAMBDA_MAX = 0.0, 1.0  # lambda is a probability
-DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM's weight in `perplexity --knn`
+DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM's weight in `perplexity/compare --knn`
+
+# kNN-LM and the kNN targets: neighbours per position, and T in softmax(-d / T) over squared L2 distances d
+KNN_K = 1024
+KNN_TEMPERATURE = 1.0
 
 # named lambda sweeps
 PERPLEXITY_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))  # `perplexity`'s table: 0, 0.1, ..., 1
 VALIDATION_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # training: validation, kNN sweep
+
+N_CTX = 4096  # `chat`, `serve` (per request) and the llm plugin: context size in tokens, prompt and answer
+COMPARE_DECODE_TOKENS = 32  # `compare`: greedy tokens timed per row
 
 # `perplexity` per protocol: window (tokens), flash attention, and tokens per llama.cpp compute batch (None: the
 # whole window in one); "llama" takes llama-perplexity's own defaults, so the same flags give the same number
@@ -53,6 +60,11 @@ def flash_attn_setting(value: str) -> bool | None:
     if value not in FLASH_ATTN_CHOICES:
         raise UserError(f"--flash-attn must be on, off or auto, got {value!r}")
     return FLASH_ATTN_CHOICES[value]
+
+
+def flash_attn_name(setting: bool | None) -> str:
+    """ModelOptions.flash_attn as the -fa word that gives it (on, off or auto), for reports."""
+    return next(name for name, value in FLASH_ATTN_CHOICES.items() if value is setting)
 
 
 def is_lambda(lam: object) -> bool:

@@ -75,6 +75,44 @@ class ModelOptions:
     lora: LoraSpecs = ()
 
 
+def context_params(options: ModelOptions, name: str, n_ctx_train: int) -> llama_cpp.llama_context_params:
+    """llama.cpp's context parameters for `options` (n_ctx cells for each of n_parallel sequences), or one
+    sentence for an option the model `name`, trained on n_ctx_train tokens, cannot take."""
+    n_ctx = options.n_ctx or n_ctx_train
+    if n_ctx > n_ctx_train:
+        raise UserError(
+            f"context size {n_ctx} is larger than {name}'s training context {n_ctx_train}; "
+            f"pass -c {n_ctx_train} or less"
+        )
+    if not 1 <= options.n_parallel <= MAX_PARALLEL:
+        raise UserError(f"--parallel must be from 1 to {MAX_PARALLEL} sequences, got {options.n_parallel}")
+    if options.n_ubatch is not None and options.n_ubatch < 1:
+        raise UserError(f"-ub/--ubatch-size must be at least 1, got {options.n_ubatch}")
+    n_threads = options.n_threads or default_threads()
+    cparams = llama_cpp.llama_context_default_params()
+    # llama.cpp splits n_ctx evenly among the sequences' streams (rounding each up to 256 cells)
+    cparams.n_ctx = n_ctx * options.n_parallel
+    cparams.n_batch = min(options.n_batch, cparams.n_ctx)
+    cparams.n_ubatch = min(options.n_ubatch or options.n_batch, cparams.n_batch)
+    cparams.n_seq_max = options.n_parallel
+    cparams.kv_unified = False
+    cparams.n_threads = n_threads
+    cparams.n_threads_batch = options.n_threads_batch or n_threads
+    cparams.no_perf = True
+    cparams.embeddings = False
+    flash_attn = options.flash_attn
+    if flash_attn is None and options.n_parallel > 1:
+        flash_attn = False
+    if flash_attn is not None:
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+    if options.f32_kv:
+        cparams.type_k = llama_cpp.GGML_TYPE_F32
+        cparams.type_v = llama_cpp.GGML_TYPE_F32
+    return cparams
+
+
 class LlamaModel:
     """A GGUF model with one llama.cpp context and a batch we fill ourselves.
 
@@ -115,38 +153,7 @@ class LlamaModel:
         self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self._model)
 
-        n_ctx = options.n_ctx or self.n_ctx_train
-        if n_ctx > self.n_ctx_train:
-            raise UserError(
-                f"context size {n_ctx} is larger than {self.path.name}'s training context {self.n_ctx_train}; "
-                f"pass -c {self.n_ctx_train} or less"
-            )
-        if not 1 <= options.n_parallel <= MAX_PARALLEL:
-            raise UserError(f"--parallel must be from 1 to {MAX_PARALLEL} sequences, got {options.n_parallel}")
-        if options.n_ubatch is not None and options.n_ubatch < 1:
-            raise UserError(f"-ub/--ubatch-size must be at least 1, got {options.n_ubatch}")
-        n_threads = options.n_threads or default_threads()
-        cparams = llama_cpp.llama_context_default_params()
-        # llama.cpp splits n_ctx evenly among the sequences' streams (rounding each up to 256 cells)
-        cparams.n_ctx = n_ctx * options.n_parallel
-        cparams.n_batch = min(options.n_batch, cparams.n_ctx)
-        cparams.n_ubatch = min(options.n_ubatch or options.n_batch, cparams.n_batch)
-        cparams.n_seq_max = options.n_parallel
-        cparams.kv_unified = False
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = options.n_threads_batch or n_threads
-        cparams.no_perf = True
-        cparams.embeddings = False
-        flash_attn = options.flash_attn
-        if flash_attn is None and options.n_parallel > 1:
-            flash_attn = False
-        if flash_attn is not None:
-            cparams.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
-        if options.f32_kv:
-            cparams.type_k = llama_cpp.GGML_TYPE_F32
-            cparams.type_v = llama_cpp.GGML_TYPE_F32
+        cparams = context_params(options, self.path.name, self.n_ctx_train)
         self._eval_callback = eval_callback
         if eval_callback is not None:
             cparams.cb_eval = eval_callback

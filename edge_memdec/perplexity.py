@@ -25,9 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.defaults import LAMBDA_MAX, LAMBDA_SUM_SLACK, PERPLEXITY_LAMBDAS, check_lambdas
+from edge_memdec.defaults import (
+    LAMBDA_MAX,
+    LAMBDA_SUM_SLACK,
+    PERPLEXITY_LAMBDAS,
+    check_lambdas,
+    flash_attn_name,
+)
 from edge_memdec.errors import UserError
-from edge_memdec.files import write_text_atomic
+from edge_memdec.files import write_json_atomic
 from edge_memdec.pair import ModelPair
 from edge_memdec.scoring import Accumulator, mixture_nll
 from edge_memdec.windows import Window, llama_windows, paper_windows
@@ -97,7 +103,7 @@ class ProgressState:
 
     def save(self, next_window: int, accumulators: Sequence[Accumulator]) -> None:
         payload = {"job": self.job, "next_window": next_window, "sums": [a.state() for a in accumulators]}
-        write_text_atomic(self.path, json.dumps(payload))
+        write_json_atomic(self.path, payload, indent=None)
 
     def done(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -290,7 +296,7 @@ def _report(
         "protocol": protocol,
         "n_ctx": n_ctx,
         "stride": stride if protocol == "paper" else n_ctx,
-        "flash_attn": {None: "auto", True: "on", False: "off"}[pair.base.options.flash_attn],
+        "flash_attn": flash_attn_name(pair.base.options.flash_attn),
         "n_ubatch": pair.base.n_ubatch,
         "tokens_scored": acc_base.count,
         "base": acc_base.report(),

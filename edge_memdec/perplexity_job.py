@@ -6,7 +6,6 @@ protocol's defaults), the pair, the scoring pass and the optional kNN-LM row liv
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,28 +13,9 @@ from typing import Any
 
 from edge_memdec import defaults
 from edge_memdec.errors import UserError
-from edge_memdec.files import check_output_path, read_text_file, write_text_atomic
+from edge_memdec.files import check_output_path, read_text_file, write_json_atomic
+from edge_memdec.knn_baseline import KnnBaseline
 from edge_memdec.scoring import Accumulator
-
-
-@dataclass
-class KnnBaseline:
-    """`--knn`: the kNN-LM row from a datastore (train extra), at this weight, temperature and k."""
-
-    datastore: Path
-    lam: float = defaults.DEFAULT_LAMBDA
-    temperature: float = 1.0
-    k: int = 1024
-
-    def check(self, protocol: str) -> None:
-        defaults.check_lambda(self.lam)
-        if protocol != "paper":
-            raise UserError("--knn scores the paper protocol's windows; drop --protocol llama")
-        if self.k < 1 or self.temperature <= 0:
-            raise UserError("-k must be at least 1 and --knn-temperature above 0")
-        from edge_memdec.train.datastore import read_manifest
-
-        read_manifest(self.datastore)  # a wrong or unfinished datastore fails now, not after the scoring pass
 
 
 @dataclass
@@ -83,7 +63,9 @@ class PerplexityJob:
         if self.plot_out is not None and self.memdec is None:
             raise UserError("--plot draws the lambda sweep, which needs a memory decoder; drop --no-memdec or --plot")
         if self.knn is not None:
-            self.knn.check(self.protocol)
+            if self.protocol != "paper":
+                raise UserError("--knn scores the paper protocol's windows; drop --protocol llama")
+            self.knn.check()  # a wrong or unfinished datastore fails now, not after the scoring pass
         if self.n_ctx < 2:
             raise UserError(f"-c must be at least 2, got {self.n_ctx}")
         return text
@@ -110,18 +92,14 @@ class PerplexityJob:
                 progress=True, on_window=on_window, state_path=self.state, sweep=self.sweep,
             )  # fmt: skip
         if self.knn is not None:
-            from edge_memdec.knn_baseline import knn_lm_scores
-            from edge_memdec.scoring import knn_lm_report
-
-            knn = self.knn
-            scores = knn_lm_scores(self.base, knn.datastore, text, self.n_ctx, report["stride"], knn.k, knn.temperature)
-            report["knn_lm"] = knn_lm_report(scores, knn.lam, self.lambdas or defaults.PERPLEXITY_LAMBDAS)
+            lambdas = self.lambdas or defaults.PERPLEXITY_LAMBDAS
+            report["knn_lm"] = self.knn.report(self.base, text, self.n_ctx, report["stride"], lambdas)
         return report
 
     def save(self, report: dict) -> None:
         """--json and --plot, each written atomically."""
         if self.json_out is not None:
-            write_text_atomic(self.json_out, json.dumps(report, indent=2) + "\n")
+            write_json_atomic(self.json_out, report, indent=2)
         if self.plot_out is not None:
             from edge_memdec.plot import plot_lambda_sweep
 

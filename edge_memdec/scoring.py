@@ -76,7 +76,8 @@ def mixed_ppl(base_lp: np.ndarray, other_lp: np.ndarray, lambdas: Sequence[float
 
 
 def knn_lm_report(scores: dict, knn_lambda: float, lambdas: Sequence[float]) -> dict:
-    """The kNN-LM baseline's PPL from per-position target log-probs (`train.knn_lm.knn_lm_scores`).
+    """The kNN-LM baseline's PPL from per-position target log-probs (`train.knn_lm.knn_lm_scores`, or its
+    cached copy, whose scalars are numpy arrays).
 
     kNN-LM mixes the base (run in PyTorch to get its retrieval keys) with the neighbours' distribution.
     Reported at `knn_lambda` and at the best lambda of the sweep (lambda 1 excluded: kNN alone may miss).
@@ -94,10 +95,10 @@ def knn_lm_report(scores: dict, knn_lambda: float, lambdas: Sequence[float]) -> 
         "lambda": knn_lambda,
         **mixed(knn_lambda),
         "best": best,
-        "k": scores["k"],
-        "temperature": scores["temperature"],
-        "datastore_positions": scores["datastore_positions"],
-        "tokens_scored": scores["tokens_scored"],
+        "k": int(scores["k"]),
+        "temperature": float(scores["temperature"]),
+        "datastore_positions": int(scores["datastore_positions"]),
+        "tokens_scored": int(scores["tokens_scored"]),
         "base_pytorch": Accumulator.of_logprobs(base).report(),
         "seconds": scores["seconds"],
     }

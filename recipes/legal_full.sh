@@ -3,6 +3,8 @@
 #   recipes/legal_full.sh WORK [MAX_TOKENS]
 # WORK holds everything (split, datastore, targets, run); MAX_TOKENS caps the datastore's train tokens
 # (whole documents, seeded sample; default 1.2M, the whole split is ~3.1M). Stage timings go to WORK/stages.log.
+# Settings by environment: FROZEN (24), THREADS (2), HIDDEN, PRECISION (auto), EPOCHS (2), MAX_STEPS, LR (3e-4),
+# BATCH (8 windows), VALID_EVERY (40 steps).
 set -euo pipefail
 work=${1:?usage: recipes/legal_full.sh WORK [MAX_TOKENS]}
 max_tokens=${2:-1200000}
@@ -27,4 +29,5 @@ stage knn_targets "$work/datastore/targets/knn-ids.npy" edge-memdec knn-targets 
 stage train "$work/run/train.json" edge-memdec train "$work/datastore" --out "$work/run" \
   --frozen-blocks "$frozen" --epochs "${EPOCHS:-2}" --lr "${LR:-3e-4}" --batch-windows "${BATCH:-8}" \
   --n-ctx 1024 --stride 1024 --valid-corpus "$work/split" --valid-tokens 10000 --valid-every "${VALID_EVERY:-40}" \
-  --checkpoint-every 5 --threads "$threads" --device auto --precision "$precision" $( [ -f "$work/run/checkpoint.pt" ] && echo --resume )
+  --checkpoint-every 5 --threads "$threads" --device auto --precision "$precision" \
+  $( [ -n "${MAX_STEPS:-}" ] && echo --max-steps "$MAX_STEPS" ) $( [ -f "$work/run/checkpoint.pt" ] && echo --resume )

@@ -1,7 +1,7 @@
 """The GGUF reader: the real SmolLM2 file, hand-made broken files, and fuzzed mutations of a tiny real GGUF.
 
-Broken files are made with a small GGUF serializer written here from the format description, so every field
-can be set to a value a writer library would refuse.
+Broken files are made with a small GGUF serializer written here from the format description (its type ids are
+gguf-py's), so every field can be set to a value a writer library would refuse.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import SCALAR_TYPES, GGUFInfo, read_gguf
+from edge_memdec.paths import default_memdec_gguf
 
-STRING, ARRAY, UINT32, UINT64, INT32 = 8, 9, 4, 10, 5
-GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8}
+STRING, ARRAY, UINT32, UINT64, INT32 = (int(GGUFValueType[t]) for t in ("STRING", "ARRAY", "UINT32", "UINT64", "INT32"))
+GGML_TYPE_IDS = {t.name: int(t) for t in GGMLQuantizationType}
 FUZZ_EXAMPLES = int(os.environ.get("GGUF_FUZZ_EXAMPLES", "300"))
 
 KeyValue = tuple[str, int, Any, int | None]  # key, GGUF type, value, array element type
@@ -106,6 +109,34 @@ def test_real_smollm2_parses_quickly(smollm2_gguf):
     )
     assert embd.n_bytes == 576 * 49152 // 32 * 34
     assert seconds < 1.0
+
+
+def _gguf_py_view(path: Path) -> tuple[dict, dict, list[tuple]]:
+    """gguf-py's reading of a file: metadata values, their (type, array element type) and the tensor table."""
+    reader = GGUFReader(path)
+    values, types = {}, {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):  # the header's own counts, not metadata
+            continue
+        value = f.contents()
+        values[key] = value.tolist() if isinstance(value, np.ndarray) else value
+        types[key] = (int(f.types[0]), int(f.types[-1]) if f.types[0] == GGUFValueType.ARRAY else None)
+    tensors = [
+        (t.name, tuple(int(d) for d in t.shape), t.tensor_type.name, t.data_offset, t.n_bytes)
+        for t in reader.tensors
+    ]
+    return values, types, tensors
+
+
+def test_reader_agrees_with_gguf_py_on_real_files(smollm2_gguf):
+    """Our bounds-checked reader stands beside gguf-py's GGUFReader (which trusts the lengths it reads): on the
+    real SmolLM2 base and the shipped memory decoder both read the same metadata, value types and tensors."""
+    for path in (smollm2_gguf, default_memdec_gguf()):
+        info = read_gguf(path)
+        values, types, tensors = _gguf_py_view(path)
+        assert info.metadata == values and info.value_types == types
+        assert [(t.name, t.shape, t.dtype, t.offset, t.n_bytes) for t in info.tensors] == tensors
+        assert len(tensors) >= 38 and len(values) > 20  # the whole table was compared, not an empty one
 
 
 def test_serializer_round_trips_a_converted_file_byte_for_byte(tiny_llama_gguf, tiny):

@@ -193,3 +193,27 @@ def test_cli_json_and_plot(smollm2_gguf, tiny_memdec_gguf, tmp_path, legal_text)
     assert report["protocol"] == "paper" and report["n_ctx"] == N_CTX and report["stride"] == 64
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.part*"))
+
+
+def test_an_interrupted_run_resumes_from_its_state_file_to_the_same_report(pair_lm, legal_text, tmp_path):
+    """--state: the sums saved after every window carry an interrupted run on to the uninterrupted numbers, and
+    the file goes when the run completes."""
+    from edge_memdec.perplexity import perplexity
+
+    args = dict(protocol="paper", n_ctx=N_CTX, stride=64, lambdas=[0.0, 0.5], max_windows=4, progress=False)
+    whole = perplexity(pair_lm.pair, legal_text, **args)
+    state = tmp_path / "state.json"
+
+    def stop_in_the_second_window(i: int, acc) -> None:
+        if i == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        perplexity(pair_lm.pair, legal_text, **args, on_window=stop_in_the_second_window, state_path=state)
+    assert json.loads(state.read_text())["next_window"] == 1  # the first window's sums, saved
+    resumed = perplexity(pair_lm.pair, legal_text, **args, state_path=state)
+    assert not state.exists()
+    assert resumed["tokens_scored"] == whole["tokens_scored"]
+    for key in ("base", "memdec", "selected"):
+        assert resumed[key]["ppl"] == pytest.approx(whole[key]["ppl"], rel=1e-12)
+    assert [r["ppl"] for r in resumed["mixed"]] == pytest.approx([r["ppl"] for r in whole["mixed"]], rel=1e-12)

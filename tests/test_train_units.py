@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ pytest.importorskip("faiss")
 from edge_memdec.scoring import mixed_ppl  # noqa: E402
 from edge_memdec.train.knn_targets import build_index, drop_self, knn_distribution  # noqa: E402
 from edge_memdec.train.loss import memdec_loss_sum  # noqa: E402
+from edge_memdec.train.report import knn_lm_rows  # noqa: E402
 from edge_memdec.windows import sliding_windows  # noqa: E402
 
 
@@ -92,6 +94,34 @@ def test_mixed_ppl_endpoints_and_middle():
     assert table[0.0] == pytest.approx(math.sqrt(8))
     assert table[1.0] == pytest.approx(math.sqrt(8))
     assert table[0.5] == pytest.approx(1 / 0.375)
+
+
+def _knn_scores(p_base: list[float], p_knn: list[float]) -> dict:
+    """A knn_lm_scores result as the cache gives it back (numpy scalars) for these target probabilities."""
+    return {
+        "base_logprobs": np.log(np.array(p_base)),
+        "knn_logprobs": np.log(np.array(p_knn)),
+        "k": np.array(8),
+        "temperature": np.array(2.0),
+        "datastore_positions": np.array(100),
+        "tokens_scored": np.array(len(p_base)),
+        "seconds": {"base": 1.0, "search": 2.0},
+    }
+
+
+def test_recipe_knn_row_takes_lambda_from_validation_and_perplexitys_keys():
+    """The recipe's kNN-LM row: lambda where the validation mixture is best (here the kNN side is right on
+    validation, so the largest lambda), scored on the test text under the keys `perplexity --knn` reports."""
+    valid = _knn_scores([0.1, 0.1], [0.9, 0.9])
+    test = _knn_scores([0.5, 0.25], [0.25, 0.5])
+    row, sweep = knn_lm_rows(valid, test, (0.1, 0.5, 0.9))
+    assert row["lambda"] == 0.9
+    assert row["ppl"] == pytest.approx(1 / math.sqrt((0.1 * 0.5 + 0.9 * 0.25) * (0.1 * 0.25 + 0.9 * 0.5)))
+    assert row["base_pytorch"]["ppl"] == pytest.approx(math.sqrt(8))
+    assert row["best"]["lambda"] == 0.5 and row["best"]["ppl"] == pytest.approx(1 / 0.375)
+    assert (row["k"], row["temperature"], row["datastore_positions"], row["tokens_scored"]) == (8, 2.0, 100, 2)
+    assert [r["lambda"] for r in sweep] == [0.1, 0.5, 0.9] and sweep[1]["ppl"] == pytest.approx(1 / 0.375)
+    assert json.loads(json.dumps(row)) == row  # JSON-ready: no numpy scalars left
 
 
 def test_torch_search_equals_faiss_flat():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE
 from edge_memdec.errors import UserError
 from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
@@ -106,8 +107,8 @@ def knn_lm_scores(
     text: str,
     n_ctx: int = 1024,
     stride: int = 512,
-    k: int = 1024,
-    temperature: float = 1.0,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     threads: int = 2,
 ) -> dict:
     """Base and kNN target log-probs for every scored position of `text` (natural log, float64 [n_scored]).

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE
 from edge_memdec.errors import UserError
 from edge_memdec.files import remove_stale_temps, write_error, write_json_atomic
 from edge_memdec.train.datastore import load_keys, load_values, read_manifest
@@ -160,8 +161,8 @@ def knn_distribution(
 def build_targets(
     ds_dir: Path,
     out_dir: Path | None = None,
-    k: int = 1024,
-    temperature: float = 1.0,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     top: int = 32,
     index_kind: str = "auto",
     nprobe: int = 32,

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import KNN_K, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_json_atomic
 
@@ -31,7 +31,7 @@ class Budget:
     """
 
     datastore_tokens: int = 250_000
-    k: int = 1024
+    k: int = KNN_K
     ks: str = "64,256,1024"
     temperatures: str = "0.25,0.5,1,2,4,8,16"
     trained_blocks: int = 6
@@ -109,10 +109,9 @@ def run_recipe(
 
     th = ["--threads", str(threads)]
     stage("split", (split / "manifest.json").is_file(), ["corpus", "split", domain, "--out", str(split)])
-    ds_done = (ds / "datastore.json").is_file() and _finished(ds / "datastore.json")
     stage(
         "datastore",
-        ds_done,
+        _finished_datastore(ds),
         ["datastore", "build", "--corpus", str(split), "--out", str(ds), "-m", str(base)]
         + ["--max-tokens", str(budget.datastore_tokens), "--hidden-blocks", str(frozen), *th],
     )
@@ -158,9 +157,15 @@ def run_recipe(
     return result
 
 
-def _finished(manifest_path: Path) -> bool:
-    manifest = json.loads(manifest_path.read_text())
-    return len(manifest["finished"]) == len(manifest["shards"])
+def _finished_datastore(ds: Path) -> bool:
+    """Whether `ds` holds a finished datastore (`read_manifest` decides)."""
+    from edge_memdec.train.datastore import read_manifest
+
+    try:
+        read_manifest(ds)
+    except UserError:
+        return False
+    return True
 
 
 def baseline_table(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from edge_memdec.defaults import DEFAULT_LAMBDA
 from edge_memdec.files import write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.plot import lambda_plot
-from edge_memdec.scoring import Accumulator, mix_logprobs, mixed_ppl, ppl_of
+from edge_memdec.scoring import knn_lm_report, mixed_ppl
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.knn_lm import knn_lm_scores
 from edge_memdec.train.stream import choose_documents
@@ -45,6 +46,17 @@ def cached_knn_scores(base: Path, datastore: Path, text: str, k: int, temperatur
     return scores
 
 
+def knn_lm_rows(valid: dict, test: dict, lambdas: Sequence[float]) -> tuple[dict, list[dict]]:
+    """kNN-LM's row of the report, at the lambda whose mixture is best on the validation scores (the same keys as
+    `perplexity --knn`'s, from `scoring.knn_lm_report` on the test scores), and its test PPL at each of `lambdas`.
+
+    `valid` and `test` are `knn_lm_scores` results (target log-probs, natural log, float [n_scored])."""
+    valid_table = mixed_ppl(valid["base_logprobs"], valid["knn_logprobs"], lambdas)
+    knn_lam = min(valid_table, key=valid_table.get)
+    test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], lambdas)
+    return knn_lm_report(test, knn_lam, lambdas), [{"lambda": lam, "ppl": ppl} for lam, ppl in test_table.items()]
+
+
 def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, threads: int = 2) -> dict:
     """The test-split table (dict, JSON-ready); also writes NAME-lambda.png beside the memory decoder GGUF."""
     from edge_memdec.api import MemoryDecoderLM
@@ -62,11 +74,8 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     params = json.loads((Path(datastore) / "targets" / "targets.json").read_text())["params"]
     k, temperature = int(params["k"]), float(params["temperature"])
     valid = cached_knn_scores(base, datastore, valid_text, k, temperature)
-    valid_table = mixed_ppl(valid["base_logprobs"], valid["knn_logprobs"], list(budget.lambdas))
-    knn_lam = min(valid_table, key=valid_table.get)
     test = cached_knn_scores(base, datastore, test_text, k, temperature)
-    test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], list(budget.lambdas))
-    knn_mix = Accumulator.of_logprobs(mix_logprobs(test["base_logprobs"], test["knn_logprobs"], knn_lam))
+    knn_lm, knn_mixed = knn_lm_rows(valid, test, budget.lambdas)
 
     table = {
         "test_tokens_scored": ours["tokens_scored"],
@@ -79,20 +88,11 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         },
         "memdec_mixed": [{"lambda": r["lambda"], "ppl": r["ppl"]} for r in ours["mixed"]],
         "memdec_seconds": ours["seconds"],
-        "knn_lm": {
-            "lambda": knn_lam,
-            **knn_mix.report(),
-            "tokens_scored": int(test["tokens_scored"]),
-            "pytorch_base_ppl": ppl_of(test["base_logprobs"]),
-            "k": k,
-            "temperature": temperature,
-            "datastore_positions": int(test["datastore_positions"]),
-            "seconds": test["seconds"],
-        },
-        "knn_mixed": [{"lambda": k, "ppl": v} for k, v in test_table.items()],
+        "knn_lm": knn_lm,
+        "knn_mixed": knn_mixed,
     }
     table["ratio_mixed_to_base"] = table["base_plus_memdec"]["ppl"] / table["base"]["ppl"]
-    table["ratio_knn_to_base"] = table["knn_lm"]["ppl"] / table["knn_lm"]["pytorch_base_ppl"]
+    table["ratio_knn_to_base"] = knn_lm["ppl"] / knn_lm["base_pytorch"]["ppl"]
     lambda_plot(
         Path(memdec).with_name(f"{Path(memdec).stem}-lambda.png"),
         [("base + memory decoder", table["memdec_mixed"]), ("base + kNN-LM", table["knn_mixed"])],

@@ -172,6 +172,49 @@ def load_checkpoint(path: Path, fingerprint: dict, model, optimizer, schedule) -
     return Progress(state["step"], state["history"], state["seconds"], state["positions"])
 
 
+def save_checkpoint(path: Path, fingerprint: dict, model, optimizer, schedule, done: Progress) -> None:
+    """Write the trainable weights, optimizer, schedule, torch RNG and progress to `path`, atomically."""
+    state = {
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "step": done.step,
+        "history": done.history,
+        "seconds": done.seconds,
+        "positions": done.positions,
+        "config": fingerprint,
+    }
+    write_atomic(path, lambda temp: torch.save(state, temp))
+
+
+def step_sums(
+    plan: StepPlan, window_loss: WindowLoss, n_parts: int, params: list, step: int, timing: dict
+) -> tuple[torch.Tensor, int]:
+    """One step's gradients (accumulated into `params`, all-reduced over the ranks) and loss-part sums
+    (float [n_parts], summed over every rank's windows), and the positions the step trains; adds this rank's
+    positions and compute / wait / all-reduce seconds to `timing`."""
+    rank, world = distributed()
+    t0 = time.perf_counter()
+    batch = plan.batch(step)
+    count = sum(b - a for a, b in map(plan.owned, batch))
+    sums = torch.zeros(n_parts)
+    for w in batch[rank::world]:
+        a, b = plan.owned(w)
+        sums += window_loss(w, a, b, count)
+        timing["positions"] += b - a
+    t1 = time.perf_counter()
+    timing["compute_s"] += t1 - t0
+    if world > 1:
+        dist.barrier()  # separates waiting for the slowest rank from the all-reduce itself
+        t2 = time.perf_counter()
+        all_reduce_grads(params)
+        dist.all_reduce(sums)
+        timing["wait_s"] += t2 - t1
+        timing["all_reduce_s"] += time.perf_counter() - t2
+    return sums, count
+
+
 def validate_and_keep(
     validator: Validator, model: torch.nn.Module, history: list, step: int, keep: Callable[[torch.nn.Module], None]
 ) -> dict:
@@ -219,42 +262,12 @@ def optimise(
     elif resume:
         raise UserError(f"there is no checkpoint to resume in {out}; run without --resume")
 
-    def checkpoint() -> None:
-        if rank == 0:
-            state = {
-                "model": trainable_state(model),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(),
-                "step": done.step,
-                "history": done.history,
-                "seconds": done.seconds,
-                "positions": done.positions,
-                "config": fingerprint,
-            }
-            write_atomic(ckpt_path, lambda temp: torch.save(state, temp))
-
     model.train()
     bar = tqdm(total=total, initial=done.step, unit="step", desc=f"train rank {rank}", disable=rank != 0)
     while done.step < total:
         t0 = time.perf_counter()
-        batch = plan.batch(done.step)
-        count = sum(b - a for a, b in map(plan.owned, batch))
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(len(parts))
-        for w in batch[rank::world]:
-            a, b = plan.owned(w)
-            sums += window_loss(w, a, b, count)
-            timing["positions"] += b - a
-        t1 = time.perf_counter()
-        timing["compute_s"] += t1 - t0
-        if world > 1:
-            dist.barrier()  # separates waiting for the slowest rank from the all-reduce itself
-            t2 = time.perf_counter()
-            all_reduce_grads(params)
-            dist.all_reduce(sums)
-            timing["wait_s"] += t2 - t1
-            timing["all_reduce_s"] += time.perf_counter() - t2
+        sums, count = step_sums(plan, window_loss, len(parts), params, done.step, timing)
         timing["steps"] += 1
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -272,8 +285,8 @@ def optimise(
             if validator is not None and rank == 0:
                 record["validation"] = validate_and_keep(validator, model, done.history, step, keep)
         done.history.append(record)
-        if step % checkpoint_every == 0 or step == total or "epoch" in record:
-            checkpoint()
+        if rank == 0 and (step % checkpoint_every == 0 or step == total or "epoch" in record):
+            save_checkpoint(ckpt_path, fingerprint, model, optimizer, schedule, done)
     bar.close()
     timing.update(peak_memory_mib(device or torch.device("cpu")))
     ranks = [timing]

@@ -283,21 +283,35 @@ def save_init(model: LlamaForCausalLM, folder: Path) -> None:
         model.save_pretrained(temp, safe_serialization=True)
 
 
-def transfer_command(opts: TransferOptions) -> dict:
-    """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
-    from edge_memdec.corpus import split_documents_of
-    from edge_memdec.train.base import load_base
-    from edge_memdec.train.export_gguf import check_export_options, export_memdec
-    from edge_memdec.train.memdec_model import n_params
-    from edge_memdec.train.steps import distributed
-    from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import TrainConfig, Validator, train
+@dataclass(frozen=True)
+class TransferPlan:
+    """A transfer's checked inputs and its training settings: the options', or the source run's where the
+    options leave them None."""
+
+    source: Source
+    datastore: Path
+    out: Path
+    base: Path  # the new base, GGUF or HF folder
+    new_tok: Tokenizer
+    old_tok: Tokenizer
+    steps: int  # optimizer steps to train
+    epochs: int  # passes over the datastore that `steps` needs
+    n_ctx: int
+    stride: int
+    batch_windows: int
+    lr: float
+    beta: float
+
+
+def plan_transfer(opts: TransferOptions) -> TransferPlan:
+    """Check the options, the source decoder, the datastore and the new base; fill in the source run's settings."""
+    from edge_memdec.train.export_gguf import check_export_options
 
     check_export_options(opts)
     if opts.new_rows not in NEW_ROWS:
         raise UserError(f"--new-rows must be one of {', '.join(NEW_ROWS)}, got {opts.new_rows!r}")
     source = read_source(opts.memdec, opts.source_base)
-    datastore, out = Path(opts.datastore), Path(opts.out)
+    datastore = Path(opts.datastore)
     ds = read_manifest(datastore)
     base_path = Path(opts.model or ds["base"])
     if not base_path.exists():
@@ -309,79 +323,68 @@ def transfer_command(opts: TransferOptions) -> dict:
     stride = opts.stride or int(src_cfg.get("stride", 512))
     batch_windows = opts.batch_windows or int(src_cfg.get("batch_windows", 4))
     per_epoch = math.ceil(len(sliding_windows(ds["n_tokens"], n_ctx, stride)) / batch_windows)
+    return TransferPlan(
+        source=source,
+        datastore=datastore,
+        out=Path(opts.out),
+        base=base_path,
+        new_tok=new_tok,
+        old_tok=old_tok,
+        steps=steps,
+        epochs=max(1, math.ceil(steps / per_epoch)),
+        n_ctx=n_ctx,
+        stride=stride,
+        batch_windows=batch_windows,
+        lr=opts.lr or float(src_cfg.get("lr", 1e-3)),
+        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", 0.5)),
+    )
+
+
+def transfer_command(opts: TransferOptions) -> dict:
+    """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
+    from edge_memdec.corpus import split_documents_of
+    from edge_memdec.train.steps import distributed
+    from edge_memdec.train.stream import token_stream
+    from edge_memdec.train.trainer import TrainConfig, train
+
+    plan = plan_transfer(opts)
     rank, world = distributed()
     valid = None
     if opts.valid_corpus is not None and rank == 0:
         docs = split_documents_of(opts.valid_corpus, "validation")
-        valid = token_stream(new_tok, docs, opts.valid_tokens, opts.seed)
-    n_vocab, special, base_hidden = new_base_vocab(base_path, new_tok)
-    check_datastore(datastore, base_path, new_tok, n_vocab)
-    if opts.new_rows == "base" and base_hidden != source.config.get("hidden_size"):
+        valid = token_stream(plan.new_tok, docs, opts.valid_tokens, opts.seed)
+    n_vocab, special, base_hidden = new_base_vocab(plan.base, plan.new_tok)
+    check_datastore(plan.datastore, plan.base, plan.new_tok, n_vocab)
+    if opts.new_rows == "base" and base_hidden != plan.source.config.get("hidden_size"):
         raise UserError(
-            f"--new-rows base needs equal widths (memory decoder {source.config.get('hidden_size')}, "
+            f"--new-rows base needs equal widths (memory decoder {plan.source.config.get('hidden_size')}, "
             f"new base {base_hidden}); use --new-rows compose"
         )
-    init_dir, facts_path = out / TRANSFER_INIT, out / TRANSFER_JSON
+    init_dir, facts_path = plan.out / TRANSFER_INIT, plan.out / TRANSFER_JSON
     if rank == 0 and not (opts.resume and (init_dir / "config.json").is_file() and facts_path.is_file()):
-        base = load_base(base_path) if (opts.new_rows == "base" or valid is not None) else None
-        old = LlamaForCausalLM.from_pretrained(str(source.hf), dtype=torch.float32)
-        if old_tok.get_vocab_size(with_added_tokens=True) > old.config.vocab_size:
-            raise UserError(
-                f"the tokenizer of {source.tokenizer_from.name} has more tokens than the memory decoder has rows; "
-                "pass the base it was trained with as --source-base"
-            )
-        plan = plan_rows(old_tok, new_tok, old.config.vocab_size, n_vocab, opts.new_rows == "compose")
-        model, rows = reinit_vocab(
-            old, plan, special, base.model if opts.new_rows == "base" else None, opts.seed
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        save_init(model, init_dir)
-        before = None
-        if valid is not None:
-            before = Validator(
-                base, valid, out, TrainConfig.eval_ctx, TrainConfig.eval_stride, VALIDATION_LAMBDAS
-            )(model)
-        facts = {
-            "source": str(source.run.resolve()),
-            "source_tokenizer": str(source.tokenizer_from),
-            "new_base": str(base_path),
-            "datastore": str(datastore),
-            "new_rows": opts.new_rows,
-            "row_counts": rows,
-            "source_steps": source.steps,
-            "planned_steps": steps,
-            "params": n_params(model),
-            "validation_before": before,
-        }
-        write_json_atomic(facts_path, facts)
-        del base, old, model
+        write_init(opts, plan, valid, n_vocab, special)
     if world > 1:
         torch.distributed.barrier()
     facts = json.loads(facts_path.read_text(encoding="utf-8"))
-    if facts["source"] != str(source.run.resolve()) or facts["planned_steps"] != steps:
+    if facts["source"] != str(plan.source.run.resolve()) or facts["planned_steps"] != plan.steps:
         raise UserError(
-            f"{out} holds a transfer from another decoder or budget; resume with the same options"
+            f"{plan.out} holds a transfer from another decoder or budget; resume with the same options"
         )
-    rows = facts["row_counts"]
     if rank == 0:
-        print(
-            f"transfer: {rows['copied']} of {rows['rows']} rows copied from {source.run.name}, "
-            f"{rows['composed']} composed from old pieces, {rows['from_base']} from the new base, "
-            f"{rows['fallback']} fallback; training {steps} steps (source run: {source.steps or 'unknown'})"
-        )
+        print(_rows_line(facts["row_counts"], plan))
     cfg = TrainConfig(
-        datastore=datastore,
-        out=out,
+        datastore=plan.datastore,
+        out=plan.out,
         targets=opts.targets,
-        base=base_path,
+        base=plan.base,
         init=str(init_dir),
-        epochs=max(1, math.ceil(steps / per_epoch)),
-        max_steps=steps,
-        lr=opts.lr or float(src_cfg.get("lr", 1e-3)),
-        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", 0.5)),
-        batch_windows=batch_windows,
-        n_ctx=n_ctx,
-        stride=stride,
+        epochs=plan.epochs,
+        max_steps=plan.steps,
+        lr=plan.lr,
+        beta=plan.beta,
+        batch_windows=plan.batch_windows,
+        n_ctx=plan.n_ctx,
+        stride=plan.stride,
         checkpoint_every=opts.checkpoint_every,
         valid_tokens=valid,
         seed=opts.seed,
@@ -389,23 +392,79 @@ def transfer_command(opts: TransferOptions) -> dict:
     )
     summary = train(cfg, resume=opts.resume)
     if rank == 0:
-        summary["transfer"] = gguf_facts(facts, source, base_path, summary["steps"])
-        write_json_atomic(out / "train.json", summary)
-        before, after = facts.get("validation_before"), summary.get("validation")
-        line = f"transferred: {summary['steps']} steps (source run: {source.steps or 'unknown'})"
-        if before and after:
-            line += (
-                f"; validation mixed PPL {before['best_ppl']:.3f} before -> {after['best_ppl']:.3f} after "
-                f"(base alone {after['base_ppl']:.3f})"
-            )
-        print(line)
-        if opts.export is not None:
-            tokenizer_from = Path(opts.tokenizer_from or base_path)
-            path = export_memdec(
-                out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary, opts.split_max_size
-            )
-            print(f"exported {path}")
+        finish(opts, plan, facts, summary)
     return summary
+
+
+def write_init(
+    opts: TransferOptions, plan: TransferPlan, valid: np.ndarray | None, n_vocab: int, special: dict[str, int | None]
+) -> None:
+    """The re-initialised decoder as OUT/transfer-init and the transfer facts (with the validation before any
+    training, when `valid` holds validation tokens) as OUT/transfer.json; rank 0 only."""
+    from edge_memdec.train.base import load_base
+    from edge_memdec.train.memdec_model import n_params
+    from edge_memdec.train.trainer import TrainConfig, Validator
+
+    base = load_base(plan.base) if (opts.new_rows == "base" or valid is not None) else None
+    old = LlamaForCausalLM.from_pretrained(str(plan.source.hf), dtype=torch.float32)
+    if plan.old_tok.get_vocab_size(with_added_tokens=True) > old.config.vocab_size:
+        raise UserError(
+            f"the tokenizer of {plan.source.tokenizer_from.name} has more tokens than the memory decoder has rows; "
+            "pass the base it was trained with as --source-base"
+        )
+    rows_plan = plan_rows(plan.old_tok, plan.new_tok, old.config.vocab_size, n_vocab, opts.new_rows == "compose")
+    model, rows = reinit_vocab(old, rows_plan, special, base.model if opts.new_rows == "base" else None, opts.seed)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    save_init(model, plan.out / TRANSFER_INIT)
+    before = None
+    if valid is not None:
+        before = Validator(
+            base, valid, plan.out, TrainConfig.eval_ctx, TrainConfig.eval_stride, VALIDATION_LAMBDAS
+        )(model)
+    facts = {
+        "source": str(plan.source.run.resolve()),
+        "source_tokenizer": str(plan.source.tokenizer_from),
+        "new_base": str(plan.base),
+        "datastore": str(plan.datastore),
+        "new_rows": opts.new_rows,
+        "row_counts": rows,
+        "source_steps": plan.source.steps,
+        "planned_steps": plan.steps,
+        "params": n_params(model),
+        "validation_before": before,
+    }
+    write_json_atomic(plan.out / TRANSFER_JSON, facts)
+
+
+def _rows_line(rows: dict, plan: TransferPlan) -> str:
+    return (
+        f"transfer: {rows['copied']} of {rows['rows']} rows copied from {plan.source.run.name}, "
+        f"{rows['composed']} composed from old pieces, {rows['from_base']} from the new base, "
+        f"{rows['fallback']} fallback; training {plan.steps} steps (source run: {plan.source.steps or 'unknown'})"
+    )
+
+
+def finish(opts: TransferOptions, plan: TransferPlan, facts: dict, summary: dict) -> None:
+    """The transfer facts into OUT/train.json, the validation before and after, and the GGUF export; rank 0."""
+    from edge_memdec.train.export_gguf import export_memdec
+
+    source = plan.source
+    summary["transfer"] = gguf_facts(facts, source, plan.base, summary["steps"])
+    write_json_atomic(plan.out / "train.json", summary)
+    before, after = facts.get("validation_before"), summary.get("validation")
+    line = f"transferred: {summary['steps']} steps (source run: {source.steps or 'unknown'})"
+    if before and after:
+        line += (
+            f"; validation mixed PPL {before['best_ppl']:.3f} before -> {after['best_ppl']:.3f} after "
+            f"(base alone {after['base_ppl']:.3f})"
+        )
+    print(line)
+    if opts.export is not None:
+        tokenizer_from = Path(opts.tokenizer_from or plan.base)
+        path = export_memdec(
+            plan.out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary, opts.split_max_size
+        )
+        print(f"exported {path}")
 
 
 def new_base_vocab(base: Path, tokenizer: Tokenizer) -> tuple[int, dict[str, int | None], int | None]:

@@ -1,6 +1,6 @@
 """The numba kernels against the best numpy equivalents (float32, in place), measured in one run.
 
-    python bench/kernels.py [--calls 400]
+    python bench/kernel_speed.py [--calls 400]
 
 For vocabularies of 49,152 (SmolLM2) and 151,936 (Qwen2.5) ids, prints the median microseconds per call of:
 the fused sampling step at llama.cpp's default settings (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05),
