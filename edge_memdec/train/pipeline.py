@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from edge_memdec.corpus import split_documents_of
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
@@ -208,7 +208,7 @@ def knn_targets_command(
     from edge_memdec.train.knn_targets import MANIFEST, build_targets
 
     check_threads(threads)
-    k = options.pop("k", 1024)
+    k = options.pop("k", KNN_K)
     if options.get("device", "cpu") != "cpu":
         from edge_memdec.train.device import resolve_device
 
@@ -227,8 +227,8 @@ def knn_targets_command(
         if corpus and (Path(corpus) / "manifest.json").is_file():
             valid_corpus = Path(corpus)  # the validation split of the corpus the datastore was built from
         else:
-            print("knn-targets: no validation split to choose T on (pass --valid-corpus); using T=1")
-            return build_targets(datastore, out, k=k, temperature=1.0, **common)
+            print(f"knn-targets: no validation split to choose T on (pass --valid-corpus); using T={KNN_TEMPERATURE:g}")
+            return build_targets(datastore, out, k=k, temperature=KNN_TEMPERATURE, **common)
     if not temperatures or not ks or min(temperatures) <= 0 or min(ks) < 1:
         raise UserError("--temperatures and --ks must be lists of positive numbers, e.g. 0.5,1,2 and 64,1024")
     manifest_path = Path(out or Path(datastore) / "targets") / MANIFEST
