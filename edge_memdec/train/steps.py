@@ -25,10 +25,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
-from edge_memdec.files import write_atomic
-from edge_memdec.windows import Window
+from edge_memdec.files import write_atomic, write_json_atomic
+from edge_memdec.windows import Window, sliding_windows
 
 CHECKPOINT = "checkpoint.pt"
+SUMMARY = "train.json"  # what a finished run did: its settings, steps, time, validation and history
 
 # (window, first position, end position, the step's position count) -> the window's summed loss parts, float
 # [n_parts] on the CPU, after backpropagating part 0 / count.
@@ -44,6 +45,17 @@ class Validator(Protocol):
     def __call__(self, model: torch.nn.Module) -> dict: ...
 
     def describe(self, record: dict) -> str: ...
+
+
+class PlanSettings(Protocol):
+    """What a plan reads from a run's config (`TrainConfig`, `FinetuneConfig`)."""
+
+    n_ctx: int  # window length, tokens
+    stride: int  # window step, tokens
+    batch_windows: int
+    epochs: int
+    max_steps: int | None
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,20 @@ class StepPlan:
     def batch(self, step: int) -> list[Window]:
         """The windows of a global step."""
         return [self.windows[i] for i in batch_of(step, len(self.windows), self.batch_windows, self.seed)]
+
+    @classmethod
+    def sliding(cls, n_tokens: int, settings: PlanSettings) -> StepPlan:
+        """The plan over the sliding windows of a stream of `n_tokens` tokens, every position but the last
+        trained (it has no next token), with a run's window, batch and schedule settings."""
+        windows = sliding_windows(n_tokens, settings.n_ctx, settings.stride)
+        return cls(
+            windows,
+            n_tokens - 1,
+            settings.batch_windows,
+            settings.epochs,
+            settings.max_steps,
+            settings.seed,
+        )
 
     def owned(self, w: Window) -> tuple[int, int]:
         """Positions [a, b) a window trains on: those it owns that have a next token."""
@@ -294,3 +320,30 @@ def optimise(
         ranks = [None] * world
         dist.all_gather_object(ranks, timing)
     return done, [rank_rates(r) for r in ranks]
+
+
+def finish_run(
+    model: torch.nn.Module,
+    done: Progress,
+    plan: StepPlan,
+    ranks: list[dict],
+    *,
+    key: str,
+    out: Path,
+    keep: Callable[[torch.nn.Module], None],
+    facts: dict,
+) -> dict:
+    """After `optimise`: rank 0 keeps the last model when no validation chose one, and writes `out/train.json`:
+    the command's own `facts`, then the loop's figures (`Progress.summary`, the best validation by `key`).
+    Returns that summary on rank 0 and {} on the others, once every rank is here."""
+    rank, world = distributed()
+    summary = {}
+    if rank == 0:
+        best = best_validation(done.history, key)
+        if best is None:
+            keep(model)
+        summary = {**facts, **done.summary(plan, ranks, best)}
+        write_json_atomic(Path(out) / SUMMARY, summary)
+    if world > 1:
+        dist.barrier()
+    return summary
