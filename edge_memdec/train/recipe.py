@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_memdec.corpus import is_split_folder
 from edge_memdec.defaults import KNN_K, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_json_atomic
@@ -108,7 +109,7 @@ def run_recipe(
             write_json_atomic(stages_path, stages)
 
     th = ["--threads", str(threads)]
-    stage("split", (split / "manifest.json").is_file(), ["corpus", "split", domain, "--out", str(split)])
+    stage("split", is_split_folder(split), ["corpus", "split", domain, "--out", str(split)])
     stage(
         "datastore",
         _finished_datastore(ds),

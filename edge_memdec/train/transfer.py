@@ -342,17 +342,13 @@ def plan_transfer(opts: TransferOptions) -> TransferPlan:
 
 def transfer_command(opts: TransferOptions) -> dict:
     """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
-    from edge_memdec.corpus import split_documents_of
     from edge_memdec.train.steps import distributed
-    from edge_memdec.train.stream import token_stream
+    from edge_memdec.train.stream import validation_tokens
     from edge_memdec.train.trainer import TrainConfig, train
 
     plan = plan_transfer(opts)
     rank, world = distributed()
-    valid = None
-    if opts.valid_corpus is not None and rank == 0:
-        docs = split_documents_of(opts.valid_corpus, "validation")
-        valid = token_stream(plan.new_tok, docs, opts.valid_tokens, opts.seed)
+    valid = validation_tokens(opts.valid_corpus, plan.new_tok, opts.valid_tokens, opts.seed)
     n_vocab, special, base_hidden = new_base_vocab(plan.base, plan.new_tok)
     check_datastore(plan.datastore, plan.base, plan.new_tok, n_vocab)
     if opts.new_rows == "base" and base_hidden != plan.source.config.get("hidden_size"):
