@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
 from edge_memdec.files import remove_stale_temps, write_json_atomic, write_npy_atomic
+from edge_memdec.train.options import SHARD_WINDOWS
 from edge_memdec.windows import sliding_windows
 
 if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a datastore does without them
@@ -167,9 +169,9 @@ def build_datastore(
     base: Base,
     tokens: np.ndarray,
     out_dir: Path,
-    n_ctx: int = 1024,
-    stride: int = 512,
-    shard_windows: int = 32,
+    n_ctx: int = PAPER_N_CTX,
+    stride: int = PAPER_STRIDE,
+    shard_windows: int = SHARD_WINDOWS,
     info: dict | None = None,
     mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),

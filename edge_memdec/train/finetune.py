@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir
 from edge_memdec.scoring import ppl_of
 from edge_memdec.train.base import load_base
 from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
+from edge_memdec.train.options import BATCH_WINDOWS, CHECKPOINT_EVERY, TORCH_THREADS
 from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
 from edge_memdec.train.trainer import VALID_BASE_CACHE, save_model, window_states
 from edge_memdec.windows import Window
@@ -47,14 +49,14 @@ class FinetuneConfig:
     epochs: int = 1
     max_steps: int | None = None
     lr: float = DEFAULT_LR["lora"]
-    batch_windows: int = 4  # windows per optimizer step (over all ranks)
-    n_ctx: int = 1024
-    stride: int = 512
-    checkpoint_every: int = 50  # steps
-    eval_ctx: int = 1024
-    eval_stride: int = 512
+    batch_windows: int = BATCH_WINDOWS  # windows per optimizer step (over all ranks)
+    n_ctx: int = PAPER_N_CTX
+    stride: int = PAPER_STRIDE
+    checkpoint_every: int = CHECKPOINT_EVERY  # steps
+    eval_ctx: int = PAPER_N_CTX
+    eval_stride: int = PAPER_STRIDE
     seed: int = 0
-    threads: int = 2
+    threads: int = TORCH_THREADS
     device: str = "cpu"
     precision: str = "fp32"  # auto, fp32 or bf16 (autocast of the forward's matrix products)
     valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_memdec.corpus import is_split_folder
-from edge_memdec.defaults import KNN_K, VALIDATION_LAMBDAS
+from edge_memdec.defaults import KNN_K, PAPER_N_CTX, PAPER_STRIDE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_json_atomic
 
@@ -183,5 +183,5 @@ def baseline_table(
     test_text = split_text(load_tokenizer(base), split, "test", budget.test_tokens)
     lora = (str(trained["lora"]),) if "lora" in trained else ()
     rows = rows_of(base, lora, trained.get("dapt"), None, memdec)
-    settings = CompareSettings(n_ctx=1024, stride=512, options=ModelOptions(n_threads=threads))
+    settings = CompareSettings(n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, options=ModelOptions(n_threads=threads))
     return compare(rows, test_text, None, settings)

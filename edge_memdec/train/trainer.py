@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir
 from edge_memdec.scoring import mixed_ppl
@@ -24,6 +24,7 @@ from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
+from edge_memdec.train.options import BATCH_WINDOWS, CHECKPOINT_EVERY, MEMDEC_BETA, MEMDEC_LR, TORCH_THREADS
 from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
 from edge_memdec.windows import Window
 
@@ -42,18 +43,18 @@ class TrainConfig:
     shape: MemdecShape = field(default_factory=MemdecShape)
     epochs: int = 1
     max_steps: int | None = None  # stop (and end the linear schedule) after this many optimizer steps
-    lr: float = 1e-3
-    beta: float = 0.5  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
-    batch_windows: int = 4  # windows per optimizer step (over all ranks)
-    n_ctx: int = 1024
-    stride: int = 512
-    checkpoint_every: int = 50  # steps
+    lr: float = MEMDEC_LR
+    beta: float = MEMDEC_BETA  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
+    batch_windows: int = BATCH_WINDOWS  # windows per optimizer step (over all ranks)
+    n_ctx: int = PAPER_N_CTX
+    stride: int = PAPER_STRIDE
+    checkpoint_every: int = CHECKPOINT_EVERY  # steps
     valid_tokens: np.ndarray | None = None  # validation token stream (None: no validation)
-    eval_ctx: int = 1024
-    eval_stride: int = 512
+    eval_ctx: int = PAPER_N_CTX
+    eval_stride: int = PAPER_STRIDE
     lambdas: tuple[float, ...] = VALIDATION_LAMBDAS
     seed: int = 0
-    threads: int = 2
+    threads: int = TORCH_THREADS
     frozen_blocks: int = 0  # lower blocks kept at the base's weights; their output is read from the datastore
     head: str = "tied"  # tied: LM head = embeddings (frozen when frozen_blocks > 0); untied: a trained copy
     device: str = "cpu"

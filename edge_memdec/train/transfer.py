@@ -28,12 +28,12 @@ from tokenizers import Tokenizer, decoders
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.datastore import read_manifest
-from edge_memdec.train.options import TransferOptions
+from edge_memdec.train.options import BATCH_WINDOWS, MEMDEC_BETA, MEMDEC_LR, TransferOptions
 from edge_memdec.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
@@ -319,9 +319,9 @@ def plan_transfer(opts: TransferOptions) -> TransferPlan:
     new_tok, old_tok = load_tokenizer(base_path), load_tokenizer(source.tokenizer_from)
     src_cfg = (source.summary or {}).get("config", {})
     steps = budget(source.steps, opts.steps, opts.budget_fraction)
-    n_ctx = opts.n_ctx or int(src_cfg.get("n_ctx", 1024))
-    stride = opts.stride or int(src_cfg.get("stride", 512))
-    batch_windows = opts.batch_windows or int(src_cfg.get("batch_windows", 4))
+    n_ctx = opts.n_ctx or int(src_cfg.get("n_ctx", PAPER_N_CTX))
+    stride = opts.stride or int(src_cfg.get("stride", PAPER_STRIDE))
+    batch_windows = opts.batch_windows or int(src_cfg.get("batch_windows", BATCH_WINDOWS))
     per_epoch = math.ceil(len(sliding_windows(ds["n_tokens"], n_ctx, stride)) / batch_windows)
     return TransferPlan(
         source=source,
@@ -335,8 +335,8 @@ def plan_transfer(opts: TransferOptions) -> TransferPlan:
         n_ctx=n_ctx,
         stride=stride,
         batch_windows=batch_windows,
-        lr=opts.lr or float(src_cfg.get("lr", 1e-3)),
-        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", 0.5)),
+        lr=opts.lr or float(src_cfg.get("lr", MEMDEC_LR)),
+        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", MEMDEC_BETA)),
     )
 
 
