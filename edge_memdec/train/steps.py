@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
@@ -47,15 +48,18 @@ class Validator(Protocol):
     def describe(self, record: dict) -> str: ...
 
 
-class PlanSettings(Protocol):
-    """What a plan reads from a run's config (`TrainConfig`, `FinetuneConfig`)."""
+class RunSettings(Protocol):
+    """What the loop reads from a run's config (`TrainConfig`, `FinetuneConfig`)."""
 
     n_ctx: int  # window length, tokens
     stride: int  # window step, tokens
-    batch_windows: int
+    batch_windows: int  # windows per optimizer step (over all ranks)
     epochs: int
-    max_steps: int | None
-    seed: int
+    max_steps: int | None  # stop (and end the linear schedule) after this many steps
+    seed: int  # seed of the data order
+    lr: float  # peak learning rate
+    checkpoint_every: int  # steps between checkpoints
+    valid_every: int  # steps between validations besides each epoch's end (0: epoch ends only)
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class StepPlan:
         return [self.windows[i] for i in batch_of(step, len(self.windows), self.batch_windows, self.seed)]
 
     @classmethod
-    def sliding(cls, n_tokens: int, settings: PlanSettings) -> StepPlan:
+    def sliding(cls, n_tokens: int, settings: RunSettings) -> StepPlan:
         """The plan over the sliding windows of a stream of `n_tokens` tokens, every position but the last
         trained (it has no next token), with a run's window, batch and schedule settings."""
         windows = sliding_windows(n_tokens, settings.n_ctx, settings.stride)
@@ -254,31 +258,47 @@ def validate_and_keep(
     return v
 
 
+def start_optimizer(params: list, lr: float, total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW without weight decay from the peak `lr`, decayed linearly to 0 over `total` steps."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return optimizer, LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+
+
+def every_rank_timing(timing: dict, device: torch.device) -> list[dict]:
+    """This rank's `timing` with its peak memory, gathered from every rank (in rank order) as `rank_rates`."""
+    _, world = distributed()
+    timing.update(peak_memory_mib(device))
+    ranks = [timing]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, timing)
+    return [rank_rates(r) for r in ranks]
+
+
 def optimise(
     model: torch.nn.Module,
     plan: StepPlan,
     window_loss: WindowLoss,
+    settings: RunSettings,
     *,
     parts: tuple[str, ...],
-    lr: float,
     out: Path,
     fingerprint: dict,
-    checkpoint_every: int,
-    valid_every: int = 0,
     validator: Validator | None = None,
     keep: Callable[[torch.nn.Module], None] | None = None,
     resume: bool = False,
     device: torch.device | None = None,
 ) -> tuple[Progress, list[dict]]:
-    """AdamW (no weight decay) with a linear decay to 0 over the plan's steps, checkpointed to
-    `out/checkpoint.pt`; validation (rank 0) at every epoch's end, at the last step and every `valid_every`
-    steps, with `keep` called on the best model. `parts` names the loss parts `window_loss` sums. Returns the
-    run's progress and each rank's timing (throughput, all-reduce share, peak memory)."""
-    rank, world = distributed()
+    """AdamW (`start_optimizer`) over the plan's steps, checkpointed to `out/checkpoint.pt` every
+    `settings.checkpoint_every` steps; validation (rank 0) at every epoch's end, at the last step and every
+    `settings.valid_every` steps, with `keep` called on the best model. `parts` names the loss parts
+    `window_loss` sums. Returns the run's progress and each rank's timing (throughput, all-reduce share, peak
+    memory)."""
+    rank, _ = distributed()
     params = [p for p in model.parameters() if p.requires_grad]
     total, per_epoch = plan.total, plan.per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+    checkpoint_every, valid_every = settings.checkpoint_every, settings.valid_every
+    optimizer, schedule = start_optimizer(params, settings.lr, total)
     ckpt_path = Path(out) / CHECKPOINT
     done = Progress()
     # This process's own time split (not checkpointed: it describes the run since this process started).
@@ -314,12 +334,7 @@ def optimise(
         if rank == 0 and (step % checkpoint_every == 0 or step == total or "epoch" in record):
             save_checkpoint(ckpt_path, fingerprint, model, optimizer, schedule, done)
     bar.close()
-    timing.update(peak_memory_mib(device or torch.device("cpu")))
-    ranks = [timing]
-    if world > 1:
-        ranks = [None] * world
-        dist.all_gather_object(ranks, timing)
-    return done, [rank_rates(r) for r in ranks]
+    return done, every_rank_timing(timing, device or torch.device("cpu"))
 
 
 def finish_run(
