@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
-from edge_memdec.files import remove_stale_temps, write_json_atomic, write_npy_atomic
+from edge_memdec.files import output_folder, write_json_atomic, write_npy_atomic
 from edge_memdec.train.options import SHARD_WINDOWS
 from edge_memdec.windows import sliding_windows
 
@@ -188,11 +188,7 @@ def build_datastore(
     device = device or next(base.model.parameters()).device
     out_dir = Path(out_dir)
     hidden_blocks = check_build_options(base, n_ctx, stride, shard_windows, mode, hidden_blocks)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the datastore folder {out_dir} ({err.strerror or err})") from None
-    remove_stale_temps(out_dir)
+    output_folder(out_dir, "datastore")
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     if len(tokens) < 2:
         raise UserError("the datastore text has fewer than 2 tokens; give it more text")
