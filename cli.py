@@ -700,12 +700,12 @@ def lora_train(
     ] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Cut the training tokens to this many")] = None,
     full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight (DAPT) instead of a LoRA")] = False,
-    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank)")] = 32.0,
-    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input")] = 0.05,
-    targets: Annotated[
-        str, typer.Option(help="Modules the LoRA adapts")
-    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = train_defaults.LORA_RANK,
+    alpha: Annotated[
+        float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank)")
+    ] = train_defaults.LORA_ALPHA,
+    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input")] = train_defaults.LORA_DROPOUT,
+    targets: Annotated[str, typer.Option(help="Modules the LoRA adapts")] = ",".join(train_defaults.LORA_TARGETS),
     epochs: Annotated[int, typer.Option(help="Passes over the training tokens")] = 1,
     max_steps: MaxStepsOpt = None,
     lr: Annotated[

@@ -25,12 +25,19 @@ from edge_memdec.scoring import ppl_of
 from edge_memdec.train.base import load_base
 from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
-from edge_memdec.train.options import BATCH_WINDOWS, CHECKPOINT_EVERY, TORCH_THREADS
+from edge_memdec.train.options import (
+    BATCH_WINDOWS,
+    CHECKPOINT_EVERY,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
+    LORA_TARGETS,
+    TORCH_THREADS,
+)
 from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
 from edge_memdec.train.trainer import VALID_BASE_CACHE, save_model, window_states
 from edge_memdec.windows import Window
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's matrices
 ADAPTER_DIR, HF_DIR = "adapter", "hf"  # what a LoRA run and a full run leave in the run folder
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual starting points for each kind
 
@@ -42,9 +49,9 @@ class FinetuneConfig:
     base: Path  # base GGUF or HF folder
     out: Path  # run folder
     full: bool = False  # every weight (DAPT) instead of a LoRA adapter
-    rank: int = 16
-    alpha: float = 32.0  # the LoRA update is scaled by alpha / rank
-    dropout: float = 0.05  # dropout on the LoRA's input
+    rank: int = LORA_RANK
+    alpha: float = LORA_ALPHA  # the LoRA update is scaled by alpha / rank
+    dropout: float = LORA_DROPOUT  # dropout on the LoRA's input
     targets: tuple[str, ...] = LORA_TARGETS
     epochs: int = 1
     max_steps: int | None = None

@@ -20,6 +20,10 @@ MEMDEC_LR = 1e-3  # `train`: peak learning rate of a memory decoder
 MEMDEC_BETA = 0.5  # `train`: weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
 MEMDEC_OUTTYPE = "q8_0"  # `train`, `transfer`: GGUF weight type of an exported memory decoder
 DOMAIN = "custom"  # `train`, `transfer`: domain name stored in the GGUF
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's matrices
+LORA_RANK = 16  # `lora train`: rank of the update B @ A
+LORA_ALPHA = 32.0  # `lora train`: the update is scaled by alpha / rank
+LORA_DROPOUT = 0.05  # `lora train`: dropout on the LoRA's input
 
 
 @dataclass(frozen=True, kw_only=True)
