@@ -34,6 +34,7 @@ from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.datastore import read_manifest
 from edge_memdec.train.options import BATCH_WINDOWS, MEMDEC_BETA, MEMDEC_LR, TransferOptions
+from edge_memdec.train.steps import SUMMARY
 from edge_memdec.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
@@ -215,7 +216,7 @@ def read_source(path: Path, source_base: Path | None = None) -> Source:
     if (path / "hf" / "config.json").is_file():
         run, hf = path, path / "hf"
     elif (path / "config.json").is_file():
-        run, hf = (path.parent if (path.parent / "train.json").is_file() else path), path
+        run, hf = (path.parent if (path.parent / SUMMARY).is_file() else path), path
     else:
         raise UserError(
             f"{path} is not a memory decoder run folder (no hf/config.json); give the --out folder of `edge-memdec train`"
@@ -226,8 +227,8 @@ def read_source(path: Path, source_base: Path | None = None) -> Source:
             f"the memory decoder in {hf} is a {config.get('model_type')} model; transfer needs llama"
         )
     summary = None
-    if (run / "train.json").is_file():
-        summary = json.loads((run / "train.json").read_text(encoding="utf-8"))
+    if (run / SUMMARY).is_file():
+        summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
     if source_base is not None:
         tokenizer_from = Path(source_base)
     elif (hf / "tokenizer.json").is_file():
@@ -446,7 +447,7 @@ def finish(opts: TransferOptions, plan: TransferPlan, facts: dict, summary: dict
 
     source = plan.source
     summary["transfer"] = gguf_facts(facts, source, plan.base, summary["steps"])
-    write_json_atomic(plan.out / "train.json", summary)
+    write_json_atomic(plan.out / SUMMARY, summary)
     before, after = facts.get("validation_before"), summary.get("validation")
     line = f"transferred: {summary['steps']} steps (source run: {source.steps or 'unknown'})"
     if before and after:
