@@ -13,6 +13,7 @@ import typer
 
 from edge_memdec import defaults
 from edge_memdec.errors import UserError
+from edge_memdec.train import options as train_defaults
 from edge_memdec.train.options import FinetuneOptions, TrainOptions, TransferOptions
 
 app = typer.Typer(
@@ -534,10 +535,12 @@ def datastore_build(
     max_tokens: Annotated[
         Optional[int], typer.Option(help="Token budget (whole documents, seeded sample)")
     ] = None,
-    n_ctx: Annotated[int, typer.Option(help="Window length in tokens")] = 1024,
-    stride: Annotated[int, typer.Option(help="Window stride in tokens")] = 512,
-    shard_windows: Annotated[int, typer.Option(help="Windows (or stride-sized chunks) per shard file")] = 32,
-    threads: Annotated[int, typer.Option(help="Torch threads")] = 2,
+    n_ctx: Annotated[int, typer.Option(help="Window length in tokens")] = defaults.PAPER_N_CTX,
+    stride: Annotated[int, typer.Option(help="Window stride in tokens")] = defaults.PAPER_STRIDE,
+    shard_windows: Annotated[
+        int, typer.Option(help="Windows (or stride-sized chunks) per shard file")
+    ] = train_defaults.SHARD_WINDOWS,
+    threads: Annotated[int, typer.Option(help="Torch threads")] = train_defaults.TORCH_THREADS,
     seed: Annotated[int, typer.Option(help="Document sampling seed")] = 0,
     pass_mode: Annotated[
         str,
@@ -676,21 +679,23 @@ def train_memdec(
     kv_heads: Annotated[int, typer.Option(help="Key/value heads (scratch only)")] = 3,
     epochs: Annotated[int, typer.Option(help="Passes over the datastore text")] = 1,
     max_steps: MaxStepsOpt = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay to 0)")] = 1e-3,
-    beta: Annotated[float, typer.Option(help="Weight of KL(p_kNN || p_mem); 1-beta on CE")] = 0.5,
-    batch_windows: BatchWindowsOpt = 4,
-    n_ctx: TrainCtxOpt = 1024,
-    stride: TrainStrideOpt = 512,
-    checkpoint_every: CheckpointEveryOpt = 50,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay to 0)")] = train_defaults.MEMDEC_LR,
+    beta: Annotated[
+        float, typer.Option(help="Weight of KL(p_kNN || p_mem); 1-beta on CE")
+    ] = train_defaults.MEMDEC_BETA,
+    batch_windows: BatchWindowsOpt = train_defaults.BATCH_WINDOWS,
+    n_ctx: TrainCtxOpt = defaults.PAPER_N_CTX,
+    stride: TrainStrideOpt = defaults.PAPER_STRIDE,
+    checkpoint_every: CheckpointEveryOpt = train_defaults.CHECKPOINT_EVERY,
     valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation")] = None,
-    valid_tokens: ValidTokensOpt = 20000,
+    valid_tokens: ValidTokensOpt = train_defaults.VALID_TOKENS,
     resume: ResumeOpt = False,
     export: ExportOpt = None,
-    outtype: OuttypeOpt = "q8_0",
+    outtype: OuttypeOpt = train_defaults.MEMDEC_OUTTYPE,
     split_max_size: SplitOpt = None,
     tokenizer_from: TokenizerFromOpt = None,
-    domain: DomainOpt = "custom",
-    threads: TorchThreadsOpt = 2,
+    domain: DomainOpt = train_defaults.DOMAIN,
+    threads: TorchThreadsOpt = train_defaults.TORCH_THREADS,
     seed: Annotated[int, typer.Option(help="Seed for data order and init")] = 0,
     frozen_blocks: Annotated[
         int,
@@ -729,32 +734,32 @@ def lora_train(
     ] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Cut the training tokens to this many")] = None,
     full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight (DAPT) instead of a LoRA")] = False,
-    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank)")] = 32.0,
-    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input")] = 0.05,
-    targets: Annotated[
-        str, typer.Option(help="Modules the LoRA adapts")
-    ] = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = train_defaults.LORA_RANK,
+    alpha: Annotated[
+        float, typer.Option(help="LoRA alpha (the update is scaled by alpha / rank)")
+    ] = train_defaults.LORA_ALPHA,
+    dropout: Annotated[float, typer.Option(help="Dropout on the LoRA input")] = train_defaults.LORA_DROPOUT,
+    targets: Annotated[str, typer.Option(help="Modules the LoRA adapts")] = ",".join(train_defaults.LORA_TARGETS),
     epochs: Annotated[int, typer.Option(help="Passes over the training tokens")] = 1,
     max_steps: MaxStepsOpt = None,
     lr: Annotated[
         Optional[float], typer.Option(help="Peak learning rate, linear decay to 0 (default 2e-4, --full 2e-5)")
     ] = None,
-    batch_windows: BatchWindowsOpt = 4,
-    n_ctx: TrainCtxOpt = 1024,
-    stride: TrainStrideOpt = 512,
-    checkpoint_every: CheckpointEveryOpt = 50,
+    batch_windows: BatchWindowsOpt = train_defaults.BATCH_WINDOWS,
+    n_ctx: TrainCtxOpt = defaults.PAPER_N_CTX,
+    stride: TrainStrideOpt = defaults.PAPER_STRIDE,
+    checkpoint_every: CheckpointEveryOpt = train_defaults.CHECKPOINT_EVERY,
     valid_corpus: Annotated[
         Optional[Path], typer.Option(help="Split folder for validation (default: the tokens' corpus)")
     ] = None,
-    valid_tokens: ValidTokensOpt = 20000,
+    valid_tokens: ValidTokensOpt = train_defaults.VALID_TOKENS,
     valid_every: ValidEveryOpt = 0,
     resume: ResumeOpt = False,
     export: Annotated[
         Optional[Path], typer.Option(help="Also write this GGUF (the LoRA adapter, or the --full model)")
     ] = None,
     outtype: Annotated[str, typer.Option(help="GGUF weight type for --export (a LoRA: f32, f16, bf16, q8_0)")] = "f16",
-    threads: TorchThreadsOpt = 2,
+    threads: TorchThreadsOpt = train_defaults.TORCH_THREADS,
     seed: Annotated[int, typer.Option(help="Seed for data order and the LoRA init")] = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -829,16 +834,16 @@ def transfer_memdec(
     batch_windows: Annotated[Optional[int], typer.Option(help="Windows per step (default: the source run's)")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(help="Training window length (default: the source run's)")] = None,
     stride: Annotated[Optional[int], typer.Option(help="Training window stride (default: the source run's)")] = None,
-    checkpoint_every: CheckpointEveryOpt = 50,
+    checkpoint_every: CheckpointEveryOpt = train_defaults.CHECKPOINT_EVERY,
     valid_corpus: Annotated[Optional[Path], typer.Option(help="Split folder for validation (PPL before and after)")] = None,
-    valid_tokens: ValidTokensOpt = 20000,
+    valid_tokens: ValidTokensOpt = train_defaults.VALID_TOKENS,
     resume: Annotated[bool, typer.Option(help="Continue the transfer in --out from its checkpoint")] = False,
     export: ExportOpt = None,
-    outtype: OuttypeOpt = "q8_0",
+    outtype: OuttypeOpt = train_defaults.MEMDEC_OUTTYPE,
     split_max_size: SplitOpt = None,
     tokenizer_from: TokenizerFromOpt = None,
-    domain: DomainOpt = "custom",
-    threads: TorchThreadsOpt = 2,
+    domain: DomainOpt = train_defaults.DOMAIN,
+    threads: TorchThreadsOpt = train_defaults.TORCH_THREADS,
     seed: Annotated[int, typer.Option(help="Seed for data order and new rows")] = 0,
 ) -> None:
     """Move a trained memory decoder to a base with another tokenizer: new embedding rows, ~10% more training."""

@@ -168,10 +168,15 @@ def read_split(split_dir: Path, split: str) -> list[Document]:
     return read_jsonl(path)
 
 
+def is_split_folder(path: Path) -> bool:
+    """Whether `path` is a folder `corpus split` wrote (train/validation/test.jsonl and their manifest)."""
+    return Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
+
+
 def split_documents_of(corpus: Path, split: str) -> list[Document]:
     """Documents of `split` in a split folder, or every document of a .txt/.jsonl file or .txt folder."""
     corpus = Path(corpus)
-    if corpus.is_dir() and (corpus / "manifest.json").is_file():
+    if is_split_folder(corpus):
         return read_split(corpus, split)
     return load_corpus(str(corpus))
 

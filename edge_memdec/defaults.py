@@ -23,13 +23,18 @@ KNN_TEMPERATURE = 1.0
 PERPLEXITY_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))  # `perplexity`'s table: 0, 0.1, ..., 1
 VALIDATION_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # training: validation, kNN sweep
 
+# the paper's windows: tokens per window, and the step between windows (each scores or trains its last STRIDE
+# tokens); `perplexity --protocol paper` and `compare` score with them, the training commands default to them
+PAPER_N_CTX = 1024
+PAPER_STRIDE = 512
+
 N_CTX = 4096  # `chat`, `serve` (per request) and the llm plugin: context size in tokens, prompt and answer
 COMPARE_DECODE_TOKENS = 32  # `compare`: greedy tokens timed per row
 
 # `perplexity` per protocol: window (tokens), flash attention, and tokens per llama.cpp compute batch (None: the
 # whole window in one); "llama" takes llama-perplexity's own defaults, so the same flags give the same number
 PERPLEXITY_SETTINGS = {
-    "paper": {"n_ctx": 1024, "flash_attn": "off", "n_ubatch": None},  # off: exact attention (CPU fa is f16)
+    "paper": {"n_ctx": PAPER_N_CTX, "flash_attn": "off", "n_ubatch": None},  # off: exact attention (CPU fa is f16)
     "llama": {"n_ctx": 512, "flash_attn": "auto", "n_ubatch": 512},
 }
 

@@ -64,6 +64,18 @@ def remove_stale_temps(folder: str | Path, name: str | None = None) -> None:
             _remove(temp)
 
 
+def output_folder(path: str | Path, what: str) -> Path:
+    """`path` made (with its parents) for a resumable stage's files, with the temps killed runs left there swept;
+    one sentence naming `what` (e.g. "datastore") when it cannot be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the {what} folder {path} ({err.strerror or err})") from None
+    remove_stale_temps(path)
+    return path
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """A temp path beside `final` to write; renamed onto `final` when the block ends, removed on any error or

@@ -13,6 +13,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.files import (
     atomic_dir,
     atomic_path,
+    output_folder,
     remove_stale_temps,
     write_json_atomic,
     write_npy_atomic,
@@ -62,6 +63,16 @@ def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
     (tmp_path / f".hf.{dead}.part").mkdir()
     remove_stale_temps(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [f".keys-00002.npy.{live}.part"]
+
+
+def test_an_output_folder_is_made_swept_or_refused_in_one_sentence(tmp_path):
+    folder = output_folder(tmp_path / "a" / "datastore", "datastore")
+    (folder / f".keys-00001.npy.{dead_pid()}.part").write_text("stale")
+    (folder / "keys-00000.npy").write_text("kept")
+    assert output_folder(folder, "datastore") == folder and [p.name for p in folder.iterdir()] == ["keys-00000.npy"]
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"^cannot create the targets folder .*file.targets \(.+\)$"):
+        output_folder(tmp_path / "file" / "targets", "targets")
 
 
 def test_atomic_dir_swaps_the_folder_in(tmp_path):

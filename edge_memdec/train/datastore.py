@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
-from edge_memdec.files import remove_stale_temps, write_json_atomic, write_npy_atomic
+from edge_memdec.files import output_folder, write_json_atomic, write_npy_atomic
+from edge_memdec.train.options import SHARD_WINDOWS
 from edge_memdec.windows import sliding_windows
 
 if TYPE_CHECKING:  # torch and transformers load only to build keys: reading a datastore does without them
@@ -80,13 +82,96 @@ def check_window_options(n_ctx: int, stride: int, shard_windows: int) -> None:
         raise UserError(f"--shard-windows must be at least 1, got {shard_windows}")
 
 
+def check_build_options(
+    base: Base, n_ctx: int, stride: int, shard_windows: int, mode: str, hidden_blocks: tuple[int, ...]
+) -> tuple[int, ...]:
+    """A build's options checked on their own and against the base; returns `hidden_blocks` sorted, unique."""
+    check_window_options(n_ctx, stride, shard_windows)
+    if mode not in PASS_MODES:
+        raise UserError(f"--pass must be one of {', '.join(PASS_MODES)}, got {mode!r}")
+    n_layers = base.model.config.num_hidden_layers
+    hidden_blocks = tuple(sorted(set(hidden_blocks)))
+    if any(not 0 < b < n_layers for b in hidden_blocks):
+        raise UserError(f"--hidden-blocks must be between 1 and {n_layers - 1} for this base, got {hidden_blocks}")
+    longest = getattr(base.model.config, "max_position_embeddings", None)
+    if longest and n_ctx > longest:
+        raise UserError(f"--n-ctx {n_ctx} is longer than the base model's context of {longest} tokens; lower it")
+    return hidden_blocks
+
+
+def new_manifest(base: Base, tokens: np.ndarray, shards: list[dict], settings: dict, info: dict | None) -> dict:
+    """The manifest of a build not yet started: the base, the pass `settings` (n_ctx, stride, pass,
+    hidden_blocks, precision), the sizes, `shards` (none finished) and the caller's `info`."""
+    return {
+        "format": 2,
+        "base": str(base.source),
+        "n_ctx": settings["n_ctx"],
+        "stride": settings["stride"],
+        "pass": settings["pass"],
+        "dim": base.model.config.hidden_size,
+        "key": "last layer FFN input (post_attention_layernorm output)",
+        "hidden_blocks": settings["hidden_blocks"],
+        "forward_dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
+        "precision": settings["precision"],
+        "n_tokens": len(tokens),
+        "n_positions": len(tokens) - 1,
+        "shards": shards,
+        "finished": [],
+        "seconds": 0.0,
+        **(info or {}),
+    }
+
+
+def open_build(out_dir: Path, fresh: dict, tokens: np.ndarray) -> dict:
+    """The manifest a build continues: the one in `out_dir` when it is the same build (same pass settings, shards
+    and tokens; resumed), else `fresh`, written with the tokens. One sentence when the folder holds another."""
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        write_npy_atomic(out_dir / "tokens.npy", tokens)
+        write_json_atomic(manifest_path, fresh)
+        return fresh
+    manifest = json.loads(manifest_path.read_text())
+    fixed = ("n_ctx", "stride", "pass", "dim", "hidden_blocks", "n_tokens", "shards")
+    same = all(manifest.get(k) == fresh[k] for k in fixed)
+    if manifest.get("precision", "fp32") != fresh["precision"]:
+        raise UserError(
+            f"{out_dir} was built with --precision {manifest.get('precision', 'fp32')}; resume it with the same"
+        )
+    old_tokens = np.load(out_dir / "tokens.npy", mmap_mode="r") if (out_dir / "tokens.npy").is_file() else None
+    if not same or old_tokens is None or not np.array_equal(old_tokens, tokens):
+        raise UserError(f"{out_dir} holds a different datastore; choose an empty folder or delete it")
+    return manifest
+
+
+def write_shard(
+    model, tokens: np.ndarray, shard: dict, manifest: dict, out_dir: Path, device, precision: str, bar: tqdm
+) -> None:
+    """Compute one shard's keys (and hidden states) with the manifest's pass settings and write its files
+    atomically, float16 [positions in shard, dim] each; advances `bar` by the positions done."""
+    from edge_memdec.train.device import autocast
+
+    hidden_blocks = tuple(manifest["hidden_blocks"])
+    keys, hidden = [], {b: [] for b in hidden_blocks}
+    with autocast(device, precision):
+        for states in shard_states(
+            model, tokens, shard, manifest["n_ctx"], manifest["stride"], manifest["pass"], hidden_blocks, device
+        ):
+            keys.append(states.keys.cpu().numpy().astype(np.float16))
+            for b in hidden_blocks:
+                hidden[b].append(states.hidden[b].cpu().numpy().astype(np.float16))
+            bar.update(len(keys[-1]))
+    for b in hidden_blocks:
+        write_npy_atomic(out_dir / hidden_file(b, shard["index"]), np.concatenate(hidden[b]))
+    write_npy_atomic(out_dir / f"keys-{shard['index']:05d}.npy", np.concatenate(keys))
+
+
 def build_datastore(
     base: Base,
     tokens: np.ndarray,
     out_dir: Path,
-    n_ctx: int = 1024,
-    stride: int = 512,
-    shard_windows: int = 32,
+    n_ctx: int = PAPER_N_CTX,
+    stride: int = PAPER_STRIDE,
+    shard_windows: int = SHARD_WINDOWS,
     info: dict | None = None,
     mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),
@@ -100,87 +185,30 @@ def build_datastore(
     position computed once, see `carry.py`) or `windows` (one forward per 1024/512 window). `precision` is a
     resolved `fp32` or `bf16` (autocast; a resume must use the build's own). Returns the manifest.
     """
-    from edge_memdec.train.device import autocast
-
     device = device or next(base.model.parameters()).device
     out_dir = Path(out_dir)
-    check_window_options(n_ctx, stride, shard_windows)
-    if mode not in PASS_MODES:
-        raise UserError(f"--pass must be one of {', '.join(PASS_MODES)}, got {mode!r}")
-    n_layers = base.model.config.num_hidden_layers
-    hidden_blocks = tuple(sorted(set(hidden_blocks)))
-    if any(not 0 < b < n_layers for b in hidden_blocks):
-        raise UserError(f"--hidden-blocks must be between 1 and {n_layers - 1} for this base, got {hidden_blocks}")
-    longest = getattr(base.model.config, "max_position_embeddings", None)
-    if longest and n_ctx > longest:
-        raise UserError(f"--n-ctx {n_ctx} is longer than the base model's context of {longest} tokens; lower it")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the datastore folder {out_dir} ({err.strerror or err})") from None
-    remove_stale_temps(out_dir)
-    manifest_path = out_dir / MANIFEST
+    hidden_blocks = check_build_options(base, n_ctx, stride, shard_windows, mode, hidden_blocks)
+    output_folder(out_dir, "datastore")
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     if len(tokens) < 2:
         raise UserError("the datastore text has fewer than 2 tokens; give it more text")
     n_positions = len(tokens) - 1
-    dim = base.model.config.hidden_size
-    fresh = {
-        "format": 2,
-        "base": str(base.source),
-        "n_ctx": n_ctx,
-        "stride": stride,
-        "pass": mode,
-        "dim": dim,
-        "key": "last layer FFN input (post_attention_layernorm output)",
-        "hidden_blocks": list(hidden_blocks),
-        "forward_dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
-        "precision": precision,
-        "n_tokens": len(tokens),
-        "n_positions": n_positions,
-        "shards": shard_plan(n_positions, n_ctx, stride, shard_windows, mode),
-        "finished": [],
-        "seconds": 0.0,
-        **(info or {}),
+    settings = {
+        "n_ctx": n_ctx, "stride": stride, "pass": mode, "hidden_blocks": list(hidden_blocks), "precision": precision
     }
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        fixed = ("n_ctx", "stride", "pass", "dim", "hidden_blocks", "n_tokens", "shards")
-        same = all(manifest.get(k) == fresh[k] for k in fixed)
-        if manifest.get("precision", "fp32") != precision:
-            raise UserError(
-                f"{out_dir} was built with --precision {manifest.get('precision', 'fp32')}; resume it with the same"
-            )
-        old_tokens = (
-            np.load(out_dir / "tokens.npy", mmap_mode="r") if (out_dir / "tokens.npy").is_file() else None
-        )
-        if not same or old_tokens is None or not np.array_equal(old_tokens, tokens):
-            raise UserError(f"{out_dir} holds a different datastore; choose an empty folder or delete it")
-    else:
-        write_npy_atomic(out_dir / "tokens.npy", tokens)
-        manifest = fresh
-        write_json_atomic(manifest_path, manifest)
+    shards = shard_plan(n_positions, n_ctx, stride, shard_windows, mode)
+    fresh = new_manifest(base, tokens, shards, settings, info)
+    manifest = open_build(out_dir, fresh, tokens)
     todo = [s for s in manifest["shards"] if s["index"] not in set(manifest["finished"])]
     done_positions = n_positions - sum(s["stop"] - s["start"] for s in todo)
     bar = tqdm(total=n_positions, initial=done_positions, unit="pos", desc="datastore", smoothing=0.1)
     try:
         for shard in todo:
             t0 = time.perf_counter()
-            keys, hidden = [], {b: [] for b in hidden_blocks}
-            with autocast(device, precision):
-                for states in shard_states(
-                    base.model, tokens, shard, n_ctx, stride, mode, hidden_blocks, device
-                ):
-                    keys.append(states.keys.cpu().numpy().astype(np.float16))
-                    for b in hidden_blocks:
-                        hidden[b].append(states.hidden[b].cpu().numpy().astype(np.float16))
-                    bar.update(len(keys[-1]))
-            for b in hidden_blocks:
-                write_npy_atomic(out_dir / hidden_file(b, shard["index"]), np.concatenate(hidden[b]))
-            write_npy_atomic(out_dir / f"keys-{shard['index']:05d}.npy", np.concatenate(keys))
+            write_shard(base.model, tokens, shard, manifest, out_dir, device, precision, bar)
             manifest["finished"].append(shard["index"])
             manifest["seconds"] += time.perf_counter() - t0
-            write_json_atomic(manifest_path, manifest)
+            write_json_atomic(out_dir / MANIFEST, manifest)
     finally:
         bar.close()
     return manifest

@@ -80,11 +80,12 @@ def export_finetuned(run_dir: Path, out: Path, outtype: str, base_gguf: Path | N
 
     from edge_memdec.convert.lora import convert_lora
     from edge_memdec.train.finetune import ADAPTER_DIR, HF_DIR
+    from edge_memdec.train.steps import SUMMARY
 
     run_dir = Path(run_dir)
-    if not (run_dir / "train.json").is_file():
+    if not (run_dir / SUMMARY).is_file():
         raise UserError(f"{run_dir} holds no finished `edge-memdec lora train` run (train.json)")
-    summary = json.loads((run_dir / "train.json").read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
     base = Path(base_gguf or summary.get("base", ""))
     if base.suffix != ".gguf":
         raise UserError("exporting needs the base as a GGUF file; pass --model BASE.gguf")

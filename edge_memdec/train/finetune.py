@@ -15,21 +15,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
-from edge_memdec.files import atomic_dir, write_json_atomic
+from edge_memdec.files import atomic_dir
 from edge_memdec.scoring import ppl_of
 from edge_memdec.train.base import load_base
 from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
-from edge_memdec.train.steps import StepPlan, best_validation, distributed, optimise
+from edge_memdec.train.options import (
+    BATCH_WINDOWS,
+    CHECKPOINT_EVERY,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
+    LORA_TARGETS,
+    TORCH_THREADS,
+)
+from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
 from edge_memdec.train.trainer import VALID_BASE_CACHE, save_model, window_states
-from edge_memdec.windows import Window, sliding_windows
+from edge_memdec.windows import Window
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's matrices
 ADAPTER_DIR, HF_DIR = "adapter", "hf"  # what a LoRA run and a full run leave in the run folder
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual starting points for each kind
 
@@ -41,21 +49,21 @@ class FinetuneConfig:
     base: Path  # base GGUF or HF folder
     out: Path  # run folder
     full: bool = False  # every weight (DAPT) instead of a LoRA adapter
-    rank: int = 16
-    alpha: float = 32.0  # the LoRA update is scaled by alpha / rank
-    dropout: float = 0.05  # dropout on the LoRA's input
+    rank: int = LORA_RANK
+    alpha: float = LORA_ALPHA  # the LoRA update is scaled by alpha / rank
+    dropout: float = LORA_DROPOUT  # dropout on the LoRA's input
     targets: tuple[str, ...] = LORA_TARGETS
     epochs: int = 1
     max_steps: int | None = None
     lr: float = DEFAULT_LR["lora"]
-    batch_windows: int = 4  # windows per optimizer step (over all ranks)
-    n_ctx: int = 1024
-    stride: int = 512
-    checkpoint_every: int = 50  # steps
-    eval_ctx: int = 1024
-    eval_stride: int = 512
+    batch_windows: int = BATCH_WINDOWS  # windows per optimizer step (over all ranks)
+    n_ctx: int = PAPER_N_CTX
+    stride: int = PAPER_STRIDE
+    checkpoint_every: int = CHECKPOINT_EVERY  # steps
+    eval_ctx: int = PAPER_N_CTX
+    eval_stride: int = PAPER_STRIDE
     seed: int = 0
-    threads: int = 2
+    threads: int = TORCH_THREADS
     device: str = "cpu"
     precision: str = "fp32"  # auto, fp32 or bf16 (autocast of the forward's matrix products)
     valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
@@ -161,6 +169,15 @@ def save_trained(model: torch.nn.Module, out: Path, full: bool) -> None:
         model.save_pretrained(temp, save_embedding_layers=False)
 
 
+def check_tokens(tokens: np.ndarray, n_vocab: int) -> None:
+    """One sentence when the training tokens (int32 ids) hold an id the base's `n_vocab` tokens lack."""
+    if int(tokens.max()) >= n_vocab:
+        raise UserError(
+            f"the training tokens hold id {int(tokens.max())} but the base has {n_vocab} tokens; "
+            "make them with this base's tokenizer"
+        )
+
+
 def finetune(
     cfg: FinetuneConfig,
     tokens: np.ndarray,
@@ -171,19 +188,14 @@ def finetune(
     """Train (or resume) a LoRA adapter or a full fine-tune of `cfg.base` on `tokens` (int32 ids of the base's
     tokenizer); rank 0 writes the model and `out/train.json` and returns its summary."""
     cfg.check()
-    rank, world = distributed()
+    rank, _ = distributed()
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if len(tokens) < 2:
         raise UserError("the training text has fewer than 2 tokens; give it more text")
     base = load_base(Path(cfg.base))
-    n_vocab = base.model.config.vocab_size
-    if int(tokens.max()) >= n_vocab:
-        raise UserError(
-            f"the training tokens hold id {int(tokens.max())} but the base has {n_vocab} tokens; "
-            "make them with this base's tokenizer"
-        )
+    check_tokens(tokens, base.model.config.vocab_size)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     base.model.to(device)
@@ -193,51 +205,36 @@ def finetune(
     torch.manual_seed(cfg.seed)
     model = adaptable(base.model, cfg).to(device)
     inner = causal_lm(model)
-    plan = StepPlan(
-        sliding_windows(len(tokens), cfg.n_ctx, cfg.stride),
-        len(tokens) - 1,
-        cfg.batch_windows,
-        cfg.epochs,
-        cfg.max_steps,
-        cfg.seed,
-    )
+    plan = StepPlan.sliding(len(tokens), cfg)
+    fingerprint = cfg.fingerprint(tokens)
 
     def window_loss(w: Window, a: int, b: int, count: int) -> torch.Tensor:
         return window_ce(inner, tokens, w, a, b, count, device, precision)
+
+    def keep(m: torch.nn.Module) -> None:
+        save_trained(m, out, cfg.full)
 
     done, ranks = optimise(
         model,
         plan,
         window_loss,
+        cfg,
         parts=("ce",),
-        lr=cfg.lr,
         out=out,
-        fingerprint=cfg.fingerprint(tokens),
-        checkpoint_every=cfg.checkpoint_every,
-        valid_every=cfg.valid_every,
+        fingerprint=fingerprint,
         validator=validator,
-        keep=lambda m: save_trained(m, out, cfg.full),
+        keep=keep,
         resume=resume,
         device=device,
     )
-    summary = {}
-    if rank == 0:
-        best = best_validation(done.history, OwnPpl.key)
-        if best is None:
-            save_trained(model, out, cfg.full)
-        summary = {
-            "kind": cfg.kind,
-            "base": str(cfg.base),
-            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "params_total": sum(p.numel() for p in model.parameters()),
-            "source_positions": plan.n_positions,
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
-            "source": source or {},
-            "config": cfg.fingerprint(tokens),
-            **done.summary(plan, ranks, best),
-        }
-        write_json_atomic(out / "train.json", summary)
-    if world > 1:
-        dist.barrier()
-    return summary
-
+    facts = {
+        "kind": cfg.kind,
+        "base": str(cfg.base),
+        "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "source_positions": plan.n_positions,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
+        "source": source or {},
+        "config": fingerprint,
+    }
+    return finish_run(model, done, plan, ranks, key=OwnPpl.key, out=out, keep=keep, facts=facts)

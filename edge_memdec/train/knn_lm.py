@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE
+from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE, PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
 from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
@@ -105,8 +105,8 @@ def knn_lm_scores(
     base_gguf_or_dir: Path,
     datastore_dir: Path,
     text: str,
-    n_ctx: int = 1024,
-    stride: int = 512,
+    n_ctx: int = PAPER_N_CTX,
+    stride: int = PAPER_STRIDE,
     k: int = KNN_K,
     temperature: float = KNN_TEMPERATURE,
     threads: int = 2,

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE
 from edge_memdec.errors import UserError
-from edge_memdec.files import remove_stale_temps, write_error, write_json_atomic
+from edge_memdec.files import output_folder, write_error, write_json_atomic
 from edge_memdec.train.datastore import load_keys, load_values, read_manifest
 
 MANIFEST = "targets.json"
@@ -186,11 +186,7 @@ def build_targets(
     if n < 2:
         raise UserError("the datastore has fewer than 2 positions; build it from more text")
     k = min(k, n - 1)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the targets folder {out_dir} ({err.strerror or err})") from None
-    remove_stale_temps(out_dir)
+    output_folder(out_dir, "targets")
     faiss.omp_set_num_threads(threads)
     params = {"k": k, "temperature": temperature, "top": top, "index": index_kind, "nprobe": nprobe,
               "chunk": chunk, "ivf_lists": lists, "pq_bytes": pq_bytes}  # fmt: skip

@@ -1,12 +1,29 @@
-"""The options of `edge-memdec train` and `edge-memdec transfer` as typed configs (their defaults are the CLI's).
+"""The options of `edge-memdec train`, `transfer` and `lora train` as typed configs, and the defaults the
+training commands share (the CLI shows them; the trainers' configs start from them).
 
-`RunOptions` holds the options both commands share; each command's own options extend it.
+`RunOptions` holds the options `train` and `transfer` share; each command's own options extend it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# defaults of the training commands (`datastore build`, `train`, `transfer`, `lora train`); their windows are
+# defaults.PAPER_N_CTX and PAPER_STRIDE
+BATCH_WINDOWS = 4  # windows per optimizer step (over all ranks)
+CHECKPOINT_EVERY = 50  # optimizer steps between checkpoints
+VALID_TOKENS = 20_000  # validation tokens (whole documents, seeded sample)
+TORCH_THREADS = 2  # torch threads per process
+SHARD_WINDOWS = 32  # `datastore build`: windows (or stride-sized chunks) per shard file
+MEMDEC_LR = 1e-3  # `train`: peak learning rate of a memory decoder
+MEMDEC_BETA = 0.5  # `train`: weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
+MEMDEC_OUTTYPE = "q8_0"  # `train`, `transfer`: GGUF weight type of an exported memory decoder
+DOMAIN = "custom"  # `train`, `transfer`: domain name stored in the GGUF
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's matrices
+LORA_RANK = 16  # `lora train`: rank of the update B @ A
+LORA_ALPHA = 32.0  # `lora train`: the update is scaled by alpha / rank
+LORA_DROPOUT = 0.05  # `lora train`: dropout on the LoRA's input
 
 
 @dataclass(frozen=True, kw_only=True)

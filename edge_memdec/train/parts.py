@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_atomic, write_json_atomic
+from edge_memdec.train.steps import SUMMARY
 
 MANIFEST = "parts.json"
 PART_BYTES = 16 * 1024 * 1024
@@ -142,7 +143,7 @@ def pack_run(run_dir: Path, out_dir: Path, base: Path | None = None) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "hf" / "config.json").is_file():
         raise UserError(f"{run_dir} has no trained model (hf/config.json); run `edge-memdec train` first")
-    base = base or Path(json.loads((run_dir / "train.json").read_text())["config"]["base"])
+    base = base or Path(json.loads((run_dir / SUMMARY).read_text())["config"]["base"])
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "hf"), dtype=torch.float32)
     return pack(model, load_base(base).model, out_dir)
 

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from edge_memdec.corpus import split_documents_of
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.corpus import is_split_folder, split_documents_of
+from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
 from edge_memdec.train.options import FinetuneOptions, TrainOptions
+
+if TYPE_CHECKING:  # each training module loads when its command runs
+    from edge_memdec.train.finetune import FinetuneConfig
+    from edge_memdec.train.memdec_model import MemdecShape
+    from edge_memdec.train.trainer import TrainConfig
 
 
 def check_threads(threads: int) -> None:
@@ -83,20 +89,13 @@ def datastore_command(
     return manifest
 
 
-def train_command(opts: TrainOptions) -> dict:
-    """`edge-memdec train`: build the config from CLI options, train, and export when asked."""
-    from edge_memdec.train.datastore import read_manifest
-    from edge_memdec.train.export_gguf import check_export_options, export_memdec
+def decoder_shape(opts: TrainOptions) -> MemdecShape:
+    """The decoder's shape: the base blocks --base-layers names, else none beyond the base's own with
+    --frozen-blocks (the decoder is the whole base), else --layers blocks; the widths matter from scratch only."""
     from edge_memdec.train.memdec_model import MemdecShape, parse_layers
-    from edge_memdec.train.steps import distributed
-    from edge_memdec.train.stream import token_stream
-    from edge_memdec.train.trainer import TrainConfig, train
 
-    check_export_options(opts)
-    ds = read_manifest(opts.datastore)
-    base_path = Path(opts.model or ds["base"])
     blocks = parse_layers(opts.base_layers) if opts.base_layers else None
-    shape = MemdecShape(
+    return MemdecShape(
         layers=len(blocks) if blocks else 0 if opts.frozen_blocks else opts.layers,
         hidden=opts.hidden,
         ffn=opts.ffn,
@@ -104,18 +103,19 @@ def train_command(opts: TrainOptions) -> dict:
         kv_heads=opts.kv_heads,
         base_layers=blocks,
     )
-    rank, _ = distributed()
-    valid = None
-    if opts.valid_corpus is not None and rank == 0:
-        docs = split_documents_of(opts.valid_corpus, "validation")
-        valid = token_stream(load_tokenizer(base_path), docs, opts.valid_tokens, opts.seed)
-    cfg = TrainConfig(
+
+
+def train_config(opts: TrainOptions, base: Path, valid: np.ndarray | None) -> TrainConfig:
+    """`train`'s options as the trainer's config, with the base resolved and the validation tokens read."""
+    from edge_memdec.train.trainer import TrainConfig
+
+    return TrainConfig(
         datastore=Path(opts.datastore),
         out=Path(opts.out),
         targets=opts.targets,
-        base=base_path,
+        base=base,
         init=opts.init,
-        shape=shape,
+        shape=decoder_shape(opts),
         epochs=opts.epochs,
         max_steps=opts.max_steps,
         lr=opts.lr,
@@ -133,8 +133,21 @@ def train_command(opts: TrainOptions) -> dict:
         precision=opts.precision,
         valid_every=opts.valid_every,
     )
-    summary = train(cfg, resume=opts.resume)
-    if rank == 0:
+
+
+def train_command(opts: TrainOptions) -> dict:
+    """`edge-memdec train`: build the config from CLI options, train, and export when asked."""
+    from edge_memdec.train.datastore import read_manifest
+    from edge_memdec.train.export_gguf import check_export_options, export_memdec
+    from edge_memdec.train.steps import distributed
+    from edge_memdec.train.stream import validation_tokens
+    from edge_memdec.train.trainer import train
+
+    check_export_options(opts)
+    base_path = Path(opts.model or read_manifest(opts.datastore)["base"])
+    valid = validation_tokens(opts.valid_corpus, base_path, opts.valid_tokens, opts.seed)
+    summary = train(train_config(opts, base_path, valid), resume=opts.resume)
+    if distributed()[0] == 0:
         v = summary["validation"]
         line = f"trained {summary['params'] / 1e6:.1f}M params, {summary['steps']} steps"
         if v:
@@ -208,7 +221,7 @@ def knn_targets_command(
     from edge_memdec.train.knn_targets import MANIFEST, build_targets
 
     check_threads(threads)
-    k = options.pop("k", 1024)
+    k = options.pop("k", KNN_K)
     if options.get("device", "cpu") != "cpu":
         from edge_memdec.train.device import resolve_device
 
@@ -224,11 +237,11 @@ def knn_targets_command(
         from edge_memdec.train.datastore import read_manifest
 
         corpus = read_manifest(datastore).get("corpus")
-        if corpus and (Path(corpus) / "manifest.json").is_file():
+        if corpus and is_split_folder(corpus):
             valid_corpus = Path(corpus)  # the validation split of the corpus the datastore was built from
         else:
-            print("knn-targets: no validation split to choose T on (pass --valid-corpus); using T=1")
-            return build_targets(datastore, out, k=k, temperature=1.0, **common)
+            print(f"knn-targets: no validation split to choose T on (pass --valid-corpus); using T={KNN_TEMPERATURE:g}")
+            return build_targets(datastore, out, k=k, temperature=KNN_TEMPERATURE, **common)
     if not temperatures or not ks or min(temperatures) <= 0 or min(ks) < 1:
         raise UserError("--temperatures and --ks must be lists of positive numbers, e.g. 0.5,1,2 and 64,1024")
     manifest_path = Path(out or Path(datastore) / "targets") / MANIFEST
@@ -306,32 +319,11 @@ def finetune_tokens(source: Path, model: Path | None, max_tokens: int | None, se
     return (tokens if max_tokens is None else tokens[:max_tokens]), base, facts
 
 
-def finetune_command(opts: FinetuneOptions) -> dict:
-    """`edge-memdec lora train`: a LoRA adapter (or with --full every weight) of the base on the domain text,
-    validated on the validation split, exported when asked."""
-    from edge_memdec.train.export_gguf import export_finetuned
-    from edge_memdec.train.finetune import DEFAULT_LR, FinetuneConfig, finetune
-    from edge_memdec.train.steps import distributed
-    from edge_memdec.train.stream import token_stream
+def finetune_config(opts: FinetuneOptions, base: Path) -> FinetuneConfig:
+    """`lora train`'s options as the fine-tuning config, with the base resolved and the kind's default lr."""
+    from edge_memdec.train.finetune import DEFAULT_LR, FinetuneConfig
 
-    check_threads(opts.threads)
-    if opts.export is not None:
-        from edge_memdec.files import check_output_path
-
-        check_output_path(opts.export, suffix=".gguf")
-    tokens, base, facts = finetune_tokens(opts.source, opts.model, opts.max_tokens, opts.seed)
-    if opts.export is not None and base.suffix != ".gguf":
-        raise UserError("--export needs the base as a GGUF file (the adapter is checked against it); pass -m BASE.gguf")
-    valid_corpus = opts.valid_corpus
-    if valid_corpus is None and facts.get("corpus") and (Path(facts["corpus"]) / "manifest.json").is_file():
-        valid_corpus = Path(facts["corpus"])  # the validation split of the corpus the tokens came from
-    rank, _ = distributed()
-    valid = None
-    if valid_corpus is not None and rank == 0:
-        docs = split_documents_of(valid_corpus, "validation")
-        valid = token_stream(load_tokenizer(base), docs, opts.valid_tokens, opts.seed)
-    kind = "full" if opts.full else "lora"
-    cfg = FinetuneConfig(
+    return FinetuneConfig(
         base=base,
         out=Path(opts.out),
         full=opts.full,
@@ -341,7 +333,7 @@ def finetune_command(opts: FinetuneOptions) -> dict:
         targets=tuple(t.strip() for t in opts.targets.split(",") if t.strip()),
         epochs=opts.epochs,
         max_steps=opts.max_steps,
-        lr=opts.lr if opts.lr is not None else DEFAULT_LR[kind],
+        lr=opts.lr if opts.lr is not None else DEFAULT_LR["full" if opts.full else "lora"],
         batch_windows=opts.batch_windows,
         n_ctx=opts.n_ctx,
         stride=opts.stride,
@@ -352,18 +344,44 @@ def finetune_command(opts: FinetuneOptions) -> dict:
         precision=opts.precision,
         valid_every=opts.valid_every,
     )
-    summary = finetune(cfg, tokens, valid, opts.resume, facts)
-    if rank == 0:
-        v = summary["validation"]
-        what = "fine-tuned every weight" if opts.full else "trained a LoRA adapter"
-        line = (
-            f"{what}: {summary['params_trained'] / 1e6:.2f}M of {summary['params_total'] / 1e6:.2f}M params, "
-            f"{summary['steps']} steps, {summary['positions_trained']} positions, {summary['seconds']:.0f} s, "
-            f"peak {summary['peak_rss_mib']:.0f} MiB"
-        )
-        if v:
-            line += f"; validation PPL base {v['base_ppl']:.3f}, fine-tuned {v['ppl']:.3f}"
-        print(line)
+
+
+def finetune_line(summary: dict, full: bool) -> str:
+    """The line `lora train` prints about a finished run: parameters, steps, positions, time, memory, PPL."""
+    what = "fine-tuned every weight" if full else "trained a LoRA adapter"
+    line = (
+        f"{what}: {summary['params_trained'] / 1e6:.2f}M of {summary['params_total'] / 1e6:.2f}M params, "
+        f"{summary['steps']} steps, {summary['positions_trained']} positions, {summary['seconds']:.0f} s, "
+        f"peak {summary['peak_rss_mib']:.0f} MiB"
+    )
+    if v := summary["validation"]:
+        line += f"; validation PPL base {v['base_ppl']:.3f}, fine-tuned {v['ppl']:.3f}"
+    return line
+
+
+def finetune_command(opts: FinetuneOptions) -> dict:
+    """`edge-memdec lora train`: a LoRA adapter (or with --full every weight) of the base on the domain text,
+    validated on the validation split, exported when asked."""
+    from edge_memdec.train.export_gguf import export_finetuned
+    from edge_memdec.train.finetune import finetune
+    from edge_memdec.train.steps import distributed
+    from edge_memdec.train.stream import validation_tokens
+
+    check_threads(opts.threads)
+    if opts.export is not None:
+        from edge_memdec.files import check_output_path
+
+        check_output_path(opts.export, suffix=".gguf")
+    tokens, base, facts = finetune_tokens(opts.source, opts.model, opts.max_tokens, opts.seed)
+    if opts.export is not None and base.suffix != ".gguf":
+        raise UserError("--export needs the base as a GGUF file (the adapter is checked against it); pass -m BASE.gguf")
+    valid_corpus = opts.valid_corpus
+    if valid_corpus is None and facts.get("corpus") and is_split_folder(facts["corpus"]):
+        valid_corpus = Path(facts["corpus"])  # the validation split of the corpus the tokens came from
+    valid = validation_tokens(valid_corpus, base, opts.valid_tokens, opts.seed)
+    summary = finetune(finetune_config(opts, base), tokens, valid, opts.resume, facts)
+    if distributed()[0] == 0:
+        print(finetune_line(summary, opts.full))
         if opts.export is not None:
             print(f"exported {export_finetuned(opts.out, opts.export, opts.outtype, base)}")
     return summary

@@ -14,7 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_memdec.defaults import KNN_K, VALIDATION_LAMBDAS
+from edge_memdec.corpus import is_split_folder
+from edge_memdec.defaults import KNN_K, PAPER_N_CTX, PAPER_STRIDE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_json_atomic
 
@@ -108,7 +109,7 @@ def run_recipe(
             write_json_atomic(stages_path, stages)
 
     th = ["--threads", str(threads)]
-    stage("split", (split / "manifest.json").is_file(), ["corpus", "split", domain, "--out", str(split)])
+    stage("split", is_split_folder(split), ["corpus", "split", domain, "--out", str(split)])
     stage(
         "datastore",
         _finished_datastore(ds),
@@ -182,5 +183,5 @@ def baseline_table(
     test_text = split_text(load_tokenizer(base), split, "test", budget.test_tokens)
     lora = (str(trained["lora"]),) if "lora" in trained else ()
     rows = rows_of(base, lora, trained.get("dapt"), None, memdec)
-    settings = CompareSettings(n_ctx=1024, stride=512, options=ModelOptions(n_threads=threads))
+    settings = CompareSettings(n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, options=ModelOptions(n_threads=threads))
     return compare(rows, test_text, None, settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_memdec.corpus import join_documents, split_documents_of
-from edge_memdec.defaults import DEFAULT_LAMBDA
+from edge_memdec.defaults import DEFAULT_LAMBDA, PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.files import write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.plot import lambda_plot
@@ -40,7 +40,7 @@ def cached_knn_scores(base: Path, datastore: Path, text: str, k: int, temperatur
     if path.is_file():
         data = np.load(path)
         return {name: data[name] for name in data.files} | {"seconds": json.loads(str(data["seconds_json"]))}
-    scores = knn_lm_scores(Path(base), Path(datastore), text, 1024, 512, k, temperature)
+    scores = knn_lm_scores(Path(base), Path(datastore), text, PAPER_N_CTX, PAPER_STRIDE, k, temperature)
     arrays = {name: v for name, v in scores.items() if name != "seconds"}
     write_npz_atomic(path, **arrays, seconds_json=json.dumps(scores["seconds"]))
     return scores
@@ -66,8 +66,8 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     test_text = split_text(tokenizer, split_dir, "test", budget.test_tokens)
     lam = round(float(read_gguf(memdec).memdec.get("lambda", DEFAULT_LAMBDA)), 6)
     lambdas = sorted({*budget.lambdas, lam})
-    with MemoryDecoderLM(base, memdec, n_ctx=1024, n_batch=1024, n_threads=threads) as lm:
-        ours = lm.perplexity(test_text, n_ctx=1024, stride=512, lambdas=lambdas)
+    with MemoryDecoderLM(base, memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=threads) as lm:
+        ours = lm.perplexity(test_text, n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, lambdas=lambdas)
     mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
 
     # kNN-LM at the (k, T) the targets were built with: chosen where kNN-LM is best on validation

@@ -22,13 +22,15 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from edge_memdec.errors import UserError
-from edge_memdec.files import write_atomic
-from edge_memdec.windows import Window
+from edge_memdec.files import write_atomic, write_json_atomic
+from edge_memdec.windows import Window, sliding_windows
 
 CHECKPOINT = "checkpoint.pt"
+SUMMARY = "train.json"  # what a finished run did: its settings, steps, time, validation and history
 
 # (window, first position, end position, the step's position count) -> the window's summed loss parts, float
 # [n_parts] on the CPU, after backpropagating part 0 / count.
@@ -44,6 +46,20 @@ class Validator(Protocol):
     def __call__(self, model: torch.nn.Module) -> dict: ...
 
     def describe(self, record: dict) -> str: ...
+
+
+class RunSettings(Protocol):
+    """What the loop reads from a run's config (`TrainConfig`, `FinetuneConfig`)."""
+
+    n_ctx: int  # window length, tokens
+    stride: int  # window step, tokens
+    batch_windows: int  # windows per optimizer step (over all ranks)
+    epochs: int
+    max_steps: int | None  # stop (and end the linear schedule) after this many steps
+    seed: int  # seed of the data order
+    lr: float  # peak learning rate
+    checkpoint_every: int  # steps between checkpoints
+    valid_every: int  # steps between validations besides each epoch's end (0: epoch ends only)
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,20 @@ class StepPlan:
     def batch(self, step: int) -> list[Window]:
         """The windows of a global step."""
         return [self.windows[i] for i in batch_of(step, len(self.windows), self.batch_windows, self.seed)]
+
+    @classmethod
+    def sliding(cls, n_tokens: int, settings: RunSettings) -> StepPlan:
+        """The plan over the sliding windows of a stream of `n_tokens` tokens, every position but the last
+        trained (it has no next token), with a run's window, batch and schedule settings."""
+        windows = sliding_windows(n_tokens, settings.n_ctx, settings.stride)
+        return cls(
+            windows,
+            n_tokens - 1,
+            settings.batch_windows,
+            settings.epochs,
+            settings.max_steps,
+            settings.seed,
+        )
 
     def owned(self, w: Window) -> tuple[int, int]:
         """Positions [a, b) a window trains on: those it owns that have a next token."""
@@ -228,31 +258,47 @@ def validate_and_keep(
     return v
 
 
+def start_optimizer(params: list, lr: float, total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW without weight decay from the peak `lr`, decayed linearly to 0 over `total` steps."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return optimizer, LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+
+
+def every_rank_timing(timing: dict, device: torch.device) -> list[dict]:
+    """This rank's `timing` with its peak memory, gathered from every rank (in rank order) as `rank_rates`."""
+    _, world = distributed()
+    timing.update(peak_memory_mib(device))
+    ranks = [timing]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, timing)
+    return [rank_rates(r) for r in ranks]
+
+
 def optimise(
     model: torch.nn.Module,
     plan: StepPlan,
     window_loss: WindowLoss,
+    settings: RunSettings,
     *,
     parts: tuple[str, ...],
-    lr: float,
     out: Path,
     fingerprint: dict,
-    checkpoint_every: int,
-    valid_every: int = 0,
     validator: Validator | None = None,
     keep: Callable[[torch.nn.Module], None] | None = None,
     resume: bool = False,
     device: torch.device | None = None,
 ) -> tuple[Progress, list[dict]]:
-    """AdamW (no weight decay) with a linear decay to 0 over the plan's steps, checkpointed to
-    `out/checkpoint.pt`; validation (rank 0) at every epoch's end, at the last step and every `valid_every`
-    steps, with `keep` called on the best model. `parts` names the loss parts `window_loss` sums. Returns the
-    run's progress and each rank's timing (throughput, all-reduce share, peak memory)."""
-    rank, world = distributed()
+    """AdamW (`start_optimizer`) over the plan's steps, checkpointed to `out/checkpoint.pt` every
+    `settings.checkpoint_every` steps; validation (rank 0) at every epoch's end, at the last step and every
+    `settings.valid_every` steps, with `keep` called on the best model. `parts` names the loss parts
+    `window_loss` sums. Returns the run's progress and each rank's timing (throughput, all-reduce share, peak
+    memory)."""
+    rank, _ = distributed()
     params = [p for p in model.parameters() if p.requires_grad]
     total, per_epoch = plan.total, plan.per_epoch
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+    checkpoint_every, valid_every = settings.checkpoint_every, settings.valid_every
+    optimizer, schedule = start_optimizer(params, settings.lr, total)
     ckpt_path = Path(out) / CHECKPOINT
     done = Progress()
     # This process's own time split (not checkpointed: it describes the run since this process started).
@@ -288,9 +334,31 @@ def optimise(
         if rank == 0 and (step % checkpoint_every == 0 or step == total or "epoch" in record):
             save_checkpoint(ckpt_path, fingerprint, model, optimizer, schedule, done)
     bar.close()
-    timing.update(peak_memory_mib(device or torch.device("cpu")))
-    ranks = [timing]
+    return done, every_rank_timing(timing, device or torch.device("cpu"))
+
+
+def finish_run(
+    model: torch.nn.Module,
+    done: Progress,
+    plan: StepPlan,
+    ranks: list[dict],
+    *,
+    key: str,
+    out: Path,
+    keep: Callable[[torch.nn.Module], None],
+    facts: dict,
+) -> dict:
+    """After `optimise`: rank 0 keeps the last model when no validation chose one, and writes `out/train.json`:
+    the command's own `facts`, then the loop's figures (`Progress.summary`, the best validation by `key`).
+    Returns that summary on rank 0 and {} on the others, once every rank is here."""
+    rank, world = distributed()
+    summary = {}
+    if rank == 0:
+        best = best_validation(done.history, key)
+        if best is None:
+            keep(model)
+        summary = {**facts, **done.summary(plan, ranks, best)}
+        write_json_atomic(Path(out) / SUMMARY, summary)
     if world > 1:
-        ranks = [None] * world
-        dist.all_gather_object(ranks, timing)
-    return done, [rank_rates(r) for r in ranks]
+        dist.barrier()
+    return summary

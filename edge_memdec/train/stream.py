@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from edge_memdec.corpus import Document, join_documents
+from edge_memdec.corpus import Document, join_documents, split_documents_of
 
 
 def choose_documents(
@@ -36,3 +37,20 @@ def token_stream(
     text = join_documents(choose_documents(tokenizer, docs, max_tokens, seed))
     tokens = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
     return tokens if max_tokens is None else tokens[:max_tokens]
+
+
+def validation_tokens(
+    corpus: Path | None, tokenizer: Tokenizer | Path, max_tokens: int, seed: int
+) -> np.ndarray | None:
+    """The token stream a run validates on (int32 [<= max_tokens]): whole documents of `corpus`'s validation
+    split, a seeded sample, tokenized by `tokenizer` (or by the base at that path, loaded only when needed).
+    None without a corpus, and on every torchrun rank but 0 (rank 0 alone validates)."""
+    from edge_memdec.train.steps import distributed
+
+    if corpus is None or distributed()[0] != 0:
+        return None
+    if not isinstance(tokenizer, Tokenizer):
+        from edge_memdec.train.base import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(tokenizer))
+    return token_stream(tokenizer, split_documents_of(corpus, "validation"), max_tokens, seed)

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
-from edge_memdec.files import atomic_dir, write_json_atomic
+from edge_memdec.files import atomic_dir
 from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.carry import run_blocks
@@ -25,8 +24,9 @@ from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
-from edge_memdec.train.steps import StepPlan, best_validation, distributed, optimise
-from edge_memdec.windows import Window, sliding_windows
+from edge_memdec.train.options import BATCH_WINDOWS, CHECKPOINT_EVERY, MEMDEC_BETA, MEMDEC_LR, TORCH_THREADS
+from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
+from edge_memdec.windows import Window
 
 VALID_BASE_CACHE = "valid-base-logprobs.npz"  # the base's target log-probs on the validation text
 
@@ -43,18 +43,18 @@ class TrainConfig:
     shape: MemdecShape = field(default_factory=MemdecShape)
     epochs: int = 1
     max_steps: int | None = None  # stop (and end the linear schedule) after this many optimizer steps
-    lr: float = 1e-3
-    beta: float = 0.5  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
-    batch_windows: int = 4  # windows per optimizer step (over all ranks)
-    n_ctx: int = 1024
-    stride: int = 512
-    checkpoint_every: int = 50  # steps
+    lr: float = MEMDEC_LR
+    beta: float = MEMDEC_BETA  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
+    batch_windows: int = BATCH_WINDOWS  # windows per optimizer step (over all ranks)
+    n_ctx: int = PAPER_N_CTX
+    stride: int = PAPER_STRIDE
+    checkpoint_every: int = CHECKPOINT_EVERY  # steps
     valid_tokens: np.ndarray | None = None  # validation token stream (None: no validation)
-    eval_ctx: int = 1024
-    eval_stride: int = 512
+    eval_ctx: int = PAPER_N_CTX
+    eval_stride: int = PAPER_STRIDE
     lambdas: tuple[float, ...] = VALIDATION_LAMBDAS
     seed: int = 0
-    threads: int = 2
+    threads: int = TORCH_THREADS
     frozen_blocks: int = 0  # lower blocks kept at the base's weights; their output is read from the datastore
     head: str = "tied"  # tied: LM head = embeddings (frozen when frozen_blocks > 0); untied: a trained copy
     device: str = "cpu"
@@ -170,72 +170,67 @@ def window_backward(
     return torch.stack([loss.detach(), kl.detach(), ce.detach()]).cpu()
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train (or resume) a memory decoder; rank 0 writes `out/hf` (HF checkpoint) and `out/train.json`."""
-    rank, world = distributed()
-    torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def load_training_data(cfg: TrainConfig) -> tuple[dict, np.ndarray, tuple[np.ndarray, np.ndarray], dict]:
+    """The datastore's manifest, its token stream (int32 [n_tokens]), its sparse kNN targets (ids int32 and
+    probs float16, [n_tokens - 1, top], memory-mapped) and the targets' manifest."""
     ds = read_manifest(cfg.datastore)
     tokens = np.load(Path(cfg.datastore) / "tokens.npy")
     knn_ids, knn_probs, tmeta = load_targets(cfg.targets or Path(cfg.datastore) / "targets")
-    n_positions = len(tokens) - 1
-    if len(knn_ids) != n_positions:
+    if len(knn_ids) != len(tokens) - 1:
         raise UserError("the kNN targets were made from another datastore; rerun `edge-memdec knn-targets`")
-    base = load_base(Path(cfg.base or ds["base"]))
+    return ds, tokens, (knn_ids, knn_probs), tmeta
+
+
+def build_decoder(cfg: TrainConfig, base: Base) -> tuple[torch.nn.Module, np.ndarray | None]:
+    """The decoder to train, made from `base` as `cfg` says (seeded), with its frozen part; and the stored
+    residual stream its first trained block reads (float16 [n_positions, dim]) when lower blocks are frozen."""
     torch.manual_seed(cfg.seed)
     model = make_memdec(cfg.init, base.model, cfg.shape, cfg.seed)
-    hidden = prepare_frozen(model, base, cfg, Path(cfg.datastore))
+    return model, prepare_frozen(model, base, cfg, Path(cfg.datastore))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train (or resume) a memory decoder; rank 0 writes `out/hf` (HF checkpoint) and `out/train.json`."""
+    rank, _ = distributed()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds, tokens, targets, tmeta = load_training_data(cfg)
+    base = load_base(Path(cfg.base or ds["base"]))
+    model, hidden = build_decoder(cfg, base)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model.to(device)
-    plan = StepPlan(
-        sliding_windows(len(tokens), cfg.n_ctx, cfg.stride),
-        n_positions,
-        cfg.batch_windows,
-        cfg.epochs,
-        cfg.max_steps,
-        cfg.seed,
-    )
+    plan = StepPlan.sliding(len(tokens), cfg)
     validator = None
     if cfg.valid_tokens is not None and rank == 0:
         validator = Validator(base, cfg.valid_tokens, out, cfg.eval_ctx, cfg.eval_stride, cfg.lambdas)
     del base
 
     def window_loss(w: Window, a: int, b: int, count: int) -> torch.Tensor:
-        return window_backward(
-            model, tokens, hidden, (knn_ids, knn_probs), w, a, b, count, cfg, device, precision
-        )
+        return window_backward(model, tokens, hidden, targets, w, a, b, count, cfg, device, precision)
+
+    def keep(m: torch.nn.Module) -> None:
+        save_model(m, out / "hf")
 
     done, ranks = optimise(
         model,
         plan,
         window_loss,
+        cfg,
         parts=("loss", "kl", "ce"),
-        lr=cfg.lr,
         out=out,
         fingerprint=cfg.fingerprint(),
-        checkpoint_every=cfg.checkpoint_every,
-        valid_every=cfg.valid_every,
         validator=validator,
-        keep=lambda m: save_model(m, out / "hf"),
+        keep=keep,
         resume=resume,
         device=device,
     )
-    summary = {}
-    if rank == 0:
-        best = best_validation(done.history, Validator.key)
-        if best is None:
-            save_model(model, out / "hf")
-        summary = {
-            "params": n_params(model),
-            "datastore_positions": n_positions,
-            "knn": tmeta["params"],
-            "config": cfg.fingerprint(),
-            "precision": precision,
-            **done.summary(plan, ranks, best),
-        }
-        write_json_atomic(out / "train.json", summary)
-    if world > 1:
-        dist.barrier()
-    return summary
+    facts = {
+        "params": n_params(model),
+        "datastore_positions": plan.n_positions,
+        "knn": tmeta["params"],
+        "config": cfg.fingerprint(),
+        "precision": precision,
+    }
+    return finish_run(model, done, plan, ranks, key=Validator.key, out=out, keep=keep, facts=facts)

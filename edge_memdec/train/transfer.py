@@ -28,12 +28,13 @@ from tokenizers import Tokenizer, decoders
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from edge_memdec.defaults import VALIDATION_LAMBDAS
+from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
 from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.datastore import read_manifest
-from edge_memdec.train.options import TransferOptions
+from edge_memdec.train.options import BATCH_WINDOWS, MEMDEC_BETA, MEMDEC_LR, TransferOptions
+from edge_memdec.train.steps import SUMMARY
 from edge_memdec.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
@@ -215,7 +216,7 @@ def read_source(path: Path, source_base: Path | None = None) -> Source:
     if (path / "hf" / "config.json").is_file():
         run, hf = path, path / "hf"
     elif (path / "config.json").is_file():
-        run, hf = (path.parent if (path.parent / "train.json").is_file() else path), path
+        run, hf = (path.parent if (path.parent / SUMMARY).is_file() else path), path
     else:
         raise UserError(
             f"{path} is not a memory decoder run folder (no hf/config.json); give the --out folder of `edge-memdec train`"
@@ -226,8 +227,8 @@ def read_source(path: Path, source_base: Path | None = None) -> Source:
             f"the memory decoder in {hf} is a {config.get('model_type')} model; transfer needs llama"
         )
     summary = None
-    if (run / "train.json").is_file():
-        summary = json.loads((run / "train.json").read_text(encoding="utf-8"))
+    if (run / SUMMARY).is_file():
+        summary = json.loads((run / SUMMARY).read_text(encoding="utf-8"))
     if source_base is not None:
         tokenizer_from = Path(source_base)
     elif (hf / "tokenizer.json").is_file():
@@ -319,9 +320,9 @@ def plan_transfer(opts: TransferOptions) -> TransferPlan:
     new_tok, old_tok = load_tokenizer(base_path), load_tokenizer(source.tokenizer_from)
     src_cfg = (source.summary or {}).get("config", {})
     steps = budget(source.steps, opts.steps, opts.budget_fraction)
-    n_ctx = opts.n_ctx or int(src_cfg.get("n_ctx", 1024))
-    stride = opts.stride or int(src_cfg.get("stride", 512))
-    batch_windows = opts.batch_windows or int(src_cfg.get("batch_windows", 4))
+    n_ctx = opts.n_ctx or int(src_cfg.get("n_ctx", PAPER_N_CTX))
+    stride = opts.stride or int(src_cfg.get("stride", PAPER_STRIDE))
+    batch_windows = opts.batch_windows or int(src_cfg.get("batch_windows", BATCH_WINDOWS))
     per_epoch = math.ceil(len(sliding_windows(ds["n_tokens"], n_ctx, stride)) / batch_windows)
     return TransferPlan(
         source=source,
@@ -335,24 +336,20 @@ def plan_transfer(opts: TransferOptions) -> TransferPlan:
         n_ctx=n_ctx,
         stride=stride,
         batch_windows=batch_windows,
-        lr=opts.lr or float(src_cfg.get("lr", 1e-3)),
-        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", 0.5)),
+        lr=opts.lr or float(src_cfg.get("lr", MEMDEC_LR)),
+        beta=opts.beta if opts.beta is not None else float(src_cfg.get("beta", MEMDEC_BETA)),
     )
 
 
 def transfer_command(opts: TransferOptions) -> dict:
     """`edge-memdec transfer`: re-initialise the vocabulary rows, continue training, record the facts, export."""
-    from edge_memdec.corpus import split_documents_of
     from edge_memdec.train.steps import distributed
-    from edge_memdec.train.stream import token_stream
+    from edge_memdec.train.stream import validation_tokens
     from edge_memdec.train.trainer import TrainConfig, train
 
     plan = plan_transfer(opts)
     rank, world = distributed()
-    valid = None
-    if opts.valid_corpus is not None and rank == 0:
-        docs = split_documents_of(opts.valid_corpus, "validation")
-        valid = token_stream(plan.new_tok, docs, opts.valid_tokens, opts.seed)
+    valid = validation_tokens(opts.valid_corpus, plan.new_tok, opts.valid_tokens, opts.seed)
     n_vocab, special, base_hidden = new_base_vocab(plan.base, plan.new_tok)
     check_datastore(plan.datastore, plan.base, plan.new_tok, n_vocab)
     if opts.new_rows == "base" and base_hidden != plan.source.config.get("hidden_size"):
@@ -450,7 +447,7 @@ def finish(opts: TransferOptions, plan: TransferPlan, facts: dict, summary: dict
 
     source = plan.source
     summary["transfer"] = gguf_facts(facts, source, plan.base, summary["steps"])
-    write_json_atomic(plan.out / "train.json", summary)
+    write_json_atomic(plan.out / SUMMARY, summary)
     before, after = facts.get("validation_before"), summary.get("validation")
     line = f"transferred: {summary['steps']} steps (source run: {source.steps or 'unknown'})"
     if before and after:
