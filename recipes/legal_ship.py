@@ -73,7 +73,9 @@ def print_frontier(rows: list[dict]) -> None:
     )
 
 
-def record(work: Path, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path) -> dict:
+def record(
+    work: Path, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path, campaign: list[str]
+) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths)."""
     ds = json.loads((work / "datastore" / "datastore.json").read_text())
     targets = json.loads((work / "datastore" / "targets" / "targets.json").read_text())
@@ -103,10 +105,7 @@ def record(work: Path, outtype: str, gguf: Path, table: dict, rows: list[dict], 
         "datastore": {k: v for k, v in ds.items() if k not in ("base", "shards", "finished", "corpus")},
         "knn_targets": targets,
         "stages": stages,
-        "commands": [
-            "bash recipes/legal_full.sh WORK 1200000",
-            f"python recipes/legal_ship.py WORK --ship {outtype}",
-        ],
+        "commands": [*campaign, f"python recipes/legal_ship.py WORK --ship {outtype}"],
     }
 
 
@@ -118,6 +117,12 @@ def main() -> None:
     parser.add_argument("--valid-tokens", type=int, default=4_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ship", default=None, help="copy this outtype's export into edge_memdec/models/")
+    parser.add_argument(
+        "--campaign",
+        action="append",
+        default=None,
+        help="the exact commands that made WORK, for the record (default: recipes/legal_full.sh WORK 1200000)",
+    )
     args = parser.parse_args()
     work = args.work
     base = Path(json.loads((work / "datastore" / "datastore.json").read_text())["base"])
@@ -147,7 +152,10 @@ def main() -> None:
         if plot.is_file():
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         write_json_atomic(
-            MODELS / "legal-memdec.json", record(work, args.ship, gguf, tables[args.ship], rows, base)
+            MODELS / "legal-memdec.json", record(
+                work, args.ship, gguf, tables[args.ship], rows, base,
+                args.campaign or ["bash recipes/legal_full.sh WORK 1200000"],
+            )
         )
         print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
 
