@@ -172,8 +172,8 @@ def score_rows(
     if rows and (targets.min() < 0 or targets.max() >= n):
         raise ValueError(f"targets must be token ids in [0, {n}), got {targets.min()}..{targets.max()}")
     lambdas = np.ascontiguousarray(lambdas, dtype=np.float64).reshape(-1)
-    if np.any(~((lambdas >= 0.0) & (lambdas <= 1.0))):
-        raise ValueError(f"lambdas must be in [0, 1], got {lambdas.tolist()}")
+    for lam in lambdas.tolist():
+        _lambda(lam)
     nll_base = np.empty(rows)
     nll_mem = np.empty(rows)
     nll_mix = np.empty((rows, lambdas.shape[0]))

@@ -59,7 +59,9 @@ def export_memdec(
     """Convert `run_dir/hf` to `out` with the tokenizer keys of `base_gguf` and the run's memdec facts; tensors
     training left equal to the base's (frozen blocks, the tied embedding) keep the base's bytes. Returns the
     file llama.cpp opens (`out`, or the first of its split parts when `split_max_size` is passed)."""
-    hf = Path(run_dir) / "hf"
+    from edge_memdec.train.steps import HF_DIR
+
+    hf = Path(run_dir) / HF_DIR
     if not (hf / "config.json").is_file():
         raise UserError(f"{run_dir} has no trained model (hf/config.json); run `edge-memdec train` first")
     if Path(base_gguf).suffix != ".gguf":
@@ -79,8 +81,8 @@ def export_finetuned(run_dir: Path, out: Path, outtype: str, base_gguf: Path | N
     import json
 
     from edge_memdec.convert.lora import convert_lora
-    from edge_memdec.train.finetune import ADAPTER_DIR, HF_DIR
-    from edge_memdec.train.steps import SUMMARY
+    from edge_memdec.train.finetune import ADAPTER_DIR
+    from edge_memdec.train.steps import HF_DIR, SUMMARY
 
     run_dir = Path(run_dir)
     if not (run_dir / SUMMARY).is_file():

@@ -34,11 +34,11 @@ from edge_memdec.train.options import (
     LORA_TARGETS,
     TORCH_THREADS,
 )
-from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
+from edge_memdec.train.steps import HF_DIR, StepPlan, distributed, finish_run, optimise
 from edge_memdec.train.trainer import VALID_BASE_CACHE, save_model, window_states
 from edge_memdec.windows import Window
 
-ADAPTER_DIR, HF_DIR = "adapter", "hf"  # what a LoRA run and a full run leave in the run folder
+ADAPTER_DIR = "adapter"  # what a LoRA run leaves in the run folder (a full run: steps.HF_DIR)
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # the usual starting points for each kind
 
 

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from edge_memdec.errors import UserError
 from edge_memdec.files import write_atomic, write_json_atomic
-from edge_memdec.train.steps import SUMMARY
+from edge_memdec.train.steps import HF_DIR, SUMMARY
 
 MANIFEST = "parts.json"
 PART_BYTES = 16 * 1024 * 1024
@@ -141,10 +141,10 @@ def pack_run(run_dir: Path, out_dir: Path, base: Path | None = None) -> dict:
     from edge_memdec.train.base import load_base
 
     run_dir = Path(run_dir)
-    if not (run_dir / "hf" / "config.json").is_file():
+    if not (run_dir / HF_DIR / "config.json").is_file():
         raise UserError(f"{run_dir} has no trained model (hf/config.json); run `edge-memdec train` first")
     base = base or Path(json.loads((run_dir / SUMMARY).read_text())["config"]["base"])
-    model = AutoModelForCausalLM.from_pretrained(str(run_dir / "hf"), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(run_dir / HF_DIR), dtype=torch.float32)
     return pack(model, load_base(base).model, out_dir)
 
 

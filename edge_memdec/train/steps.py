@@ -31,6 +31,7 @@ from edge_memdec.windows import Window, sliding_windows
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train.json"  # what a finished run did: its settings, steps, time, validation and history
+HF_DIR = "hf"  # the trained model in a run folder (a Hugging Face checkpoint): the best validation's, or the last
 
 # (window, first position, end position, the step's position count) -> the window's summed loss parts, float
 # [n_parts] on the CPU, after backpropagating part 0 / count.

@@ -25,7 +25,7 @@ from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
 from edge_memdec.train.options import BATCH_WINDOWS, CHECKPOINT_EVERY, MEMDEC_BETA, MEMDEC_LR, TORCH_THREADS
-from edge_memdec.train.steps import StepPlan, distributed, finish_run, optimise
+from edge_memdec.train.steps import HF_DIR, StepPlan, distributed, finish_run, optimise
 from edge_memdec.windows import Window
 
 VALID_BASE_CACHE = "valid-base-logprobs.npz"  # the base's target log-probs on the validation text
@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         return window_backward(model, tokens, hidden, targets, w, a, b, count, cfg, device, precision)
 
     def keep(m: torch.nn.Module) -> None:
-        save_model(m, out / "hf")
+        save_model(m, out / HF_DIR)
 
     done, ranks = optimise(
         model,

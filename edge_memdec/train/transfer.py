@@ -34,7 +34,7 @@ from edge_memdec.files import atomic_dir, write_json_atomic
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.datastore import read_manifest
 from edge_memdec.train.options import BATCH_WINDOWS, MEMDEC_BETA, MEMDEC_LR, TransferOptions
-from edge_memdec.train.steps import SUMMARY
+from edge_memdec.train.steps import HF_DIR, SUMMARY
 from edge_memdec.windows import sliding_windows
 
 TRANSFER_INIT = "transfer-init"  # HF folder of the re-initialised decoder, inside the run folder
@@ -213,8 +213,8 @@ def read_source(path: Path, source_base: Path | None = None) -> Source:
     path = Path(path)
     if not path.exists():
         raise UserError(f"the memory decoder {path} does not exist")
-    if (path / "hf" / "config.json").is_file():
-        run, hf = path, path / "hf"
+    if (path / HF_DIR / "config.json").is_file():
+        run, hf = path, path / HF_DIR
     elif (path / "config.json").is_file():
         run, hf = (path.parent if (path.parent / SUMMARY).is_file() else path), path
     else:
