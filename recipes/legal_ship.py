@@ -73,6 +73,20 @@ def print_frontier(rows: list[dict]) -> None:
     )
 
 
+def without_paths(value, names: dict[str, str]):
+    """`value` (JSON-like) with every string that starts with a folder of `names` renamed to its name there (the
+    record ships in the repository: no path of the machine that made it)."""
+    if isinstance(value, dict):
+        return {k: without_paths(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v, names) for v in value]
+    if isinstance(value, str):
+        for folder, name in names.items():
+            if value.startswith(folder):
+                return name + value[len(folder) :]
+    return value
+
+
 def record(
     work: Path, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path, campaign: list[str]
 ) -> dict:
@@ -152,10 +166,14 @@ def main() -> None:
         if plot.is_file():
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         write_json_atomic(
-            MODELS / "legal-memdec.json", record(
-                work, args.ship, gguf, tables[args.ship], rows, base,
-                args.campaign or ["bash recipes/legal_full.sh WORK 1200000"],
-            )
+            MODELS / "legal-memdec.json",
+            without_paths(
+                record(
+                    work, args.ship, gguf, tables[args.ship], rows, base,
+                    args.campaign or ["bash recipes/legal_full.sh WORK 1200000"],
+                ),
+                {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"},
+            ),
         )
         print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
 

@@ -130,12 +130,15 @@ def _gguf_py_view(path: Path) -> tuple[dict, dict, list[tuple]]:
 
 def test_reader_agrees_with_gguf_py_on_real_files(smollm2_gguf):
     """Our bounds-checked reader stands beside gguf-py's GGUFReader (which trusts the lengths it reads): on the
-    real SmolLM2 base and the shipped memory decoder both read the same metadata, value types and tensors."""
+    real SmolLM2 base and the shipped memory decoder both read the same metadata, value types and tensors (the
+    decoder ships as llama.cpp split parts: gguf-py reads each part alone, ours the set, tensors tagged by part)."""
     for path in (smollm2_gguf, default_memdec_gguf()):
         info = read_gguf(path)
-        values, types, tensors = _gguf_py_view(path)
+        values, types, _ = _gguf_py_view(path)
         assert info.metadata == values and info.value_types == types
+        tensors = [row for part in info.files for row in _gguf_py_view(part)[2]]
         assert [(t.name, t.shape, t.dtype, t.offset, t.n_bytes) for t in info.tensors] == tensors
+        assert [t.part for t in info.tensors] == sorted(t.part for t in info.tensors)
         assert len(tensors) >= 38 and len(values) > 20  # the whole table was compared, not an empty one
 
 

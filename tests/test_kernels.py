@@ -411,7 +411,7 @@ def test_score_rows_base_only_and_bad_arguments():
     assert score_rows(base, None, targets, np.array([]))[2].shape == (4, 0)
     with pytest.raises(ValueError, match="targets"):
         score_rows(base, base[:, :600], targets, np.array([0.5]))
-    with pytest.raises(ValueError, match="lambdas"):
+    with pytest.raises(ValueError, match="lambda must be between 0 and 1"):
         score_rows(base, base, targets, np.array([1.2]))
     with pytest.raises(ValueError, match="rows"):
         score_rows(base, base[:3], targets, np.array([0.5]))
