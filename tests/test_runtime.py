@@ -187,11 +187,14 @@ def test_the_pair_shares_one_thread_pool_and_it_changes_no_logit(smollm2_gguf, t
 
 def test_default_pair_is_the_shipped_decoder_on_smollm2():
     """`MemoryDecoderLM.default()` opens what the CLI runs with no arguments."""
+    from edge_memdec.gguf_file import read_gguf
     from edge_memdec.paths import default_memdec_gguf
 
+    shipped = default_memdec_gguf()
     with MemoryDecoderLM.default(n_ctx=128, n_threads=2) as model:
-        assert model.pair.memdec is not None and model.pair.memdec.path == default_memdec_gguf()
-        assert model.lam == pytest.approx(0.1)  # the shipped GGUF's memdec.lambda
+        assert model.pair.memdec is not None and model.pair.memdec.path == shipped
+        assert model.lam == pytest.approx(read_gguf(shipped).memdec["lambda"])  # the shipped GGUF's memdec.lambda
+        assert 0 < model.lam <= 1
         assert model.generate("This License", max_tokens=4, temperature=0).strip()
 
 
