@@ -202,13 +202,13 @@ def test_base_special_tokens_keeps_the_end_of_turn_at_the_base_probability(lm):
     """At lambda 1 the tiny decoder's near-uniform distribution all but hides <|im_end|> (p ~ 1/49152); with
     base_special_tokens it keeps the base's probability, and a base sure the turn is over ends the answer."""
     tokens = lm.tokenize("<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHello!")
-    mixed = lm.start(tokens, max_tokens=6, temperature=0.0, lam=1.0)
+    mixed = lm.start(tokens, max_tokens=6, temperature=0.0, lam=1.0, base_special_tokens=False)
     mixed.run()
     kept = lm.start(tokens, max_tokens=6, temperature=0.0, lam=1.0, base_special_tokens=True)
     kept.run()
     assert (mixed.finish_reason, len(mixed.tokens)) == ("length", 6)
     assert (kept.finish_reason, kept.tokens) == ("stop", [])
     # the other tokens keep their mixed order: the same greedy text where no special token wins
-    plain = lm.start(lm.tokenize(PROMPT), max_tokens=8, temperature=0.0)
+    plain = lm.start(lm.tokenize(PROMPT), max_tokens=8, temperature=0.0, base_special_tokens=False)
     special = lm.start(lm.tokenize(PROMPT), max_tokens=8, temperature=0.0, base_special_tokens=True)
     assert plain.run() == special.run()

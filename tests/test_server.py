@@ -536,10 +536,10 @@ def test_completion_logprobs_in_the_legacy_shape(client, server):
 def test_base_special_tokens_per_request(client, server, lm):
     prompt = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHello!"
     extra = {"lambda": 1.0}
-    mixed = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=6, extra_body=extra, **GREEDY)
-    kept = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=6,
-                                     extra_body=extra | {"base_special_tokens": True}, **GREEDY)  # fmt: skip
+    mixed = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=6,
+                                      extra_body=extra | {"base_special_tokens": False}, **GREEDY)  # fmt: skip
+    kept = client.completions.create(model=server.model_id, prompt=prompt, max_tokens=6, extra_body=extra, **GREEDY)
     assert mixed.choices[0].finish_reason == "length" and mixed.usage.completion_tokens == 6
-    assert kept.choices[0].finish_reason == "stop" and kept.usage.completion_tokens == 0
+    assert kept.choices[0].finish_reason == "stop" and kept.usage.completion_tokens == 0  # the default keeps it
     status, props = raw_request(server, "GET", "/props")
-    assert status == 200 and props["default_generation_settings"]["params"]["base_special_tokens"] is False
+    assert status == 200 and props["default_generation_settings"]["params"]["base_special_tokens"] is True
