@@ -8,10 +8,12 @@ carries the tiny GPT-2 base's tokenizer, so the two GPT-2 files pair.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 # The repository root holds the source folder `kernels/` (installed as `edge_memdec.kernels`). On sys.path, as
@@ -330,16 +332,38 @@ def tiny_qwen2_gguf(tmp_path_factory, tiny_qwen2_ckpt) -> Path:
     return convert_checkpoint(tiny_qwen2_ckpt, tmp_path_factory.mktemp("gguf") / "tiny-qwen2-f32.gguf", "f32")
 
 
+def _smollm2_memdec_gguf(folder: Path, ckpt: Path, smollm2_gguf: Path, name: str, lam: float, domain: str) -> Path:
+    """A tiny memory decoder checkpoint as an f32 GGUF `folder/name` with SmolLM2's tokenizer keys."""
+    return convert_checkpoint(
+        ckpt,
+        folder / name,
+        "f32",
+        tokenizer_from=smollm2_gguf,
+        memdec={"lambda": lam, "domain": domain, "base_model": "SmolLM2-135M-Instruct"},
+    )
+
+
+@contextlib.contextmanager
+def serving(lm, **options):
+    """A real MemdecServer for `lm` on a free loopback port, answering from a thread until the block ends."""
+    from edge_memdec.server import MemdecServer
+
+    srv = MemdecServer(lm, port=0, **options)
+    srv.warm_up()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def tiny_memdec_gguf(tmp_path_factory, tiny_memdec_ckpt, smollm2_gguf) -> Path:
     """The tiny memory decoder as an f32 GGUF with SmolLM2's tokenizer keys and memdec.lambda 0.3."""
-    return convert_checkpoint(
-        tiny_memdec_ckpt,
-        tmp_path_factory.mktemp("gguf") / "tiny-memdec-f32.gguf",
-        "f32",
-        tokenizer_from=smollm2_gguf,
-        memdec={"lambda": 0.3, "domain": "legal", "base_model": "SmolLM2-135M-Instruct"},
-    )
+    folder = tmp_path_factory.mktemp("gguf")
+    return _smollm2_memdec_gguf(folder, tiny_memdec_ckpt, smollm2_gguf, "tiny-memdec-f32.gguf", 0.3, "legal")
 
 
 @pytest.fixture(scope="session")
@@ -351,13 +375,8 @@ def finance_memdec_ckpt(tmp_path_factory, smollm2_gguf) -> Path:
 @pytest.fixture(scope="session")
 def finance_memdec_gguf(tmp_path_factory, finance_memdec_ckpt, smollm2_gguf) -> Path:
     """finance_memdec_ckpt as an f32 GGUF named finance.gguf, memdec.lambda 0.2."""
-    return convert_checkpoint(
-        finance_memdec_ckpt,
-        tmp_path_factory.mktemp("gguf") / "finance.gguf",
-        "f32",
-        tokenizer_from=smollm2_gguf,
-        memdec={"lambda": 0.2, "domain": "finance", "base_model": "SmolLM2-135M-Instruct"},
-    )
+    folder = tmp_path_factory.mktemp("gguf")
+    return _smollm2_memdec_gguf(folder, finance_memdec_ckpt, smollm2_gguf, "finance.gguf", 0.2, "finance")
 
 
 @pytest.fixture(scope="session")

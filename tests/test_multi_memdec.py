@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import serving
 from llama_cpp import Llama
 from test_batch import post
 from test_cli_errors import assert_one_line_error, run_cli
@@ -191,13 +192,8 @@ def test_cli_bad_lambdas_are_one_line(smollm2_gguf, decoders, legal_text, tmp_pa
 
 @pytest.fixture(scope="module")
 def server(lm):
-    srv = MemdecServer(lm, port=0, max_tokens=16)
-    srv.warm_up()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.close()
-    thread.join(timeout=10)
+    with serving(lm, max_tokens=16) as srv:
+        yield srv
 
 
 def test_server_lambdas_per_request_by_decoder_name(server, lm):

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from conftest import serving
 
 from edge_memdec import MemoryDecoderLM
 from edge_memdec.server import MAX_BODY_BYTES, MemdecServer
@@ -34,13 +35,8 @@ def lm(smollm2_gguf, tiny_memdec_gguf):
 
 @pytest.fixture(scope="module")
 def server(lm):
-    srv = MemdecServer(lm, port=0, max_tokens=64)
-    srv.warm_up()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.close()
-    thread.join(timeout=10)
+    with serving(lm, max_tokens=64) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
