@@ -4,7 +4,8 @@
 # WORK holds everything (split, datastore, targets, run); MAX_TOKENS caps the datastore's train tokens
 # (whole documents, seeded sample; default 1.2M, the whole split is ~3.1M). Stage timings go to WORK/stages.log.
 # Settings by environment: FROZEN (24), THREADS (2), HIDDEN, PRECISION (auto), EPOCHS (2), MAX_STEPS, LR (3e-4),
-# BATCH (8 windows), VALID_EVERY (40 steps).
+# BATCH (8 windows), VALID_EVERY (40 steps); kNN targets: TEMPERATURE (auto: the T x k sweep of KS on validation,
+# or a fixed T with K neighbours), KS (64,256,1024), K (1024), NPROBE (32 IVF lists searched per query).
 set -euo pipefail
 work=${1:?usage: recipes/legal_full.sh WORK [MAX_TOKENS]}
 max_tokens=${2:-1200000}
@@ -25,7 +26,9 @@ stage datastore "$work/datastore/.complete" bash -c "edge-memdec datastore build
   --out '$work/datastore' --max-tokens $max_tokens --hidden-blocks $hidden --pass carry --threads $threads --device auto --precision $precision \
   && touch '$work/datastore/.complete'"
 stage knn_targets "$work/datastore/targets/knn-ids.npy" edge-memdec knn-targets "$work/datastore" \
-  --temperature auto --ks 64,256,1024 --index ivfflat --threads "$threads"
+  --temperature "${TEMPERATURE:-auto}" -k "${K:-1024}" \
+  $( [ "${TEMPERATURE:-auto}" = auto ] && echo --ks "${KS:-64,256,1024}" ) --index ivfflat \
+  --nprobe "${NPROBE:-32}" --threads "$threads"
 stage train "$work/run/train.json" edge-memdec train "$work/datastore" --out "$work/run" \
   --frozen-blocks "$frozen" --epochs "${EPOCHS:-2}" --lr "${LR:-3e-4}" --batch-windows "${BATCH:-8}" \
   --n-ctx 1024 --stride 1024 --valid-corpus "$work/split" --valid-tokens 10000 --valid-every "${VALID_EVERY:-40}" \
