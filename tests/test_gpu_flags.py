@@ -23,8 +23,13 @@ from edge_memdec import MemoryDecoderLM
 from edge_memdec.cli import app
 
 RECORDING_LAUNCHER = """
+import signal
 import sys
 import llama_cpp
+
+# Ctrl-C as a user's shell delivers it, whatever signal state the test runner's process passed down
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 real_load = llama_cpp.llama_model_load_from_file
 
