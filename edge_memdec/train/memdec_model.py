@@ -40,8 +40,11 @@ def parse_layers(spec: str) -> tuple[int, ...]:
 
 
 def config_from_base(base_config, layers: int) -> LlamaConfig:
-    """The base's llama config cut to `layers` blocks, with a tied LM head."""
-    config = LlamaConfig(**base_config.to_dict())
+    """The base's llama config cut to `layers` blocks, with a tied LM head, and without the record of the GGUF the
+    base was read from (a checkpoint carrying it cannot be loaded again as `--init`)."""
+    settings = base_config.to_dict()
+    settings.pop("quantization_config", None)
+    config = LlamaConfig(**settings)
     config.num_hidden_layers = layers
     config.tie_word_embeddings = True
     config.architectures = ["LlamaForCausalLM"]
@@ -108,7 +111,10 @@ def make_memdec(
     elif init == "scratch":
         model = memdec_from_scratch(base_model.config, shape, seed)
     elif Path(init).is_dir():
-        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+        config = LlamaConfig.from_pretrained(init)
+        if hasattr(config, "quantization_config"):  # written by versions before 0.1.1; the weights are plain
+            del config.quantization_config
+        model = LlamaForCausalLM.from_pretrained(init, config=config, dtype=torch.float32)
         if model.config.vocab_size < base_model.config.vocab_size:
             raise UserError(
                 f"the checkpoint {init} has a smaller vocabulary than the base; it cannot share tokens"
