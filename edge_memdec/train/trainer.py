@@ -67,6 +67,18 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
 
 
+def holds_base_below(model: torch.nn.Module, base: Base, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's embeddings and first `cfg.frozen_blocks` blocks equal the base's exactly (a decoder
+    trained with those blocks frozen, continued with `--init RUN/hf`)."""
+    theirs = base.model.state_dict()
+    prefixes = ["model.embed_tokens."] + [f"model.layers.{i}." for i in range(max(cfg.frozen_blocks, 0))]
+    for name, weight in model.state_dict().items():
+        if any(name.startswith(p) for p in prefixes):
+            if name not in theirs or not torch.equal(weight, theirs[name].float()):
+                return False
+    return True
+
+
 def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir: Path) -> np.ndarray | None:
     """Freeze what `cfg` keeps at the base's weights and untie the head if asked; returns the stored residual
     stream entering the first trained block (float16 [n_positions, dim]) when lower blocks are frozen."""
@@ -78,11 +90,15 @@ def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir:
     if cfg.frozen_blocks <= 0:
         return None
     n_layers = len(model.model.layers)
-    if cfg.init != "base" or n_layers != base.model.config.num_hidden_layers or (
-        cfg.shape.base_layers not in (None, tuple(range(n_layers)))
-    ):
+    same_depth = n_layers == base.model.config.num_hidden_layers
+    if cfg.init == "base":
+        whole_base = same_depth and cfg.shape.base_layers in (None, tuple(range(n_layers)))
+    else:  # scratch never holds the base; a checkpoint does when it was trained with these blocks frozen
+        whole_base = cfg.init != "scratch" and same_depth and holds_base_below(model, base, cfg)
+    if not whole_base:
         raise UserError(
-            "--frozen-blocks needs the whole base as the starting decoder (--init base and every base layer)"
+            "--frozen-blocks needs the whole base as the starting decoder (--init base and every base layer, or"
+            " a checkpoint whose embeddings and frozen blocks are the base's)"
         )
     if not 0 < cfg.frozen_blocks < n_layers:
         raise UserError(f"--frozen-blocks must be between 1 and {n_layers - 1}, got {cfg.frozen_blocks}")
