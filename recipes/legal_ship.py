@@ -3,9 +3,9 @@ weight types (the frozen blocks and embedding always keep the base's own bytes),
 the recipe's report does, print the quality/size frontier, and with `--ship OUTTYPE` copy that export (its split
 parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
 
-    python recipes/legal_ship.py WORK [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
+    python recipes/legal_ship.py WORK [--run run] [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
 
-Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship, so a rerun only scores what is new.
+Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship (WORK/ship-RUN for another run), so a rerun only scores what is new.
 """
 
 from __future__ import annotations
@@ -26,15 +26,20 @@ MODELS = Path(__file__).resolve().parent.parent / "edge_memdec" / "models"
 SPLIT = "95M"  # git hosts refuse files over 100 MB
 
 
-def export(work: Path, outtype: str, base: Path) -> Path:
-    """WORK/run exported at `outtype` (split when over SPLIT); the existing export when there is one."""
-    out = work / "ship" / f"legal-memdec-{outtype}.gguf"
+def ship_dir(work: Path, run: str) -> Path:
+    """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run."""
+    return work / ("ship" if run == "run" else f"ship-{run}")
+
+
+def export(work: Path, run: str, outtype: str, base: Path) -> Path:
+    """WORK/`run` exported at `outtype` (split when over SPLIT); the existing export when there is one."""
+    out = ship_dir(work, run) / f"legal-memdec-{outtype}.gguf"
     done = sorted(out.parent.glob(f"{out.stem}*.gguf"))
     if done:
         return done[0]
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = json.loads((work / "run" / "train.json").read_text())
-    return export_memdec(work / "run", out, outtype, base, "legal", summary, SPLIT)
+    summary = json.loads((work / run / "train.json").read_text())
+    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT)
 
 
 def frontier_row(outtype: str, gguf: Path, table: dict) -> dict:
@@ -87,13 +92,26 @@ def without_paths(value, names: dict[str, str]):
     return value
 
 
+def earlier_runs(run: Path) -> list[dict]:
+    """The training runs `run` continued (`train --init RUN/hf`), earliest first: each one's settings, length and
+    validation, so the record says every step that made the shipped weights."""
+    chain = []
+    init = Path(json.loads((run / "train.json").read_text())["config"]["init"])
+    while init.name == "hf" and (init.parent / "train.json").is_file():
+        summary = json.loads((init.parent / "train.json").read_text())
+        keep = ("config", "steps", "epochs", "positions_trained", "seconds", "positions_per_second", "validation")
+        chain.insert(0, {k: summary[k] for k in keep if k in summary})
+        init = Path(summary["config"]["init"])
+    return chain
+
+
 def record(
-    work: Path, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path, campaign: list[str]
+    work: Path, run: str, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path, campaign: list[str]
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths)."""
     ds = json.loads((work / "datastore" / "datastore.json").read_text())
     targets = json.loads((work / "datastore" / "targets" / "targets.json").read_text())
-    train = json.loads((work / "run" / "train.json").read_text())
+    train = json.loads((work / run / "train.json").read_text())
     split = json.loads((work / "split" / "manifest.json").read_text())
     stages = (work / "stages.log").read_text().splitlines() if (work / "stages.log").is_file() else []
     info = read_gguf(gguf)
@@ -116,16 +134,18 @@ def record(
         "validation": train["validation"],
         "best_epoch": train["best_epoch"],
         "training": {k: v for k, v in train.items() if k not in ("validation", "best_epoch")},
+        "continued_from": earlier_runs(work / run),
         "datastore": {k: v for k, v in ds.items() if k not in ("base", "shards", "finished", "corpus")},
         "knn_targets": targets,
         "stages": stages,
-        "commands": [*campaign, f"python recipes/legal_ship.py WORK --ship {outtype}"],
+        "commands": [*campaign, f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path)
+    parser.add_argument("--run", default="run", help="the training run under WORK to release (default: run)")
     parser.add_argument("--outtypes", default="q8_0,q5_0,q4_0")
     parser.add_argument("--test-tokens", type=int, default=10_000)
     parser.add_argument("--valid-tokens", type=int, default=4_000)
@@ -143,7 +163,7 @@ def main() -> None:
     budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=args.valid_tokens)
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
-        gguf = export(work, outtype, base)
+        gguf = export(work, args.run, outtype, base)
         cached = gguf.with_name(f"{outtype}-report.json")
         if cached.is_file():
             tables[outtype] = json.loads(cached.read_text())
@@ -153,7 +173,7 @@ def main() -> None:
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))
     print_frontier(rows)
-    write_json_atomic(work / "ship" / "frontier.json", rows)
+    write_json_atomic(ship_dir(work, args.run) / "frontier.json", rows)
     if args.ship:
         if args.ship not in files:
             raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
@@ -169,7 +189,7 @@ def main() -> None:
             MODELS / "legal-memdec.json",
             without_paths(
                 record(
-                    work, args.ship, gguf, tables[args.ship], rows, base,
+                    work, args.run, args.ship, gguf, tables[args.ship], rows, base,
                     args.campaign or ["bash recipes/legal_full.sh WORK 1200000"],
                 ),
                 {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"},

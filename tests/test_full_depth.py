@@ -221,6 +221,33 @@ def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(frozen_run,
     assert ppl == pytest.approx(best["validation"]["memdec_ppl"], rel=1e-4)
 
 
+def test_more_epochs_continue_a_frozen_run_from_its_checkpoint(frozen_run, store, deep_base, tmp_path):
+    """`train --init RUN/hf --frozen-blocks N` continues a run whose lower blocks are the base's; a checkpoint
+    whose block N-1 was trained is refused in one sentence."""
+    from edge_memdec.errors import UserError
+
+    more = tmp_path / "more"
+    invoke(
+        "train", str(store["ds"]), "--out", str(more), "-m", str(deep_base), "--init", str(frozen_run / "hf"),
+        "--frozen-blocks", str(FROZEN), "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32",
+        "--batch-windows", "8", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    before = load_file(str(frozen_run / "hf" / "model.safetensors"))
+    after = load_file(str(more / "hf" / "model.safetensors"))
+    base = load_file(str(deep_base / "model.safetensors"))
+    for name in base:
+        frozen = name.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1."))
+        assert np.array_equal(after[name], base[name]) == frozen, name
+        assert np.array_equal(after[name], before[name]) == frozen, name
+    assert "quantization_config" not in json.loads((more / "hf" / "config.json").read_text())
+    refused = CliRunner().invoke(app, [
+        "train", str(store["ds"]), "--out", str(tmp_path / "refused"), "-m", str(deep_base),
+        "--init", str(frozen_run / "hf"), "--frozen-blocks", str(FROZEN + 1), "--threads", "1",
+    ])  # fmt: skip
+    assert isinstance(refused.exception, UserError), refused.output
+    assert "frozen blocks are the base's" in str(refused.exception)
+
+
 def test_export_keeps_the_base_bytes_of_frozen_tensors(frozen_run, deep_base, tmp_path):
     """`--keep-base-tensors`: the frozen blocks and tied embedding are the base GGUF's own bytes and type; the
     trained blocks get --outtype."""
