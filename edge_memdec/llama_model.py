@@ -128,9 +128,11 @@ class LlamaModel:
         options: ModelOptions | None = None,
         info: GGUFInfo | None = None,
         eval_callback=None,
+        eval_callback_data: ctypes.c_void_p | None = None,
     ):
         """`eval_callback`: a `ggml_backend_sched_eval_callback` the context calls for every graph tensor (the
-        shared trunk's capture of a hidden state, trunk.py); kept referenced while the context lives."""
+        shared trunk's capture of a hidden state, trunk.py), called with `eval_callback_data`; the caller keeps
+        both alive while the context lives."""
         options = options or ModelOptions()
         self.path = Path(path)
         self.info = info if info is not None else read_gguf(self.path)
@@ -157,7 +159,7 @@ class LlamaModel:
         self._eval_callback = eval_callback
         if eval_callback is not None:
             cparams.cb_eval = eval_callback
-            cparams.cb_eval_user_data = None
+            cparams.cb_eval_user_data = eval_callback_data
         llama_log.clear_errors()
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:

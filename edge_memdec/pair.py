@@ -142,8 +142,14 @@ class ModelPair:
             capture = HiddenCapture(self.shared, int(base_info.get(f"{base_info.arch}.embedding_length")))
         self._capture = capture
         self.base = LlamaModel(
-            base_path, base_opts, info=base_info, eval_callback=capture.callback if capture else None
+            base_path,
+            base_opts,
+            info=base_info,
+            eval_callback=capture.callback if capture else None,
+            eval_callback_data=capture.user_data if capture else None,
         )
+        if capture is not None:
+            capture.reserve(self.base.n_ctx)
         self.memdecs: list[LlamaModel] = []
         gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
         mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers, lora=())  # base's n_ctx

@@ -36,52 +36,44 @@ def top_model_path(memdec: GGUFInfo, first: int) -> Path:
     return path
 
 
-class _Ggml:
-    """The two ggml functions the capture calls (libggml-base, shipped inside llama-cpp-python)."""
-
-    def __init__(self) -> None:
-        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-        self.get_name = lib.ggml_get_name
-        self.get_name.restype, self.get_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-        self.nbytes = lib.ggml_nbytes
-        self.nbytes.restype, self.nbytes.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
-        self.tensor_get = lib.ggml_backend_tensor_get
-        self.tensor_get.restype = None
-        self.tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-
-
 class HiddenCapture:
     """Collects the residual stream entering block `first` from every llama_decode of the base's context.
 
-    `callback` goes into the base's context parameters; `take(n)` returns (and forgets) the rows of the last n
-    tokens decoded, float32 [n, n_embd]."""
+    `callback` and `user_data` go into the base's context parameters (a numba C callback, kernels/capture.py,
+    so llama.cpp's ~940 questions per decoded token cost no Python call); `take(n)` returns (and forgets) the
+    rows of the last n tokens decoded, float32 [n, n_embd]. `max_rows` (or `reserve`) bounds the rows decoded
+    between two takes: the base context's KV cells are enough, since one eval never decodes more."""
 
-    def __init__(self, first: int, n_embd: int) -> None:
+    def __init__(self, first: int, n_embd: int, max_rows: int = 512) -> None:
+        from edge_memdec.kernels import capture  # numba: imported only when a trunk is shared
+
         self.first, self.n_embd = first, n_embd
-        self._name = f"l_out-{first - 1}".encode()
-        self._ggml = _Ggml()
-        self._rows: list[np.ndarray] = []
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+        self._used, self._overflow = capture.USED, capture.OVERFLOW
+        self._rows = np.empty((max_rows, n_embd), np.float32)  # untouched pages cost no memory
+        lib = capture.ggml_library(Path(llama_cpp.__file__).parent / "lib")
+        self._state = capture.capture_state(lib, f"l_out-{first - 1}".encode(), self._rows)
+        self._buffer, self._capacity = capture.BUFFER, capture.CAPACITY
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(capture.capture_callback.address)
+        self.user_data = ctypes.c_void_p(self._state.ctypes.data)
 
-    def _on_tensor(self, tensor: int, ask: bool, user_data: int) -> bool:
-        if self._ggml.get_name(tensor) != self._name:
-            return False
-        if not ask:  # computed: copy it out (ggml_backend_tensor_get reads a GPU buffer too)
-            n_bytes = self._ggml.nbytes(tensor)
-            rows = np.empty(n_bytes // 4, np.float32)
-            self._ggml.tensor_get(tensor, rows.ctypes.data, 0, n_bytes)
-            self._rows.append(rows.reshape(-1, self.n_embd))
-        return True
+    def reserve(self, max_rows: int) -> None:
+        """Room for `max_rows` rows between two takes (the base context's KV cells); pending rows are dropped."""
+        self._rows = np.empty((max_rows, self.n_embd), np.float32)
+        self._state[self._buffer] = self._rows.ctypes.data
+        self._state[self._capacity] = self._rows.nbytes
+        self._state[self._used] = 0
 
     def clear(self) -> None:
-        self._rows.clear()
+        self._state[self._used] = 0
 
     def take(self, n: int) -> np.ndarray:
-        rows = np.concatenate(self._rows) if len(self._rows) != 1 else self._rows[0]
-        self._rows.clear()
-        if rows.shape[0] != n:
-            raise RuntimeError(f"the base handed {rows.shape[0]} hidden rows for {n} tokens")
-        return rows
+        if self._state[self._overflow]:
+            raise RuntimeError(f"the base decoded more than {len(self._rows)} tokens between two takes")
+        got = int(self._state[self._used]) // (4 * self.n_embd)
+        self._state[self._used] = 0
+        if got != n:
+            raise RuntimeError(f"the base handed {got} hidden rows for {n} tokens")
+        return self._rows[:n].copy()
 
 
 class TopDecoder(LlamaModel):
