@@ -312,13 +312,24 @@ class LlamaModel:
         state) instead of the token embeddings; `tokens` only keeps the cache's token list in step."""
         if rows.shape != (len(tokens), self.n_embd):
             raise ValueError(f"rows of shape {rows.shape} for {len(tokens)} tokens of width {self.n_embd}")
+        return self._decode(tokens, logits, self._rows_input(rows))
+
+    def _rows_input(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` as the float32 C array an embedding batch copies from (the batch made on first use)."""
         if self._embd_batch is None:
             self._embd_batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
-        return self._decode(tokens, logits, np.ascontiguousarray(rows, dtype=np.float32))
+        return np.ascontiguousarray(rows, dtype=np.float32)
 
-    def eval_seqs(self, seqs: Sequence[int], tokens: Sequence[Sequence[int]], logits: Sequence[bool]) -> list[int]:
+    def eval_seqs(
+        self,
+        seqs: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        logits: Sequence[bool],
+        rows: np.ndarray | None = None,
+    ) -> list[int]:
         """One llama_decode for several sequences: `tokens[i]` appended to sequence `seqs[i]` (distinct ids), at
-        its next positions, logits asked for its last token when `logits[i]`.
+        its next positions, logits asked for its last token when `logits[i]`. With `rows` (float32 [all the
+        tokens, n_embd], in the same order) the input is those rows instead of the token embeddings.
 
         Returns, per entry, the batch index of its last token, for `logits_at`. All the tokens together must
         fit in one batch (n_batch).
@@ -326,6 +337,8 @@ class LlamaModel:
         n = sum(len(t) for t in tokens)
         if n > self.n_batch:
             raise ValueError(f"{n} tokens do not fit in one batch of {self.n_batch}")
+        if rows is not None and rows.shape != (n, self.n_embd):
+            raise ValueError(f"rows of shape {rows.shape} for {n} tokens of width {self.n_embd}")
         for seq, chunk in zip(seqs, tokens, strict=True):
             if len(self.seq_tokens[seq]) + len(chunk) > self.n_ctx:
                 raise UserError(
@@ -333,11 +346,16 @@ class LlamaModel:
                     f"{self.n_ctx}); pass a larger -c/--ctx-size"
                 )
         b = self._batch
+        if rows is not None:
+            rows = self._rows_input(rows)
+            b = self._embd_batch
+            ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
         j, last = 0, []
         for seq, chunk, want in zip(seqs, tokens, logits, strict=True):
             start = len(self.seq_tokens[seq])
             for k, tok in enumerate(chunk):
-                b.token[j] = tok
+                if rows is None:
+                    b.token[j] = tok
                 b.pos[j] = start + k
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = seq

@@ -80,9 +80,7 @@ class ModelPair:
     with several decoders).
 
     With `options.n_parallel` N > 1 both contexts hold N sequences of `n_ctx` cells each, which `eval_seqs`
-    decodes together (the server's batched decoding); the shared trunk then opens one sequence only (its hidden
-    rows come back in llama.cpp's internal batch order, which the top decoder cannot follow), and says so in
-    the log.
+    decodes together (the server's batched decoding), shared trunk included (see TopDecoder.eval_seqs).
     """
 
     def __init__(
@@ -117,14 +115,6 @@ class ModelPair:
         # A LoRA on the base changes its lower blocks, which the decoder then no longer shares.
         sharing = len(memdec_infos) == 1 and shared_trunk and not options.lora
         self.shared = shared_blocks(base_info, memdec_infos[0]) if sharing else 0
-        if self.shared and options.n_parallel > 1:
-            logger.warning(
-                "the decoder shares %d blocks with the base (shared trunk): decoding one request at a time, "
-                "not %d in parallel (--no-shared-trunk batches them)",
-                self.shared,
-                options.n_parallel,
-            )
-            options = replace(options, n_parallel=1)
         if options.n_parallel > 1 and options.flash_attn:
             logger.warning(
                 "flash attention with %d parallel sequences: an answer may then differ from the one a request "
@@ -148,8 +138,8 @@ class ModelPair:
             eval_callback=capture.callback if capture else None,
             eval_callback_data=capture.user_data if capture else None,
         )
-        if capture is not None:
-            capture.reserve(self.base.n_ctx)
+        if capture is not None:  # rows between two takes: one eval (<= n_ctx) or one eval_seqs (<= n_batch)
+            capture.reserve(max(self.base.n_ctx, self.base.n_batch))
         self.memdecs: list[LlamaModel] = []
         gpu_layers = options.n_gpu_layers if memdec_gpu_layers is None else memdec_gpu_layers
         mem_opts = replace(base_opts, n_ctx=self.base.n_ctx, n_gpu_layers=gpu_layers, lora=())  # base's n_ctx

@@ -88,3 +88,21 @@ class TopDecoder(LlamaModel):
     def eval(self, tokens: Sequence[int], logits: Sequence[bool] | None = None) -> int:
         """Append `tokens` (just decoded by the base) through the base's hidden rows for them."""
         return self.eval_rows(self.capture.take(len(tokens)), tokens, logits)
+
+    def eval_seqs(
+        self,
+        seqs: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        logits: Sequence[bool],
+        rows: np.ndarray | None = None,
+    ) -> list[int]:
+        """As LlamaModel.eval_seqs, on the base's hidden rows for the same call.
+
+        The capture holds the rows in llama.cpp's micro-batch order. That is the call's own order when the call
+        is one sequence's piece, or one token per sequence (llama.cpp's equal split takes the sequences in the
+        order they come); other shapes (the batched server never makes them) are refused."""
+        if len(tokens) > 1 and any(len(t) != 1 for t in tokens):
+            raise ValueError("a shared trunk decodes several sequences together only one token per sequence")
+        if rows is None:
+            rows = self.capture.take(sum(len(t) for t in tokens))
+        return super().eval_seqs(seqs, tokens, logits, rows)

@@ -3,7 +3,6 @@ hidden state, and gives the same distributions as the whole decoder run beside t
 
 from __future__ import annotations
 
-import logging
 import shutil
 
 import numpy as np
@@ -77,13 +76,34 @@ def test_shared_trunk_generates_the_same_tokens(tiny_llama_gguf, decoder):
     assert answers[0] == answers[1]
 
 
-def test_shared_trunk_decodes_one_request_at_a_time(tiny_llama_gguf, decoder, caplog):
-    """The base's hidden rows come back in llama.cpp's micro-batch order, which the top decoder cannot follow
-    across sequences: a trunk pair opens one sequence, and says so."""
-    caplog.set_level(logging.WARNING, logger="edge_memdec.pair")
-    for shared, n_parallel in ((True, 1), (False, 3)):
-        with MemoryDecoderLM(
-            tiny_llama_gguf, decoder, n_ctx=64, n_threads=1, n_parallel=3, shared_trunk=shared
-        ) as lm:
-            assert lm.pair.n_parallel == lm.pair.memdec.n_parallel == n_parallel
-    assert "decoding one request at a time, not 3 in parallel" in caplog.text
+def test_shared_trunk_batches_sequences_as_the_whole_decoder_runs_them_one_by_one(tiny_llama_gguf, decoder):
+    """--parallel with a shared trunk: the top decoder reads the base's hidden rows of each batched call in the
+    call's order (llama.cpp keeps it for one token per sequence and for one sequence's piece), so the batched
+    greedy answers, with prompts split over several steps (n_batch 8), equal the whole decoder's one by one."""
+    from edge_memdec.batch import BatchDecoder
+
+    prompts = [
+        "Permission is hereby",
+        "Permission is hereby granted, free of charge, to any person obtaining a copy",
+        "to any person",
+    ]
+    lams = [0.5, 0.9, 0.2]
+    with MemoryDecoderLM(tiny_llama_gguf, decoder, n_ctx=64, n_threads=1, shared_trunk=False) as lm:
+        wanted = [lm.generate(p, max_tokens=10, temperature=0, lam=lam) for p, lam in zip(prompts, lams, strict=True)]
+    with MemoryDecoderLM(
+        tiny_llama_gguf, decoder, n_ctx=64, n_batch=8, n_threads=1, n_parallel=3, shared_trunk=True
+    ) as lm:
+        assert lm.pair.shared == 1 and lm.pair.n_parallel == lm.pair.memdec.n_parallel == 3
+        for _ in range(2):  # the second round reuses the slots' cached prefixes
+            generations = [
+                lm.start(lm.tokenize(p), max_tokens=10, temperature=0, lam=lam)
+                for p, lam in zip(prompts, lams, strict=True)
+            ]
+            batch = BatchDecoder(lm.pair)
+            for generation in generations:
+                batch.add(generation)
+            while batch.active:
+                batch.step()
+            assert [g.text for g in generations] == wanted
+        with pytest.raises(ValueError, match="one token per sequence"):
+            lm.pair.eval_seqs([0, 1], [[5, 6], [7]], [True, True])
