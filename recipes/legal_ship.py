@@ -97,8 +97,12 @@ def earlier_runs(run: Path) -> list[dict]:
     validation, so the record says every step that made the shipped weights."""
     chain = []
     init = Path(json.loads((run / "train.json").read_text())["config"]["init"])
-    while init.name == "hf" and (init.parent / "train.json").is_file():
-        summary = json.loads((init.parent / "train.json").read_text())
+    while init.name == "hf":
+        # a relative --init was given from WORK's parent (the campaign's own folder) or from WORK
+        found = [f for f in (init, run.parent.parent / init, run.parent / init) if (f.parent / "train.json").is_file()]
+        if not found:
+            break
+        summary = json.loads((found[0].parent / "train.json").read_text())
         keep = ("config", "steps", "epochs", "positions_trained", "seconds", "positions_per_second", "validation")
         chain.insert(0, {k: summary[k] for k in keep if k in summary})
         init = Path(summary["config"]["init"])
