@@ -40,37 +40,37 @@ class HiddenCapture:
     """Collects the residual stream entering block `first` from every llama_decode of the base's context.
 
     `callback` and `user_data` go into the base's context parameters (a numba C callback, kernels/capture.py,
-    so llama.cpp's ~940 questions per decoded token cost no Python call); `take(n)` returns (and forgets) the
-    rows of the last n tokens decoded, float32 [n, n_embd]. `max_rows` (or `reserve`) bounds the rows decoded
-    between two takes: the base context's KV cells are enough, since one eval never decodes more."""
+    so llama.cpp's ~940 questions per decoded token cost no Python call); `reserve` sizes the row buffer before
+    the first decode; `take(n)` returns (and forgets) the rows of the last n tokens decoded, float32 [n, n_embd]."""
 
-    def __init__(self, first: int, n_embd: int, max_rows: int = 512) -> None:
+    def __init__(self, first: int, n_embd: int) -> None:
         from edge_memdec.kernels import capture  # numba: imported only when a trunk is shared
 
         self.first, self.n_embd = first, n_embd
-        self._used, self._overflow = capture.USED, capture.OVERFLOW
-        self._rows = np.empty((max_rows, n_embd), np.float32)  # untouched pages cost no memory
+        self._kernel = capture
+        self._rows = np.empty((0, n_embd), np.float32)
         lib = capture.ggml_library(Path(llama_cpp.__file__).parent / "lib")
         self._state = capture.capture_state(lib, f"l_out-{first - 1}".encode(), self._rows)
-        self._buffer, self._capacity = capture.BUFFER, capture.CAPACITY
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(capture.capture_callback.address)
         self.user_data = ctypes.c_void_p(self._state.ctypes.data)
 
     def reserve(self, max_rows: int) -> None:
-        """Room for `max_rows` rows between two takes (the base context's KV cells); pending rows are dropped."""
+        """Room for `max_rows` rows between two takes (the most one eval or eval_seqs decodes); pending rows are
+        dropped. Untouched pages of the buffer cost no memory."""
+        k = self._kernel
         self._rows = np.empty((max_rows, self.n_embd), np.float32)
-        self._state[self._buffer] = self._rows.ctypes.data
-        self._state[self._capacity] = self._rows.nbytes
-        self._state[self._used] = 0
+        self._state[k.BUFFER], self._state[k.CAPACITY] = self._rows.ctypes.data, self._rows.nbytes
+        self._state[k.USED] = 0
 
     def clear(self) -> None:
-        self._state[self._used] = 0
+        self._state[self._kernel.USED] = 0
 
     def take(self, n: int) -> np.ndarray:
-        if self._state[self._overflow]:
+        k = self._kernel
+        if self._state[k.OVERFLOW]:
             raise RuntimeError(f"the base decoded more than {len(self._rows)} tokens between two takes")
-        got = int(self._state[self._used]) // (4 * self.n_embd)
-        self._state[self._used] = 0
+        got = int(self._state[k.USED]) // (4 * self.n_embd)
+        self._state[k.USED] = 0
         if got != n:
             raise RuntimeError(f"the base handed {got} hidden rows for {n} tokens")
         return self._rows[:n].copy()

@@ -112,7 +112,7 @@ def make_memdec(
         model = memdec_from_scratch(base_model.config, shape, seed)
     elif Path(init).is_dir():
         config = LlamaConfig.from_pretrained(init)
-        if hasattr(config, "quantization_config"):  # written by versions before 0.1.1; the weights are plain
+        if hasattr(config, "quantization_config"):  # earlier checkpoints copied it from the base GGUF; their weights are plain
             del config.quantization_config
         model = LlamaForCausalLM.from_pretrained(init, config=config, dtype=torch.float32)
         if model.config.vocab_size < base_model.config.vocab_size:

@@ -71,7 +71,7 @@ def holds_base_below(model: torch.nn.Module, base: Base, cfg: TrainConfig) -> bo
     """Whether a checkpoint's embeddings and first `cfg.frozen_blocks` blocks equal the base's exactly (a decoder
     trained with those blocks frozen, continued with `--init RUN/hf`)."""
     theirs = base.model.state_dict()
-    prefixes = ["model.embed_tokens."] + [f"model.layers.{i}." for i in range(max(cfg.frozen_blocks, 0))]
+    prefixes = ["model.embed_tokens."] + [f"model.layers.{i}." for i in range(cfg.frozen_blocks)]
     for name, weight in model.state_dict().items():
         if any(name.startswith(p) for p in prefixes):
             if name not in theirs or not torch.equal(weight, theirs[name].float()):
