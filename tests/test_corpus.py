@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from edge_memdec.corpus import load_corpus, read_split, split_documents, strip_front_matter, write_split
+from edge_memdec.corpus import (
+    general_documents,
+    load_corpus,
+    read_split,
+    split_documents,
+    strip_front_matter,
+    write_split,
+)
 from edge_memdec.errors import UserError
 
 
@@ -20,6 +27,18 @@ def test_legal_corpus_has_no_yaml():
     docs = load_corpus("legal")
     assert len(docs) > 2000
     assert not any(d.text.startswith("key:") or "\nshort_name:" in d.text[:400] for d in docs)
+
+
+def test_general_text_shares_no_document_with_either_domain():
+    general = general_documents()
+    finance = {d.text for d in load_corpus("finance")}
+    assert len(general) > 1500 and {d.doc_id.split("/")[0] for d in general} == {
+        "entertainment",
+        "politics",
+        "sports",
+        "tech",
+    }
+    assert not finance & {d.text for d in general}
 
 
 def test_split_is_by_document_deterministic_and_disjoint(tmp_path):

@@ -136,3 +136,16 @@ def test_torch_search_equals_faiss_flat():
     d, i = ours.search(queries, 16)
     np.testing.assert_array_equal(i, exact_i)
     np.testing.assert_allclose(d, exact_d, rtol=1e-4, atol=1e-3)
+
+
+def test_general_sample_is_seeded_whole_articles_cut_to_the_token_budget(smollm2_gguf):
+    """The forgetting column's text: the same seed gives the same articles, cut to at most the token budget."""
+    from edge_memdec.corpus import general_documents
+    from edge_memdec.train.base import load_tokenizer
+    from edge_memdec.train.report import sample_text
+
+    tokenizer, docs = load_tokenizer(smollm2_gguf), general_documents()
+    text = sample_text(tokenizer, docs, 600)
+    assert text == sample_text(tokenizer, docs, 600) != sample_text(tokenizer, docs, 600, seed=1)
+    assert 500 < len(tokenizer.encode(text, add_special_tokens=False).ids) <= 600
+    assert text.split("\n\n")[0] in {d.text.split("\n\n")[0] for d in docs}

@@ -177,14 +177,18 @@ def baseline_table(
 ) -> dict:
     """`compare`'s report on the test split (paper protocol, 1024/512 windows): base, base + LoRA, DAPT, base +
     memory decoder and base + LoRA + memory decoder, for the rows that were trained (kNN-LM is the main
-    report's row, not scored again)."""
+    report's row, not scored again). Each row is also scored on `budget.test_tokens` tokens of general text
+    (`corpus.general_documents`): what a row loses there is its forgetting."""
     from edge_memdec.compare import CompareSettings, compare, rows_of
+    from edge_memdec.corpus import general_documents
     from edge_memdec.llama_model import ModelOptions
     from edge_memdec.train.base import load_tokenizer
-    from edge_memdec.train.report import split_text
+    from edge_memdec.train.report import sample_text, split_text
 
-    test_text = split_text(load_tokenizer(base), split, "test", budget.test_tokens)
+    tokenizer = load_tokenizer(base)
+    test_text = split_text(tokenizer, split, "test", budget.test_tokens)
+    general_text = sample_text(tokenizer, general_documents(), budget.test_tokens)
     lora = (str(trained["lora"]),) if "lora" in trained else ()
     rows = rows_of(base, lora, trained.get("dapt"), None, memdec)
     settings = CompareSettings(n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, options=ModelOptions(n_threads=threads))
-    return compare(rows, test_text, None, settings)
+    return compare(rows, test_text, general_text, settings)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.corpus import join_documents, split_documents_of
+from edge_memdec.corpus import Document, join_documents, split_documents_of
 from edge_memdec.defaults import DEFAULT_LAMBDA, PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.files import write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
@@ -28,8 +28,13 @@ from edge_memdec.train.stream import choose_documents
 def split_text(tokenizer, split_dir: Path, split: str, max_tokens: int, seed: int = 0) -> str:
     """A seeded sample of whole documents of `split`, cut to about `max_tokens` tokens (the same documents the
     trainer validates on, for the validation split)."""
-    docs = choose_documents(tokenizer, split_documents_of(split_dir, split), max_tokens, seed)
-    ids = tokenizer.encode(join_documents(docs), add_special_tokens=False).ids[:max_tokens]
+    return sample_text(tokenizer, split_documents_of(split_dir, split), max_tokens, seed)
+
+
+def sample_text(tokenizer, docs: list[Document], max_tokens: int, seed: int = 0) -> str:
+    """A seeded sample of whole documents of `docs`, joined and cut to at most `max_tokens` tokens."""
+    chosen = choose_documents(tokenizer, docs, max_tokens, seed)
+    ids = tokenizer.encode(join_documents(chosen), add_special_tokens=False).ids[:max_tokens]
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
