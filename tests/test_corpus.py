@@ -29,7 +29,7 @@ def test_legal_corpus_has_no_yaml():
     assert not any(d.text.startswith("key:") or "\nshort_name:" in d.text[:400] for d in docs)
 
 
-def test_general_text_shares_no_document_with_either_domain():
+def test_general_text_is_four_news_categories_and_shares_no_document_with_finance():
     general = general_documents()
     finance = {d.text for d in load_corpus("finance")}
     assert len(general) > 1500 and {d.doc_id.split("/")[0] for d in general} == {
