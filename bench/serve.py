@@ -1,5 +1,6 @@
-"""Server load: 1, 4, 16 and 32 concurrent OpenAI clients against `edge-memdec serve`'s server, for each
-`--parallel` setting given, all measured in one run with the settings interleaved round by round.
+"""Server load: 1, 4, 16 and 32 concurrent OpenAI clients against `edge-memdec serve`, for each `--parallel`
+setting given, all measured in one run with the settings interleaved round by round. Each setting is a real
+`edge-memdec serve` process, as users run it; the clients are threads of this one.
 
     python bench/serve.py [--memdec MEM.gguf] [-m BASE.gguf] [--parallel 1 4] [--clients 1 4 16 32] [-n 32]
                           [--min-requests 4] [--repeats 2] [-t THREADS] [-c CTX]
@@ -8,17 +9,21 @@ Each client sends greedy streamed chat requests one after the other (four legal 
 as make at least `--min-requests` in the round (1 client: 4 requests; 16 clients: one each). Per setting and
 client count the table gives the median over the repeats of the aggregate answer tokens/s (all answer tokens
 over the round's wall time) and its ratio to the same setting's 1-client row, then the p50 and p95 time to
-first token (request sent -> first text chunk) over every request of every repeat. "changed" counts answers
+first token (request sent -> first text chunk) over every request of every repeat, and the median streaming
+rate of one request after its first chunk (answer tokens after the first / seconds from first to last chunk):
+the 1-client aggregate rate also pays each request's prompt evaluation and HTTP round trip, this one does not. "changed" counts answers
 unlike the Python API's, computed one after another from an empty cache on a pair opened like the server's
-(flash attention setting included). A last line gives llama.cpp's own rate on the pair for one row per
+(flash attention setting included) in this process. A last line gives llama.cpp's own rate on the pair for one row per
 llama_decode and for 64 rows with logits for each: the most that batching can gain on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +33,6 @@ import openai
 
 from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.paths import default_base_gguf, default_memdec_gguf
-from edge_memdec.server import MemdecServer
 
 QUESTIONS = [
     "What does a software licence allow?",
@@ -49,23 +53,57 @@ class Round:
     wall: float  # seconds from the first request sent to the last answer read
     n_tokens: int  # answer tokens of all requests (the usage chunk's completion_tokens)
     ttft: list[float]  # seconds to the first text chunk, per request
+    stream: list[float]  # tokens/s after the first text chunk, per request
     answers: list[tuple[int, str]]  # (request number, answer text) per request
     changed: int = 0  # answers unlike the Python API's
 
 
 @dataclass
+class Server:
+    """An `edge-memdec serve` process on a free loopback port."""
+
+    process: subprocess.Popen
+    url: str
+    model_id: str = ""
+
+    @classmethod
+    def start(cls, base: Path, memdec: Path, parallel: int, threads: int | None, ctx: int) -> Server:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "edge_memdec.cli", "serve", "-m", str(base), "--memdec", str(memdec)]
+        command += ["--port", str(port), "--parallel", str(parallel), "-c", str(ctx)]
+        command += ["-t", str(threads)] if threads else []
+        server = cls(subprocess.Popen(command, stdout=subprocess.DEVNULL), f"http://127.0.0.1:{port}/v1")
+        client = openai.OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=5)
+        for _ in range(600):
+            if server.process.poll() is not None:
+                raise SystemExit(f"edge-memdec serve exited with {server.process.returncode}")
+            try:
+                server.model_id = client.models.list().data[0].id
+                return server
+            except openai.APIConnectionError:
+                time.sleep(0.5)
+        raise SystemExit("edge-memdec serve did not answer within 5 minutes")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+@dataclass
 class Setting:
     parallel: int
-    server: MemdecServer
+    server: Server
     rounds: dict[int, list[Round]] = field(default_factory=dict)  # clients -> repeats
 
 
-def run_round(server: MemdecServer, n_clients: int, n_requests: int, max_tokens: int) -> Round:
+def run_round(server: Server, n_clients: int, n_requests: int, max_tokens: int) -> Round:
     client = openai.OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=900)
 
-    def one(i: int) -> tuple[float, int, str]:
+    def one(i: int) -> tuple[float, float, int, str]:
         start = time.perf_counter()
-        first, text, n_tokens = None, "", 0
+        first, last, text, n_tokens = None, start, "", 0
         stream = client.chat.completions.create(
             model=server.model_id, messages=messages(i), max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True},
@@ -74,19 +112,22 @@ def run_round(server: MemdecServer, n_clients: int, n_requests: int, max_tokens:
             if chunk.usage is not None:
                 n_tokens = chunk.usage.completion_tokens
             if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter() - start
+                last = time.perf_counter()
+                first = first or last - start
                 text += chunk.choices[0].delta.content
-        return first if first is not None else time.perf_counter() - start, n_tokens, text
+        first = first if first is not None else time.perf_counter() - start
+        after = last - start - first
+        return first, (n_tokens - 1) / after if n_tokens > 1 and after > 0 else float("nan"), n_tokens, text
 
-    def client_requests(c: int) -> list[tuple[int, float, int, str]]:
+    def client_requests(c: int) -> list[tuple[int, float, float, int, str]]:
         return [(i, *one(i)) for i in range(c * n_requests, (c + 1) * n_requests)]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(n_clients) as pool:
         results = [r for rs in pool.map(client_requests, range(n_clients)) for r in rs]
     wall = time.perf_counter() - start
-    answers = [(i, text) for i, _, _, text in results]
-    return Round(wall, sum(r[2] for r in results), [r[1] for r in results], answers)
+    answers = [(i, text) for i, _, _, _, text in results]
+    return Round(wall, sum(r[3] for r in results), [r[1] for r in results], [r[2] for r in results], answers)
 
 
 def reference_answers(lm: MemoryDecoderLM, max_tokens: int) -> dict[int, str]:
@@ -137,18 +178,16 @@ def main() -> None:
     if 1 not in args.clients:
         parser.error("--clients must include 1: the other rows are compared with it")
     base, memdec = args.model or default_base_gguf(), args.memdec or default_memdec_gguf()
-    settings, threads, ceiling = [], [], ()
+    settings, ceiling = [], ()
     try:
         for parallel in args.parallel:
-            lm = MemoryDecoderLM(base, memdec, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=parallel)
-            server = MemdecServer(lm, port=0)
-            server.warm_up()
-            reference = reference_answers(lm, args.n)
-            if parallel > 1 and not ceiling:
-                ceiling = row_rates(lm)
+            with MemoryDecoderLM(base, memdec, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=parallel) as lm:
+                reference = reference_answers(lm, args.n)
+                if parallel > 1 and not ceiling:
+                    ceiling = row_rates(lm)
+                threads_used = lm.pair.base.options.n_threads or "all"
+            server = Server.start(base, memdec, parallel, args.threads, args.ctx_size)
             settings.append((Setting(parallel, server), reference))
-            threads.append(threading.Thread(target=server.serve_forever, daemon=True))
-            threads[-1].start()
         for repeat in range(args.repeats):
             order = settings if repeat % 2 == 0 else settings[::-1]  # interleaved: drift hits every setting
             for setting, reference in order:
@@ -160,20 +199,20 @@ def main() -> None:
     finally:
         for setting, _ in settings:
             setting.server.close()
-            setting.server.lm.close()
-    threads_used = settings[0][0].server.lm.pair.base.options.n_threads or "all"
     print(f"{settings[0][0].server.model_id}, max_tokens {args.n}, threads {threads_used}, "
           f"median of {args.repeats} interleaved repeats")  # fmt: skip
-    print("| --parallel | clients | answer tok/s | vs 1 client | p50 TTFT s | p95 TTFT s | answers changed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| --parallel | clients | answer tok/s | vs 1 client | p50 TTFT s | p95 TTFT s | one stream tok/s "
+          "| answers changed |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for setting, _ in settings:
         rates = {n: statistics.median(r.n_tokens / r.wall for r in rounds) for n, rounds in setting.rounds.items()}
         for n_clients, rounds in setting.rounds.items():
             ttft = [t for r in rounds for t in r.ttft]
+            stream = statistics.median(t for r in rounds for t in r.stream if t == t)  # NaN: one-token answers
             n_answers = sum(len(r.answers) for r in rounds)
             print(
                 f"| {setting.parallel} | {n_clients} | {rates[n_clients]:.1f} | {rates[n_clients] / rates[1]:.2f}x | "
-                f"{statistics.median(ttft):.2f} | {p95(ttft):.2f} | {sum(r.changed for r in rounds)} of {n_answers} |"
+                f"{statistics.median(ttft):.2f} | {p95(ttft):.2f} | {stream:.1f} | {sum(r.changed for r in rounds)} of {n_answers} |"
             )
     if ceiling:
         one, many = ceiling

@@ -335,7 +335,8 @@ def raw_text(server, path: str, headers: dict | None = None) -> tuple[int, str, 
 
 
 def metric(text: str, name: str) -> float:
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+    """The value of series `name` (0 when absent: a labelled counter appears with its first count)."""
+    return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0))
 
 
 def test_metrics_count_tokens_and_requests(client, server):
@@ -351,6 +352,25 @@ def test_metrics_count_tokens_and_requests(client, server):
     route = 'edge_memdec:requests_total{route="/v1/completions",status="200"}'
     assert metric(after, route) == metric(before, route) + 1
     assert "# TYPE llamacpp:prompt_tokens_total counter" in after
+
+
+def test_warm_up_decodes_on_the_decode_loop_and_counts_no_tokens(lm, monkeypatch):
+    """llama.cpp's OpenMP build keeps a team of workers per thread that decodes: every decode of a server,
+    its warm-up included, happens on the decode loop's one thread (a second team halved the rate on 2 cores)."""
+    srv = MemdecServer(lm, port=0)
+    threads, real_eval = set(), lm.pair.eval
+
+    def eval_seen(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(lm.pair, "eval", eval_seen)
+    try:
+        srv.warm_up()
+        assert threads == {"decode-loop"}
+        assert metric(srv.metrics.render(0, 0), "llamacpp:tokens_predicted_total") == 0
+    finally:
+        srv.close()
 
 
 @pytest.fixture(scope="module")
