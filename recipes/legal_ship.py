@@ -4,8 +4,9 @@ the recipe's report does, print the quality/size frontier, and with `--ship OUTT
 parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
 
     python recipes/legal_ship.py WORK [--run run] [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
+                                      [--then "COMMAND that continued the run"]
 
-Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship (WORK/ship-RUN for another run), so a rerun only scores what is new.
+A release keeps the replaced record's T/k sweep, commands and history (`previous_decoders`). Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship (WORK/ship-RUN for another run), so a rerun only scores what is new.
 """
 
 from __future__ import annotations
@@ -109,6 +110,32 @@ def earlier_runs(run: Path) -> list[dict]:
     return chain
 
 
+def replaced_summary(old: dict) -> dict:
+    """The shipped record `old`, cut to what the next record keeps of it in `previous_decoders`."""
+    training = old.get("training", {})
+    config = training.get("config", {})
+    test = old.get("test_split", {})
+    return {
+        "note": f"the decoder this one replaces: {training.get('steps')} steps ({training.get('epochs')} epochs) "
+        f"at lr {config.get('lr')}, continuing {len(old.get('continued_from', []))} earlier run(s)",
+        "test_split": {
+            "memdec_alone": test.get("memdec_alone", {}).get("ppl"),
+            "base_plus_memdec": test.get("base_plus_memdec", {}).get("ppl"),
+            "lambda": test.get("memdec_lambda"),
+        },
+        "validation": old.get("validation"),
+    }
+
+
+def carried(old: dict | None) -> dict:
+    """What a release keeps of the record it replaces: the T/k sweep, and the decoders shipped before (the
+    replaced one's summary last)."""
+    if old is None:
+        return {}
+    kept = {"knn_sweep": old["knn_sweep"]} if "knn_sweep" in old else {}
+    return kept | {"previous_decoders": [*old.get("previous_decoders", []), replaced_summary(old)]}
+
+
 def record(
     work: Path, run: str, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path, campaign: list[str]
 ) -> dict:
@@ -159,7 +186,11 @@ def main() -> None:
         "--campaign",
         action="append",
         default=None,
-        help="the exact commands that made WORK, for the record (default: recipes/legal_full.sh WORK 1200000)",
+        help="the exact commands that made WORK, for the record (default: the shipped record's, without its "
+        "release line; else recipes/legal_full.sh WORK 1200000)",
+    )
+    parser.add_argument(
+        "--then", action="append", default=[], help="a command run after those (e.g. the continued training run)"
     )
     args = parser.parse_args()
     work = args.work
@@ -181,6 +212,12 @@ def main() -> None:
     if args.ship:
         if args.ship not in files:
             raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
+        shipped = MODELS / "legal-memdec.json"
+        previous = json.loads(shipped.read_text()) if shipped.is_file() else None
+        campaign = args.campaign or [
+            c for c in (previous or {}).get("commands", []) if not c.startswith("python recipes/legal_ship.py")
+        ]
+        campaign = [*(campaign or ["bash recipes/legal_full.sh WORK 1200000"]), *args.then]
         for old in MODELS.glob("legal-memdec*"):
             old.unlink()
         gguf = files[args.ship]
@@ -192,10 +229,7 @@ def main() -> None:
         write_json_atomic(
             MODELS / "legal-memdec.json",
             without_paths(
-                record(
-                    work, args.run, args.ship, gguf, tables[args.ship], rows, base,
-                    args.campaign or ["bash recipes/legal_full.sh WORK 1200000"],
-                ),
+                record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign) | carried(previous),
                 {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"},
             ),
         )
