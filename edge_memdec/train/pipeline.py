@@ -191,6 +191,13 @@ def recipe_command(
     print(f"  base + kNN-LM (lambda {knn['lambda']:.2f})  PPL {knn['ppl']:.3f}")
     mix = result["base_plus_memdec"]
     print(f"  base + memdec (lambda {mix['lambda']:.2f})  PPL {mix['ppl']:.3f}")
+    if "general" in result:
+        general = result["general"]
+        print(f"general text (news outside the domains), {general['tokens_scored']} tokens scored")
+        print(f"  base                      PPL {general['base']['ppl']:.3f}")
+        print(f"  memory decoder alone      PPL {general['memdec_alone']['ppl']:.3f}")
+        gmix = general["base_plus_memdec"]
+        print(f"  base + memdec (lambda {gmix['lambda']:.2f})  PPL {gmix['ppl']:.3f}")
     for name, stage in result["stages"].items():
         rss = f", peak {stage['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in stage else ""
         print(f"  stage {name}: {stage['seconds']:.0f} s{rss}")

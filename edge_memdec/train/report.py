@@ -1,4 +1,5 @@
-"""The recipe's report on the test split: base, memory decoder alone, kNN-LM, and base + memory decoder.
+"""The recipe's report on the test split: base, memory decoder alone, kNN-LM, and base + memory decoder; and the
+same models (kNN-LM aside) on general text, where a decoder should cost little.
 
 Both lambdas are chosen on validation: the memory decoder's is the one the trainer stored in the GGUF, the
 kNN-LM's is tuned here on the same validation documents. Base, memory decoder and their mixture are scored by
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.corpus import Document, join_documents, split_documents_of
+from edge_memdec.corpus import Document, general_documents, join_documents, split_documents_of
 from edge_memdec.defaults import DEFAULT_LAMBDA, PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.files import write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
@@ -69,11 +70,14 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     tokenizer = load_tokenizer(base)
     valid_text = split_text(tokenizer, split_dir, "validation", budget.valid_tokens)
     test_text = split_text(tokenizer, split_dir, "test", budget.test_tokens)
+    general_text = sample_text(tokenizer, general_documents(), budget.test_tokens)
     lam = round(float(read_gguf(memdec).memdec.get("lambda", DEFAULT_LAMBDA)), 6)
     lambdas = sorted({*budget.lambdas, lam})
     with MemoryDecoderLM(base, memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=threads) as lm:
         ours = lm.perplexity(test_text, n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, lambdas=lambdas)
+        general = lm.perplexity(general_text, n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, lambdas=lambdas)
     mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
+    general_at = {round(r["lambda"], 6): r for r in general["mixed"]}
 
     # kNN-LM at the (k, T) the targets were built with: chosen where kNN-LM is best on validation
     params = json.loads((Path(datastore) / "targets" / "targets.json").read_text())["params"]
@@ -95,6 +99,17 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         "memdec_seconds": ours["seconds"],
         "knn_lm": knn_lm,
         "knn_mixed": knn_mixed,
+        # the same models on general text (corpus.general_documents): what the decoder costs outside its domain
+        "general": {
+            "tokens_scored": general["tokens_scored"],
+            "base": general["base"],
+            "memdec_alone": general["memdec"],
+            "base_plus_memdec": {
+                "lambda": lam,
+                **{k: v for k, v in general_at[round(lam, 6)].items() if k != "lambda"},
+            },
+            "memdec_mixed": [{"lambda": r["lambda"], "ppl": r["ppl"]} for r in general["mixed"]],
+        },
     }
     table["ratio_mixed_to_base"] = table["base_plus_memdec"]["ppl"] / table["base"]["ppl"]
     table["ratio_knn_to_base"] = knn_lm["ppl"] / knn_lm["base_pytorch"]["ppl"]
