@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from edge_memdec.corpus import general_text
 from edge_memdec.decode import Generation, SamplingParams
 from edge_memdec.defaults import COMPARE_DECODE_TOKENS, PERPLEXITY_SETTINGS, check_lambda
 from edge_memdec.describe import size_text
@@ -107,7 +108,7 @@ class CompareJob:
     def check(self) -> tuple[str, str | None]:
         """The domain text and the general text (or None), or a UserError for anything refused."""
         text = read_text_file(self.text_file)
-        general = read_text_file(self.general_file) if self.general_file is not None else None
+        general = general_text(self.general_file) if self.general_file is not None else None
         for out in (self.json_out, self.plot_out):
             if out is not None:
                 check_output_path(out)

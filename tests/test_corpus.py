@@ -8,6 +8,7 @@ import pytest
 
 from edge_memdec.corpus import (
     general_documents,
+    general_text,
     load_corpus,
     read_split,
     split_documents,
@@ -39,6 +40,17 @@ def test_general_text_is_four_news_categories_and_shares_no_document_with_financ
         "tech",
     }
     assert not finance & {d.text for d in general}
+
+
+def test_general_news_is_a_fixed_sample_unless_a_file_has_that_name(tmp_path, monkeypatch):
+    news = general_text("news")
+    assert 30_000 < len(news) <= 40_000 and news == general_text("news")
+    assert news.split("\n\n")[0] in {d.text.split("\n\n")[0] for d in general_documents()}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "news").write_text("my own general text", encoding="utf-8")
+    assert general_text("news") == "my own general text"
+    with pytest.raises(UserError, match="does not exist"):
+        general_text("missing.txt")
 
 
 def test_split_is_by_document_deterministic_and_disjoint(tmp_path):
