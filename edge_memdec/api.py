@@ -30,8 +30,10 @@ class MemoryDecoderLM:
     other thread), `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
     the base's hidden state) and `base_special_tokens` (lambda 0 on the control and end-of-generation tokens,
     which a decoder trained on plain text never saw; a request's `base_special_tokens` overrides it). Safe to
-    share between
-    threads: calls are served one at a time. `flash_attn=None` (llama.cpp's choice, on for CPU) decodes ~10%
+    share between threads: calls are served one at a time. Fastest from one thread: llama.cpp's OpenMP build
+    keeps a team of workers for each thread that decodes, and when the teams hold more threads than the
+    machine has cores they sleep between steps (on 2 cores a second decoding thread cost a third of the speed;
+    `edge-memdec serve` decodes on one thread). `flash_attn=None` (llama.cpp's choice, on for CPU) decodes ~10%
     faster; pass `flash_attn=False` for the exact attention `edge-memdec perplexity` uses by default.
     """
 
