@@ -133,11 +133,16 @@ def general_documents() -> list[Document]:
     return normalize_documents(docs)
 
 
-def general_text(source: str | Path, max_chars: int = GENERAL_NEWS_CHARS) -> str:
-    """The text of file `source`, or, for the word `news` (when no such file exists), a seeded sample of
-    `general_documents` of about `max_chars` characters (~10k SmolLM2 tokens by default)."""
+def general_sample(max_chars: int = GENERAL_NEWS_CHARS) -> str:
+    """The general text every report scores (the recipe's, `compare --general news`'s): a seeded sample of whole
+    `general_documents` of about `max_chars` characters (~9k SmolLM2 tokens by default), joined."""
+    return join_documents(sample_documents(general_documents(), max_chars))
+
+
+def general_text(source: str | Path) -> str:
+    """The text of file `source`, or, for the word `news` (when no such file exists), `general_sample()`."""
     if str(source) == GENERAL_NEWS_NAME and not Path(source).exists():
-        return join_documents(sample_documents(general_documents(), max_chars))
+        return general_sample()
     return read_text_file(source)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from edge_memdec.corpus import (
     general_documents,
+    general_sample,
     general_text,
     load_corpus,
     read_split,
@@ -49,6 +50,7 @@ def test_general_news_is_a_fixed_sample_unless_a_file_has_that_name(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "news").write_text("my own general text", encoding="utf-8")
     assert general_text("news") == "my own general text"
+    assert general_sample() == news  # the reports' general text does not depend on the working folder
     with pytest.raises(UserError, match="does not exist"):
         general_text("missing.txt")
 

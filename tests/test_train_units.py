@@ -138,8 +138,8 @@ def test_torch_search_equals_faiss_flat():
     np.testing.assert_allclose(d, exact_d, rtol=1e-4, atol=1e-3)
 
 
-def test_general_sample_is_seeded_whole_articles_cut_to_the_token_budget(smollm2_gguf):
-    """The forgetting column's text: the same seed gives the same articles, cut to at most the token budget."""
+def test_sample_text_is_seeded_whole_documents_cut_to_the_token_budget(smollm2_gguf):
+    """A split's scored text: the same seed gives the same documents, cut to at most the token budget."""
     from edge_memdec.corpus import general_documents
     from edge_memdec.train.base import load_tokenizer
     from edge_memdec.train.report import sample_text

@@ -177,17 +177,17 @@ def baseline_table(
 ) -> dict:
     """`compare`'s report on the test split (paper protocol, 1024/512 windows): base, base + LoRA, DAPT, base +
     memory decoder and base + LoRA + memory decoder, for the rows that were trained (kNN-LM is the main
-    report's row, not scored again). Each row is also scored on `budget.test_tokens` tokens of general text
-    (`corpus.general_documents`): what a row loses there is its forgetting."""
+    report's row, not scored again). Each row is also scored on general text (`corpus.general_sample`, the
+    main report's and `compare --general news`'s): what a row loses there is its forgetting."""
     from edge_memdec.compare import CompareSettings, compare, rows_of
-    from edge_memdec.corpus import general_documents
+    from edge_memdec.corpus import general_sample
     from edge_memdec.llama_model import ModelOptions
     from edge_memdec.train.base import load_tokenizer
-    from edge_memdec.train.report import sample_text, split_text
+    from edge_memdec.train.report import split_text
 
     tokenizer = load_tokenizer(base)
     test_text = split_text(tokenizer, split, "test", budget.test_tokens)
-    general_text = sample_text(tokenizer, general_documents(), budget.test_tokens)
+    general_text = general_sample()
     lora = (str(trained["lora"]),) if "lora" in trained else ()
     rows = rows_of(base, lora, trained.get("dapt"), None, memdec)
     settings = CompareSettings(n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, options=ModelOptions(n_threads=threads))

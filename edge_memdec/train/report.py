@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_memdec.corpus import Document, general_documents, join_documents, split_documents_of
+from edge_memdec.corpus import Document, general_sample, join_documents, split_documents_of
 from edge_memdec.defaults import DEFAULT_LAMBDA, PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.files import write_npz_atomic
 from edge_memdec.gguf_file import read_gguf
@@ -70,7 +70,7 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     tokenizer = load_tokenizer(base)
     valid_text = split_text(tokenizer, split_dir, "validation", budget.valid_tokens)
     test_text = split_text(tokenizer, split_dir, "test", budget.test_tokens)
-    general_text = sample_text(tokenizer, general_documents(), budget.test_tokens)
+    general_text = general_sample()
     lam = round(float(read_gguf(memdec).memdec.get("lambda", DEFAULT_LAMBDA)), 6)
     lambdas = sorted({*budget.lambdas, lam})
     with MemoryDecoderLM(base, memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=threads) as lm:
@@ -99,7 +99,7 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         "memdec_seconds": ours["seconds"],
         "knn_lm": knn_lm,
         "knn_mixed": knn_mixed,
-        # the same models on general text (corpus.general_documents): what the decoder costs outside its domain
+        # the same models on general text (corpus.general_sample, as `compare --general news`): what the decoder costs outside its domain
         "general": {
             "tokens_scored": general["tokens_scored"],
             "base": general["base"],
