@@ -555,6 +555,13 @@ def datastore_build(
         Optional[str],
         typer.Option(help="Also store the residual stream entering these blocks, e.g. 24 (for --frozen-blocks)"),
     ] = None,
+    special_tokens: Annotated[
+        bool,
+        typer.Option(
+            help="Read control tokens written in the corpus (<|im_start|>, ...) as those tokens, for text in "
+            "the base's chat format; by default they are plain text, as in any document"
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -575,6 +582,7 @@ def datastore_build(
         seed=seed,
         mode=pass_mode,
         hidden_blocks=parse_layers(hidden_blocks) if hidden_blocks else (),
+        special_tokens=special_tokens,
         device=device,
         precision=precision,
     )

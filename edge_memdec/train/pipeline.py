@@ -54,10 +54,12 @@ def datastore_command(
     seed: int,
     mode: str = "carry",
     hidden_blocks: tuple[int, ...] = (),
+    special_tokens: bool = False,
     device: str = "cpu",
     precision: str = "fp32",
 ) -> dict:
-    """`edge-memdec datastore build`: tokenize the chosen documents and build (or resume) the datastore."""
+    """`edge-memdec datastore build`: tokenize the chosen documents and build (or resume) the datastore.
+    `special_tokens`: control tokens written in the text (a chat-formatted corpus) are read as those tokens."""
     from edge_memdec.train.datastore import build_datastore, check_window_options
     from edge_memdec.train.device import resolve_device, resolve_precision
     from edge_memdec.train.stream import token_stream
@@ -67,6 +69,7 @@ def datastore_command(
     precision = resolve_precision(precision, resolve_device(device))
     docs = split_documents_of(corpus, split)
     base = open_base(model, threads, device)
+    base.tokenizer.encode_special_tokens = not special_tokens
     tokens = token_stream(base.tokenizer, docs, max_tokens, seed)
     t0 = time.perf_counter()
     manifest = build_datastore(
@@ -76,7 +79,7 @@ def datastore_command(
         n_ctx=n_ctx,
         stride=stride,
         shard_windows=shard_windows,
-        info={"corpus": str(corpus), "split": split, "seed": seed},
+        info={"corpus": str(corpus), "split": split, "seed": seed} | ({"special_tokens": True} if special_tokens else {}),
         mode=mode,
         hidden_blocks=hidden_blocks,
         precision=precision,
