@@ -94,7 +94,8 @@ def commands(root: Path, variant: str, init: Path, tokens: int, threads: int) ->
     split, ds, run = root / variant / "split", root / variant / "datastore", root / variant / "run"
     return [
         [*cli, "datastore", "build", "--corpus", str(split), "--out", str(ds), "--max-tokens", str(tokens),
-         "--hidden-blocks", "24", "--pass", "carry", "--threads", str(threads), "--special-tokens"],
+         "--hidden-blocks", "24", "--pass", "carry", "--threads", str(threads),
+         *(["--special-tokens"] if variant == "wrapped" else [])],
         [*cli, "knn-targets", str(ds), "-k", "1024", "--temperature", "1", "--threads", str(threads)],
         [*cli, "train", str(ds), "--out", str(run), "--init", str(init), "--frozen-blocks", "24", "--epochs", "1",
          "--lr", "1e-4", "--batch-windows", "8", "--n-ctx", "1024", "--stride", "1024", "--threads", str(threads),
