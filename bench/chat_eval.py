@@ -5,9 +5,10 @@ base alone and by the pair, scored for the facts a good answer names and for lay
                               [--special mix|base|both]
 
 A fact is a group of alternatives (lower-case substrings); an answer names it when any alternative occurs.
-Layout: mean characters per non-empty line, the share of lines under 60 characters in answers of several
-lines, and lines made only of rule characters (`***`, `---`); length: tokens per answer and the share that ends
-(EOS / end of turn) before the token limit. `--special base` runs the pair with lambda 0 on the control and
+`vs base`: the mean per-question change of the legal facts score against the base's own answers, +/- its
+standard error (one answer moves the score by ~0.03). Layout: mean characters per non-empty line, the share of
+lines under 60 characters in answers of several lines, and lines made only of rule characters (`***`, `---`);
+length: tokens per answer and the share that ends (EOS / end of turn) before the token limit. `--special base` runs the pair with lambda 0 on the control and
 end-of-generation tokens (`base_special_tokens`), `both` runs each lambda both ways. Quality is measured here,
 never speed.
 """
@@ -163,6 +164,16 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
+def paired_gain(rows: list[dict], base_rows: list[dict]) -> tuple[float, float]:
+    """Mean per-question change of the facts score against the base's answers to the same questions, and its
+    standard error (the noise a difference between two runs must clear)."""
+    diffs = [r["facts"] - b["facts"] for r, b in zip(rows, base_rows, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    return mean, (var / n) ** 0.5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="base GGUF (default SmolLM2)")
@@ -196,15 +207,19 @@ def main() -> None:
             results["runs"][name] = run
             print(f"{name} done in {run['seconds']:.0f} s", file=sys.stderr)
     print(
-        f"{'':30} {'legal facts':>11} {'general facts':>13} {'chars/line':>10} {'short lines':>11} {'rule lines':>10}"
-        f" {'tokens':>7} {'ended':>6}"
+        f"{'':30} {'legal facts':>11} {'vs base':>15} {'general facts':>13} {'chars/line':>10} {'short lines':>11}"
+        f" {'rule lines':>10} {'tokens':>7} {'ended':>6}"
     )
+    base_legal = results["runs"]["base alone"]["legal"]
     for name, run in results["runs"].items():
         legal, general = summary(run["legal"]), summary(run["general"])
         both = summary(run["legal"] + run["general"])
+        gain, stderr = paired_gain(run["legal"], base_legal)
+        run["legal_gain"] = {"mean": gain, "stderr": stderr}
         print(
-            f"{name:30} {legal['facts']:11.3f} {general['facts']:13.3f} {both['chars_per_line']:10.1f} "
-            f"{both['short_share']:11.3f} {both['rule_lines']:10d} {both['tokens']:7.1f} {both['ended']:6.2f}"
+            f"{name:30} {legal['facts']:11.3f} {gain:+8.3f} +/- {stderr:.3f} {general['facts']:13.3f} "
+            f"{both['chars_per_line']:10.1f} {both['short_share']:11.3f} {both['rule_lines']:10d} {both['tokens']:7.1f} "
+            f"{both['ended']:6.2f}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
