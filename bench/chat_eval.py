@@ -8,9 +8,9 @@ A fact is a group of alternatives (lower-case substrings); an answer names it wh
 `vs base`: the mean per-question change of the legal facts score against the base's own answers, +/- its
 standard error (one answer moves the score by ~0.03). Layout: mean characters per non-empty line, the share of
 lines under 60 characters in answers of several lines, and lines made only of rule characters (`***`, `---`);
-length: tokens per answer and the share that ends (EOS / end of turn) before the token limit. `--special base` runs the pair with lambda 0 on the control and
-end-of-generation tokens (`base_special_tokens`), `both` runs each lambda both ways. Quality is measured here,
-never speed.
+length: tokens per answer and the share that ends (EOS / end of turn) before the token limit. `--special base`
+runs the pair with lambda 0 on the control and end-of-generation tokens (`base_special_tokens`), `both` runs each
+lambda both ways. Quality is measured here, never speed.
 """
 
 from __future__ import annotations
@@ -218,8 +218,8 @@ def main() -> None:
         run["legal_gain"] = {"mean": gain, "stderr": stderr}
         print(
             f"{name:30} {legal['facts']:11.3f} {gain:+8.3f} +/- {stderr:.3f} {general['facts']:13.3f} "
-            f"{both['chars_per_line']:10.1f} {both['short_share']:11.3f} {both['rule_lines']:10d} {both['tokens']:7.1f} "
-            f"{both['ended']:6.2f}"
+            f"{both['chars_per_line']:10.1f} {both['short_share']:11.3f} {both['rule_lines']:10d} "
+            f"{both['tokens']:7.1f} {both['ended']:6.2f}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

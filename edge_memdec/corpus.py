@@ -166,6 +166,11 @@ def split_documents(docs: list[Document], seed: int = 0) -> dict[str, list[Docum
     return {name: [docs[i] for i in sorted(index)] for name, index in cuts.items()}
 
 
+def documents_jsonl(docs: list[Document]) -> str:
+    """A split file's text: one `{"id", "text"}` JSON object per line."""
+    return "".join(json.dumps({"id": d.doc_id, "text": d.text}, ensure_ascii=False) + "\n" for d in docs)
+
+
 def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = True) -> dict[str, object]:
     """Split corpus `source` and write `{split}.jsonl` files and `manifest.json` into `out_dir`; returns the manifest.
 
@@ -176,8 +181,7 @@ def write_split(source: str, out_dir: Path, seed: int = 0, normalize: bool = Tru
         splits = {name: normalize_documents(part) for name, part in splits.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
-        lines = "".join(json.dumps({"id": d.doc_id, "text": d.text}, ensure_ascii=False) + "\n" for d in part)
-        write_text_atomic(out_dir / f"{name}.jsonl", lines)
+        write_text_atomic(out_dir / f"{name}.jsonl", documents_jsonl(part))
     manifest = {
         "source": source,
         "seed": seed,

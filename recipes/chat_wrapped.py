@@ -16,7 +16,6 @@ train extra.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shlex
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edge_memdec.corpus import Document, split_documents_of
+from edge_memdec.corpus import Document, documents_jsonl, split_documents_of
 from edge_memdec.files import write_text_atomic
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.paths import default_base_gguf
@@ -82,8 +81,7 @@ def wrapped_documents(docs: list[Document], base: Path, seed: int = 0) -> tuple[
 def write_split(out: Path, train: list[Document], source: Path) -> None:
     """A split folder: `train` as its train documents, the source's validation and test splits unchanged."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps({"id": d.doc_id, "text": d.text}) + "\n" for d in train)
-    write_text_atomic(out / "train.jsonl", lines)
+    write_text_atomic(out / "train.jsonl", documents_jsonl(train))
     for name in ("validation.jsonl", "test.jsonl", "manifest.json"):
         write_text_atomic(out / name, (source / name).read_text(encoding="utf-8"))
 

@@ -79,7 +79,8 @@ def datastore_command(
         n_ctx=n_ctx,
         stride=stride,
         shard_windows=shard_windows,
-        info={"corpus": str(corpus), "split": split, "seed": seed} | ({"special_tokens": True} if special_tokens else {}),
+        info={"corpus": str(corpus), "split": split, "seed": seed}
+        | ({"special_tokens": True} if special_tokens else {}),
         mode=mode,
         hidden_blocks=hidden_blocks,
         precision=precision,

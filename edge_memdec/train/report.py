@@ -99,7 +99,8 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         "memdec_seconds": ours["seconds"],
         "knn_lm": knn_lm,
         "knn_mixed": knn_mixed,
-        # the same models on general text (corpus.general_sample, as `compare --general news`): what the decoder costs outside its domain
+        # the same models on general text (corpus.general_sample, as `compare --general news`): what the decoder
+        # costs outside its domain
         "general": {
             "tokens_scored": general["tokens_scored"],
             "base": general["base"],
