@@ -27,6 +27,18 @@ MODELS = Path(__file__).resolve().parent.parent / "edge_memdec" / "models"
 SPLIT = "95M"  # git hosts refuse files over 100 MB
 
 
+def run_valid_tokens(work: Path, run: str) -> int:
+    """The size of the validation stream the run validated on (its `--valid-tokens`): the positions its validation
+    scored, plus the first token, which has no prediction."""
+    train = json.loads((work / run / "train.json").read_text())
+    return int(train["validation"]["tokens"]) + 1
+
+
+def same_budget(table: dict, budget: Budget) -> bool:
+    """Whether a cached report was made on the texts `budget` picks."""
+    return table.get("budget") == {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens}
+
+
 def ship_dir(work: Path, run: str) -> Path:
     """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run."""
     return work / ("ship" if run == "run" else f"ship-{run}")
@@ -179,7 +191,12 @@ def main() -> None:
     parser.add_argument("--run", default="run", help="the training run under WORK to release (default: run)")
     parser.add_argument("--outtypes", default="q8_0,q5_0,q4_0")
     parser.add_argument("--test-tokens", type=int, default=10_000)
-    parser.add_argument("--valid-tokens", type=int, default=4_000)
+    parser.add_argument(
+        "--valid-tokens",
+        type=int,
+        default=None,
+        help="validation tokens kNN-LM's lambda is chosen on (default: the run's own validation documents)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ship", default=None, help="copy this outtype's export into edge_memdec/models/")
     parser.add_argument(
@@ -195,15 +212,18 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work
     base = Path(json.loads((work / "datastore" / "datastore.json").read_text())["base"])
-    budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=args.valid_tokens)
+    valid_tokens = args.valid_tokens or run_valid_tokens(work, args.run)
+    budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=valid_tokens)
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
         gguf = export(work, args.run, outtype, base)
         cached = gguf.with_name(f"{outtype}-report.json")
-        if cached.is_file():
+        if cached.is_file() and same_budget(json.loads(cached.read_text()), budget):
             tables[outtype] = json.loads(cached.read_text())
         else:
-            tables[outtype] = report(base, gguf, work / "datastore", work / "split", budget, args.threads)
+            tables[outtype] = report(base, gguf, work / "datastore", work / "split", budget, args.threads) | {
+                "budget": {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens}
+            }
             write_json_atomic(cached, tables[outtype])
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))

@@ -112,7 +112,7 @@ def _knn_scores(p_base: list[float], p_knn: list[float]) -> dict:
 def test_recipe_knn_row_takes_lambda_from_validation_and_perplexitys_keys():
     """The recipe's kNN-LM row: lambda where the validation mixture is best (here the kNN side is right on
     validation, so the largest lambda), scored on the test text under the keys `perplexity --knn` reports."""
-    valid = _knn_scores([0.1, 0.1], [0.9, 0.9])
+    valid = _knn_scores([0.1, 0.1, 0.1], [0.9, 0.9, 0.9])
     test = _knn_scores([0.5, 0.25], [0.25, 0.5])
     row, sweep = knn_lm_rows(valid, test, (0.1, 0.5, 0.9))
     assert row["lambda"] == 0.9
@@ -120,6 +120,7 @@ def test_recipe_knn_row_takes_lambda_from_validation_and_perplexitys_keys():
     assert row["base_pytorch"]["ppl"] == pytest.approx(math.sqrt(8))
     assert row["best"]["lambda"] == 0.5 and row["best"]["ppl"] == pytest.approx(1 / 0.375)
     assert (row["k"], row["temperature"], row["datastore_positions"], row["tokens_scored"]) == (8, 2.0, 100, 2)
+    assert row["valid_tokens_scored"] == 3  # says how much text lambda was chosen on
     assert [r["lambda"] for r in sweep] == [0.1, 0.5, 0.9] and sweep[1]["ppl"] == pytest.approx(1 / 0.375)
     assert json.loads(json.dumps(row)) == row  # JSON-ready: no numpy scalars left
 

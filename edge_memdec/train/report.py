@@ -60,7 +60,8 @@ def knn_lm_rows(valid: dict, test: dict, lambdas: Sequence[float]) -> tuple[dict
     valid_table = mixed_ppl(valid["base_logprobs"], valid["knn_logprobs"], lambdas)
     knn_lam = min(valid_table, key=valid_table.get)
     test_table = mixed_ppl(test["base_logprobs"], test["knn_logprobs"], lambdas)
-    return knn_lm_report(test, knn_lam, lambdas), [{"lambda": lam, "ppl": ppl} for lam, ppl in test_table.items()]
+    row = knn_lm_report(test, knn_lam, lambdas) | {"valid_tokens_scored": int(valid["tokens_scored"])}
+    return row, [{"lambda": lam, "ppl": ppl} for lam, ppl in test_table.items()]
 
 
 def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, threads: int = 2) -> dict:
