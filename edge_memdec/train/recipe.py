@@ -102,7 +102,10 @@ def run_recipe(
     gguf = work / f"{name}-memdec-{budget.outtype}.gguf"
     stages_path = work / "stages.json"
     stages = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
-    frozen = read_gguf(base).n_layers - budget.trained_blocks
+    # the top `trained_blocks` train on the stored input of the first of them; a base with no more blocks than
+    # that trains whole
+    n_layers = read_gguf(base).n_layers
+    frozen = max(0, n_layers - budget.trained_blocks)
 
     def stage(stage_name: str, done: bool, args: list[str]) -> None:
         if not done:
@@ -115,7 +118,8 @@ def run_recipe(
         "datastore",
         _finished_datastore(ds),
         ["datastore", "build", "--corpus", str(split), "--out", str(ds), "-m", str(base)]
-        + ["--max-tokens", str(budget.datastore_tokens), "--hidden-blocks", str(frozen), *th],
+        + ["--max-tokens", str(budget.datastore_tokens), *th]
+        + (["--hidden-blocks", str(frozen)] if frozen else []),
     )
     stage(
         "knn_targets",
@@ -128,6 +132,7 @@ def run_recipe(
         "train",
         gguf.is_file(),
         ["train", str(ds), "--out", str(run), "-m", str(base), "--frozen-blocks", str(frozen)]
+        + ([] if frozen else ["--layers", str(n_layers)])
         + ["--epochs", str(budget.epochs), "--lr", str(budget.lr), "--batch-windows", str(budget.batch_windows)]
         + ["--n-ctx", str(budget.train_ctx), "--stride", str(budget.train_stride)]
         + ["--valid-corpus", str(split), "--valid-tokens", str(budget.valid_tokens)]
