@@ -139,13 +139,16 @@ def replaced_summary(old: dict) -> dict:
     }
 
 
-def carried(old: dict | None) -> dict:
+def carried(old: dict | None, new_training: dict) -> dict:
     """What a release keeps of the record it replaces: the T/k sweep, and the decoders shipped before (the
-    replaced one's summary last)."""
+    replaced one's summary last, unless it is the same run released again, e.g. re-scored)."""
     if old is None:
         return {}
     kept = {"knn_sweep": old["knn_sweep"]} if "knn_sweep" in old else {}
-    return kept | {"previous_decoders": [*old.get("previous_decoders", []), replaced_summary(old)]}
+    earlier = old.get("previous_decoders", [])
+    if old.get("training") != new_training:
+        earlier = [*earlier, replaced_summary(old)]
+    return kept | {"previous_decoders": earlier}
 
 
 def record(
@@ -246,13 +249,9 @@ def main() -> None:
         plot = gguf.with_name(f"{gguf.stem}-lambda.png")
         if plot.is_file():
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
-        write_json_atomic(
-            MODELS / "legal-memdec.json",
-            without_paths(
-                record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign) | carried(previous),
-                {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"},
-            ),
-        )
+        names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
+        new = without_paths(record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign), names)
+        write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))
         print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
 
 
