@@ -867,6 +867,10 @@ def recipe(
     work: Annotated[Optional[Path], typer.Option(help="Working folder (default ./memdec-DOMAIN); reruns resume")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF")] = None,
     budget: Annotated[float, typer.Option(help="Scale the datastore token budget by this factor")] = 1.0,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(help="Training passes over the datastore (default 2; the baselines train as many)"),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     threads: Annotated[int, typer.Option(help="Threads per stage")] = 2,
     name: Annotated[
@@ -882,7 +886,15 @@ def recipe(
 
     kinds = tuple(k.strip() for k in (baselines or "").split(",") if k.strip())
     recipe_command(
-        domain, work=work, model=model, budget=budget, as_json=json_out, threads=threads, name=name, baselines=kinds
+        domain,
+        work=work,
+        model=model,
+        budget=budget,
+        as_json=json_out,
+        threads=threads,
+        name=name,
+        baselines=kinds,
+        epochs=epochs,
     )
 
 

@@ -47,7 +47,7 @@ def test_recipe_on_a_folder_keeps_its_outputs_under_work(mydocs, tiny_llama_gguf
     work = tmp_path / "w"
     beside = set(mydocs.parent.iterdir())
     args = [*CLI, "recipe", str(mydocs), "--work", str(work), "-m", str(tiny_llama_gguf)]
-    args += ["--budget", "0.04", "--threads", "1", "--json"]
+    args += ["--budget", "0.04", "--epochs", "1", "--threads", "1", "--json"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
@@ -67,6 +67,7 @@ def test_recipe_on_a_folder_keeps_its_outputs_under_work(mydocs, tiny_llama_gguf
     assert 0 < report["memdec_lambda"] < 1
     assert (work / "mydocs-memdec-q8_0-lambda.png").is_file()
     assert set(report["stages"]) >= {"split", "datastore", "knn_targets", "train", "report"}
+    assert report["budget"]["epochs"] == 1 and json.loads((work / "run" / "train.json").read_text())["epochs"] == 1
 
     # a rerun resumes: every finished stage is skipped, the report is made again
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
@@ -74,3 +75,10 @@ def test_recipe_on_a_folder_keeps_its_outputs_under_work(mydocs, tiny_llama_gguf
     stages = json.loads((work / "stages.json").read_text())
     for name in ("split", "datastore", "knn_targets", "train"):
         assert stages[name] == report["stages"][name], name
+
+
+def test_recipe_refuses_zero_epochs_in_one_sentence(mydocs, tmp_path):
+    args = [*CLI, "recipe", str(mydocs), "--work", str(tmp_path / "w"), "--epochs", "0"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip() == "error: --epochs must be at least 1, got 0"
+    assert not (tmp_path / "w").exists()
