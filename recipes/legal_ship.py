@@ -34,9 +34,9 @@ def run_valid_tokens(work: Path, run: str) -> int:
     return int(train["validation"]["tokens"]) + 1
 
 
-def same_budget(table: dict, budget: Budget) -> bool:
-    """Whether a cached report was made on the texts `budget` picks."""
-    return table.get("budget") == {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens}
+def texts_of(budget: Budget) -> dict:
+    """What picks a report's texts: stored with a cached report, which is reused only when it is the same."""
+    return {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens}
 
 
 def ship_dir(work: Path, run: str) -> Path:
@@ -221,13 +221,12 @@ def main() -> None:
     for outtype in args.outtypes.split(","):
         gguf = export(work, args.run, outtype, base)
         cached = gguf.with_name(f"{outtype}-report.json")
-        if cached.is_file() and same_budget(json.loads(cached.read_text()), budget):
-            tables[outtype] = json.loads(cached.read_text())
-        else:
-            tables[outtype] = report(base, gguf, work / "datastore", work / "split", budget, args.threads) | {
-                "budget": {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens}
-            }
-            write_json_atomic(cached, tables[outtype])
+        table = json.loads(cached.read_text()) if cached.is_file() else {}
+        if table.get("budget") != texts_of(budget):
+            table = report(base, gguf, work / "datastore", work / "split", budget, args.threads)
+            table["budget"] = texts_of(budget)
+            write_json_atomic(cached, table)
+        tables[outtype] = table
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))
     print_frontier(rows)
