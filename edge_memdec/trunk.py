@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,18 +24,46 @@ from edge_memdec.gguf_file import GGUFInfo, read_gguf
 from edge_memdec.llama_model import LlamaModel, ModelOptions
 from edge_memdec.paths import cache_dir
 
+KEEP_TOPS = 4  # top-only GGUFs kept in the cache folder, most recently used (a pruned one is rebuilt in seconds)
+IDLE_S = 600  # one unused for less than this (s) is never pruned: another process may be about to open it
+
 
 def top_model_path(memdec: GGUFInfo, first: int) -> Path:
-    """The decoder's blocks `first`.. as their own GGUF in the cache folder, written on first use."""
+    """The decoder's blocks `first`.. as their own GGUF in the cache folder, written on first use.
+
+    Its name carries a key of the decoder's files (path, size, mtime), so a rebuilt decoder gets a new one; the
+    folder keeps the KEEP_TOPS most recently used and removes older ones, so it does not grow with every rebuild."""
     from edge_memdec.convert.rewrite import write_top_blocks
 
     files = memdec.files
     stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     key = hashlib.sha256(f"{stamp}|{first}".encode()).hexdigest()[:16]
     path = cache_dir("trunk") / f"{files[0].stem}-top{first}-{key}.gguf"
-    if not path.is_file():
+    if path.is_file():
+        os.utime(path)  # its mtime says when it was last used
+    else:
         write_top_blocks(memdec, first, path)
+    prune_tops(path.parent)
     return path
+
+
+def prune_tops(folder: Path) -> None:
+    """Remove the top-only GGUFs in `folder` beyond the KEEP_TOPS most recently used, unless used in the last
+    IDLE_S seconds. Best effort: one that cannot be removed (open elsewhere, on Windows) stays."""
+    tops = []
+    for entry in folder.glob("*-top*-*.gguf"):
+        try:
+            tops.append((entry.stat().st_mtime, entry))
+        except OSError:
+            continue
+    tops.sort(reverse=True)
+    now = time.time()
+    for mtime, entry in tops[KEEP_TOPS:]:
+        if now - mtime > IDLE_S:
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 class HiddenCapture:

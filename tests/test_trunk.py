@@ -107,3 +107,30 @@ def test_shared_trunk_batches_sequences_as_the_whole_decoder_runs_them_one_by_on
             assert [g.text for g in generations] == wanted
         with pytest.raises(ValueError, match="one token per sequence"):
             lm.pair.eval_seqs([0, 1], [[5, 6], [7]], [True, True])
+
+
+def test_the_cache_keeps_the_most_recently_used_top_decoders(tiny_llama_gguf, decoder):
+    """A rebuilt decoder gets a new top-only GGUF; beyond the KEEP_TOPS most recently used, those unused for
+    IDLE_S seconds go, and one used a moment ago stays (another process may be opening it)."""
+    import os
+    import time
+
+    from edge_memdec.paths import cache_dir
+    from edge_memdec.trunk import IDLE_S, KEEP_TOPS
+
+    folder = cache_dir("trunk")
+    def made(name: str, mtime: float):
+        path = folder / f"{name}-top1-0123456789abcdef.gguf"
+        path.write_bytes(b"GGUF")
+        os.utime(path, (mtime, mtime))
+        return path
+
+    stale = [made(f"old{i}", 1000 + i) for i in range(3)]
+    recent = [made(f"new{i}", time.time() - IDLE_S / 10 * (i + 1)) for i in range(KEEP_TOPS)]
+    with MemoryDecoderLM(tiny_llama_gguf, decoder, n_ctx=64, n_threads=1) as lm:
+        assert lm.pair.shared == 1
+    kept = {p.name for p in folder.glob("*.gguf")}
+    used = {name for name in kept if name.startswith("memdec-top1-")}
+    assert len(used) == 1
+    assert kept == used | {p.name for p in recent}  # the oldest recent one is beyond the bound, yet kept
+    assert not any(p.exists() for p in stale)
