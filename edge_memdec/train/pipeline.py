@@ -179,17 +179,13 @@ def recipe_command(
 ):
     """`edge-memdec recipe`: run every stage, then print the test-split table (or its JSON)."""
     import json
-    from dataclasses import replace
 
     from edge_memdec.train.recipe import Budget, domain_name, run_recipe
 
-    if epochs is not None and epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    plan = Budget().scaled(budget, epochs)
     name = name or domain_name(domain)
     work = work or Path(f"memdec-{name}")
     base = Path(model or default_base_gguf())
-    plan = Budget().scaled(budget)
-    plan = plan if epochs is None else replace(plan, epochs=epochs)
     result = run_recipe(domain, work, plan, base, threads, name, baselines)
     if as_json:
         print(json.dumps(result, indent=1))

@@ -47,11 +47,15 @@ class Budget:
     outtype: str = "q8_0"
     lambdas: tuple[float, ...] = VALIDATION_LAMBDAS
 
-    def scaled(self, factor: float) -> Budget:
-        """The same recipe with `factor` times the datastore tokens."""
+    def scaled(self, factor: float, epochs: int | None = None) -> Budget:
+        """The same recipe with `factor` times the datastore tokens (and `epochs` passes, when given): the
+        recipe's `--budget` and `--epochs`, checked here."""
         if factor <= 0:
             raise UserError(f"--budget must be positive, got {factor}")
-        return Budget(**{**asdict(self), "datastore_tokens": int(self.datastore_tokens * factor)})
+        if epochs is not None and epochs < 1:
+            raise UserError(f"--epochs must be at least 1, got {epochs}")
+        changed = {"datastore_tokens": int(self.datastore_tokens * factor)} | ({} if epochs is None else {"epochs": epochs})
+        return Budget(**{**asdict(self), **changed})
 
 
 def domain_name(source: str) -> str:
