@@ -51,6 +51,7 @@ def test_recipe_on_a_folder_keeps_its_outputs_under_work(mydocs, tiny_llama_gguf
     done = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((work / "report.json").read_text())
+    assert json.loads(done.stdout) == report  # --json: stdout is the report alone, the stages' lines go to stderr
     assert set(mydocs.parent.iterdir()) == beside  # nothing written beside the corpus folder
 
     gguf = work / "mydocs-memdec-q8_0.gguf"

@@ -67,9 +67,14 @@ def run_stage(name: str, args: list[str], log: dict, launcher: list[str] | None 
     """Run `edge-memdec ARGS` as a child process; record its wall seconds and peak RSS (MiB) under `name`.
 
     `launcher` replaces `python` in front of `-m edge_memdec.cli` (e.g. a torchrun command line); peak RSS is
-    then the largest of its processes."""
+    then the largest of its processes. The stage's stdout goes to our stderr, beside its progress bars, so the
+    recipe's own stdout is its report alone (`recipe --json | jq` works)."""
     t0 = time.perf_counter()
-    child = subprocess.Popen([*(launcher or [sys.executable]), "-m", "edge_memdec.cli", *args])
+    try:
+        out = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr with no file behind it (captured): inherit stdout
+        out = None
+    child = subprocess.Popen([*(launcher or [sys.executable]), "-m", "edge_memdec.cli", *args], stdout=out)
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     log[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": usage.ru_maxrss / 1024, "command": args}
