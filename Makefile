@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # llama-cpp-python compiles llama.cpp; skipping the multimodal tools cuts the build from ~13 to ~4 minutes.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 PROMPT ?= Explain in two sentences what the Apache License 2.0 says about patents.
-# The GGUF's lambda (0.9) is the perplexity optimum; in chat it recites licence text, 0.5 answers (README, chat).
+# The GGUF's lambda (0.9) is the perplexity optimum; in chat it answers general questions worse, 0.5 does not (README, chat).
 LAMBDA ?= 0.5
 
 .PHONY: install install-dev demo test lint
