@@ -28,7 +28,7 @@ class Budget:
     entering the first trained block, so training runs only the top `trained_blocks` blocks (and the final
     norm; the tied embedding / LM head stays the base's). T (and k) are chosen where kNN-LM is best on the
     validation split, lambda where the decoder's mixture is, and the best validation checkpoint is kept.
-    Sized for a 2-core CPU: `recipe legal` with these defaults took 23 minutes end to end there (README).
+    Sized for a 2-core CPU: `recipe legal` with these defaults took 21 minutes end to end there (README).
     """
 
     datastore_tokens: int = 250_000
