@@ -43,7 +43,7 @@ def top_model_path(memdec: GGUFInfo, first: int) -> Path:
         os.utime(path)  # its mtime says when it was last used
     else:
         write_top_blocks(memdec, first, path)
-    prune_tops(path.parent)
+        prune_tops(path.parent)  # the folder grows only here
     return path
 
 

@@ -119,6 +119,7 @@ def test_the_cache_keeps_the_most_recently_used_top_decoders(tiny_llama_gguf, de
     from edge_memdec.trunk import IDLE_S, KEEP_TOPS
 
     folder = cache_dir("trunk")
+
     def made(name: str, mtime: float):
         path = folder / f"{name}-top1-0123456789abcdef.gguf"
         path.write_bytes(b"GGUF")
