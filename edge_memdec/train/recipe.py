@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edge_memdec.corpus import is_split_folder
@@ -54,8 +54,8 @@ class Budget:
             raise UserError(f"--budget must be positive, got {factor}")
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {epochs}")
-        changed = {"datastore_tokens": int(self.datastore_tokens * factor)} | ({} if epochs is None else {"epochs": epochs})
-        return Budget(**{**asdict(self), **changed})
+        tokens = int(self.datastore_tokens * factor)
+        return replace(self, datastore_tokens=tokens, epochs=self.epochs if epochs is None else epochs)
 
 
 def domain_name(source: str) -> str:
