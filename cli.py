@@ -13,6 +13,7 @@ import typer
 
 from edge_memdec import defaults
 from edge_memdec.errors import UserError
+from edge_memdec.lambda_gate import FROM_GGUF, LambdaGate
 from edge_memdec.train import options as train_defaults
 from edge_memdec.train.options import FinetuneOptions, TrainOptions, TransferOptions
 
@@ -96,12 +97,19 @@ def convert_command(
         ),
     ] = None,
     split_max_size: SplitOpt = None,
+    lambda_gate: Annotated[
+        Optional[str],
+        typer.Option("--lambda-gate", help="Recommended entropy gate on lambda, SLOPE,OFFSET (memdec.lambda_gate)."),
+    ] = None,
 ) -> None:
     """Convert a Hugging Face llama / qwen2 / GPT-2 checkpoint (e.g. a trained memory decoder) to a GGUF file."""
     from edge_memdec.convert import convert_checkpoint
     from edge_memdec.convert.rewrite import parse_size
 
     memdec = {"lambda": lam, "domain": domain, "base_model": base_model}
+    gate = LambdaGate.parse(lambda_gate) if lambda_gate is not None else None
+    if gate is not None:
+        memdec.update(gate.metadata())
     split = parse_size(split_max_size) if split_max_size is not None else None
     path = convert_checkpoint(
         checkpoint, out, outtype, tokenizer_from=tokenizer_from, memdec=memdec, keep_equal_from=keep_base_tensors,
@@ -185,6 +193,14 @@ SpecialOpt = Annotated[
     typer.Option(
         "--base-special-tokens/--mix-special-tokens",
         help="Chat-template and end-of-turn tokens keep the base's probability (lambda 0 for them), or are mixed.",
+    ),
+]
+GateOpt = Annotated[
+    str,
+    typer.Option(
+        "--lambda-gate",
+        help="Per-token lambda: SLOPE,OFFSET gives lambda * sigmoid(SLOPE * (H_base - H_mem) + OFFSET) (entropies in "
+        "nats), off a fixed lambda; gguf: the decoder's recommended gate (memdec.lambda_gate), else off.",
     ),
 ]
 FlashAttnOpt = Annotated[
@@ -275,6 +291,7 @@ def chat(
     lora: LoraOpt = None,
     shared_trunk: TrunkOpt = True,
     base_special_tokens: SpecialOpt = defaults.BASE_SPECIAL_TOKENS,
+    lambda_gate: GateOpt = FROM_GGUF,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -304,6 +321,7 @@ def chat(
         lora=lora or (),
         shared_trunk=shared_trunk,
         base_special_tokens=base_special_tokens,
+        lambda_gate=lambda_gate,
         log_llama=_log_llama(verbose, log_llama),
     )
     session = ChatSession(lm, system=system, raw=raw, sampling=sampling, verbose=verbose > 0, explain=explain)
@@ -379,6 +397,7 @@ def perplexity(
     ] = None,
     lora: LoraOpt = None,
     shared_trunk: TrunkOpt = True,
+    lambda_gate: GateOpt = FROM_GGUF,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -397,7 +416,8 @@ def perplexity(
         max_windows=chunks, state=state, json_out=json_out, plot_out=plot_out,
         knn=None if knn is None else KnnBaseline(knn, lam=knn_lambda, temperature=knn_temperature, k=knn_k),
         model_options=dict(memdec_gpu_layers=memdec_ngl, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                           lora=lora or (), shared_trunk=shared_trunk, log_llama=_log_llama(verbose, log_llama)),
+                           lora=lora or (), shared_trunk=shared_trunk, lambda_gate=lambda_gate,
+                           log_llama=_log_llama(verbose, log_llama)),
         sweep=sweep,
     )  # fmt: skip
 
@@ -921,6 +941,7 @@ def serve(
     lora: LoraOpt = None,
     shared_trunk: TrunkOpt = True,
     base_special_tokens: SpecialOpt = defaults.BASE_SPECIAL_TOKENS,
+    lambda_gate: GateOpt = FROM_GGUF,
     verbose: VerboseOpt = 0,
     log_llama: LogLlamaOpt = False,
 ) -> None:
@@ -939,7 +960,7 @@ def serve(
                          n_parallel=parallel, n_threads=threads, n_gpu_layers=n_gpu_layers,
                          flash_attn=defaults.flash_attn_setting(flash_attn), lora=lora or (),
                          shared_trunk=shared_trunk, base_special_tokens=base_special_tokens,
-                         log_llama=_log_llama(verbose, log_llama))
+                         lambda_gate=lambda_gate, log_llama=_log_llama(verbose, log_llama))
     try:
         server = MemdecServer(lm, host, port, alias, max_tokens, api_key=api_key)
         server.warm_up()

@@ -2,7 +2,7 @@
 base alone and by the pair, scored for the facts a good answer names and for layout (characters per line).
 
     python bench/chat_eval.py [--memdec FILE] [--lam 0.3 --lam 0.6] [--json out.json] [-n 160] [--threads 2]
-                              [--special mix|base|both]
+                              [--special mix|base|both] [--lambda-gate gguf|off|SLOPE,OFFSET]
 
 A fact is a group of alternatives (lower-case substrings); an answer names it when any alternative occurs.
 `vs base`: the mean per-question change of the legal facts score against the base's own answers, +/- its
@@ -184,12 +184,15 @@ def main() -> None:
     parser.add_argument("-n", "--max-tokens", type=int, default=160)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every answer and score here")
+    parser.add_argument("--lambda-gate", default="gguf",
+                        help="entropy gate on lambda: SLOPE,OFFSET, off, or gguf (the decoder's own)")  # fmt: skip
     parser.add_argument("--special", choices=("mix", "base", "both"), default="mix",
                         help="control/EOS tokens: mixed as any token, or the base's alone (lambda 0)")  # fmt: skip
     args = parser.parse_args()
     base, memdec = args.model or default_base_gguf(), args.memdec or default_memdec_gguf()
     results = {"base": str(Path(base).name), "memdec": str(Path(memdec).name), "runs": {}}
-    with MemoryDecoderLM(base, memdec, n_ctx=2048, n_threads=args.threads) as lm:
+    with MemoryDecoderLM(base, memdec, n_ctx=2048, n_threads=args.threads, lambda_gate=args.lambda_gate) as lm:
+        results["lambda_gate"] = lm.pair.gate.text() if lm.pair.gate else None
         runs = [("base alone", 0.0, False)]
         for lam in args.lam or [lm.lam]:
             for base_special in {"mix": (False,), "base": (True,), "both": (False, True)}[args.special]:

@@ -11,6 +11,7 @@ from edge_memdec.chat_format import ChatFormat
 from edge_memdec.decode import Generation, SamplingParams
 from edge_memdec.defaults import BASE_SPECIAL_TOKENS, PERPLEXITY_SETTINGS
 from edge_memdec.errors import UserError
+from edge_memdec.lambda_gate import FROM_GGUF, LambdaGate
 from edge_memdec.llama_model import ModelOptions
 from edge_memdec.pair import Lambdas, ModelPair
 from edge_memdec.perplexity import perplexity
@@ -29,7 +30,9 @@ class MemoryDecoderLM:
     `overlap`, `skip_blas_probe` (see `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no
     other thread), `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
     the base's hidden state) and `base_special_tokens` (lambda 0 on the control and end-of-generation tokens,
-    which a decoder trained on plain text never saw; a request's `base_special_tokens` overrides it). Safe to
+    which a decoder trained on plain text never saw; a request's `base_special_tokens` overrides it) and
+    `lambda_gate` (a `LambdaGate`, its "SLOPE,OFFSET" text, None or "off" for the fixed lambda; by default the
+    gate the decoder's GGUF recommends: see `edge_memdec.lambda_gate`). Safe to
     share between threads: calls are served one at a time. Fastest from one thread: llama.cpp's OpenMP build
     keeps a team of workers for each thread that decodes, and when the teams hold more threads than the
     machine has cores they sleep between steps (on 2 cores a second decoding thread cost a third of the speed;
@@ -47,6 +50,7 @@ class MemoryDecoderLM:
         skip_blas_probe: bool = False,
         shared_trunk: bool = True,
         base_special_tokens: bool = BASE_SPECIAL_TOKENS,
+        lambda_gate: LambdaGate | str | None = FROM_GGUF,
         **llama_kwargs: Any,
     ) -> None:
         try:
@@ -63,6 +67,7 @@ class MemoryDecoderLM:
             skip_blas_probe=skip_blas_probe,
             shared_trunk=shared_trunk,
             base_special_tokens=base_special_tokens,
+            lambda_gate=lambda_gate,
         )
         self._chat_format: ChatFormat | None = None
         self._lock = threading.Lock()

@@ -103,11 +103,12 @@ class ChatSession:
         elif generation.finish_reason == "cancelled":
             print("[stopped]", file=self.err)
         if self.verbose:
+            gate = f", gated {self.lm.pair.gate.text()}" if self.lm.pair.gate and lam and any(lam) else ""
             print(
                 f"[{len(generation.tokens)} tokens in {generation.decode_seconds:.2f} s, "
                 f"{generation.tokens_per_second:.1f} tok/s; prompt {len(generation.prompt_tokens)} tokens "
                 f"({generation.n_cached} cached) in {generation.prompt_seconds:.2f} s; "
-                f"lambda {'none' if lam is None else self.lm.pair.describe(lam)}]",
+                f"lambda {'none' if lam is None else self.lm.pair.describe(lam)}{gate}]",
                 file=self.err,
             )
         return generation

@@ -183,6 +183,11 @@ class Generation:
             for row in (base_row, *mem_rows):
                 _mask(row, base.eog_ids)
         mem_row = self._memory_row(mem_rows)
+        gate = self.pair.gate
+        if gate is not None and lam > 0.0 and mem_row is not None:
+            from edge_memdec.kernels import gated_lambda
+
+            lam = gated_lambda(base_row, mem_row, lam, gate.slope, gate.offset)
         n_seen = self._n_seen
         token = sample_token(
             base_row,

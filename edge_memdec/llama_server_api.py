@@ -86,6 +86,7 @@ def props(lm: MemoryDecoderLM, model_id: str, max_tokens: int) -> dict[str, Any]
         "presence_penalty": defaults.PRESENCE_PENALTY,
         "frequency_penalty": defaults.FREQUENCY_PENALTY,
         "lambda": round(lm.lam, 6),
+        "lambda_gate": pair.gate.text() if pair.gate else None,  # each token's lambda: lambda * its gate factor
         "base_special_tokens": pair.base_special_tokens,
     }
     memdec = None

@@ -20,6 +20,7 @@ from edge_memdec.defaults import (
 )
 from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
+from edge_memdec.lambda_gate import FROM_GGUF, LambdaGate, resolve_gate
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
 from edge_memdec.pair_check import check_pair, shared_blocks
 from edge_memdec.threadpool import CpuThreadPool
@@ -66,7 +67,9 @@ class ModelPair:
 
     With several memory decoders the next-token distribution is p = sum_i lambda_i p_i + (1 - sum_i lambda_i)
     p_base (`lams`, one per decoder, in the order given; `names` are their file names without extension, a
-    repeated one numbered). `lam` is their sum, the weight of the memory side as a whole.
+    repeated one numbered). `lam` is their sum, the weight of the memory side as a whole. With a `gate`
+    (lambda_gate.py; by default the one a single decoder's GGUF recommends) each token's weight is lam times a
+    factor set by the two models' entropies, computed by the decode step and the perplexity scorer.
 
     By default each step runs the models one after the other with every thread (fastest on an idle 2-core
     machine, bench/decode.py); with `overlap=True` single-token steps run the base and the decoders at once in
@@ -94,6 +97,7 @@ class ModelPair:
         skip_blas_probe: bool = False,
         shared_trunk: bool = True,
         base_special_tokens: bool = BASE_SPECIAL_TOKENS,
+        lambda_gate: LambdaGate | str | None = FROM_GGUF,
     ) -> None:
         options = options or ModelOptions()
         # numba and the kernels' cached machine code load (~0.5 s, mostly Python) while llama.cpp maps the
@@ -112,6 +116,8 @@ class ModelPair:
                 "lambdas (--lambda) with one weight per decoder"
             )
         self.lams: tuple[float, ...] = self._resolve(lam, own)
+        # the entropy gate on lambda (lambda_gate.py): lambda_t = lambda * sigmoid(...) per token; None = fixed
+        self.gate = resolve_gate(lambda_gate, [info.memdec for info in memdec_infos])
         # A LoRA on the base changes its lower blocks, which the decoder then no longer shares.
         sharing = len(memdec_infos) == 1 and shared_trunk and not options.lora
         self.shared = shared_blocks(base_info, memdec_infos[0]) if sharing else 0

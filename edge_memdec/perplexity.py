@@ -127,6 +127,7 @@ def job_key(
         "flash_attn": pair.base.options.flash_attn,
         "n_ubatch": pair.base.n_ubatch,
         **({"lora": [[lora.path.name, lora.n_bytes, scale] for lora, scale in pair.base.loras]} if pair.base.loras else {}),
+        **({"lambda_gate": [pair.gate.slope, pair.gate.offset]} if pair.gate else {}),
     }
 
 
@@ -268,7 +269,13 @@ def _score_window(
         for acc, nll in zip(acc_mems, nll_mems, strict=True):
             acc.add(nll)
         if k:
-            nll_mix = mixture_nll(nll_base, nll_mems, weights)
+            gate = pair.gate
+            factors = None
+            if gate is not None:
+                from edge_memdec.kernels import gate_factors
+
+                factors = gate_factors(base_rows, mem_rows[0], gate.slope, gate.offset, pair.n_shared)
+            nll_mix = mixture_nll(nll_base, nll_mems, weights, factors)
             for c, acc in enumerate(acc_mix):
                 acc.add(nll_mix[:, c])
 
@@ -303,6 +310,7 @@ def _report(
         "lora": [{"file": lora.path.name, "scale": scale} for lora, scale in pair.base.loras],
         "memdec": acc_mems[j].report() if k else None,
         "lambda": pair.lams[j] if k else None,
+        "lambda_gate": pair.gate.text() if pair.gate else None,  # lambdas below are then each token's ceiling
         "selected": {"lambda": pair.lams[j], **acc_mix[-1].report()} if k else None,
         "mixed": mixed,
         "best_lambda": min(mixed, key=lambda row: row["ppl"])["lambda"] if mixed else None,

@@ -123,6 +123,8 @@ def format_report(report: dict) -> str:
         else:
             mem = report["memdec"]
             lines.append(f"{'memory decoder':<28}{mem['ppl']:>10.4f}{mem['stderr']:>10.5f}")
+        if report.get("lambda_gate"):
+            lines.append(f"lambda gate {report['lambda_gate']}: each token's lambda is the row's times its gate factor")
         for row in report["mixed"]:
             mark = "  <- best" if row["lambda"] == report["best_lambda"] else ""
             label = f"mixed, {report['sweep'] + ' ' if several else ''}lambda {row['lambda']:g}"
@@ -163,16 +165,21 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def mixture_nll(nll_base: np.ndarray, nll_mems: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def mixture_nll(
+    nll_base: np.ndarray, nll_mems: np.ndarray, weights: np.ndarray, gate: np.ndarray | None = None
+) -> np.ndarray:
     """NLL (nats, float64 [rows, cols]) of the target under p = sum_i w_ci p_i + (1 - sum_i w_ci) p_base for
     each weight row c.
 
     nll_base [rows] and nll_mems [k, rows]: each model's own NLL of the same targets; weights [cols, k]: one
     lambda per memory decoder per row, summing to at most 1 (float rounding above 1 is clipped). A weight 0
-    drops its model exactly, so a row (lambda, 0, ...) equals the two-model mixture at lambda."""
+    drops its model exactly, so a row (lambda, 0, ...) equals the two-model mixture at lambda. `gate`
+    (float64 [rows] in [0, 1], the entropy gate's factors) scales every decoder's weight at each position."""
     logp = -np.vstack([nll_base[None, :], nll_mems])  # [k + 1, rows]
-    w = np.column_stack([np.clip(1.0 - weights.sum(axis=1), 0.0, None), weights])  # [cols, k + 1]
+    g = np.ones(len(nll_base)) if gate is None else np.asarray(gate, np.float64)
+    mem_w = weights[:, :, None] * g[None, None, :]  # [cols, k, rows]
+    w = np.concatenate([np.clip(1.0 - mem_w.sum(axis=1, keepdims=True), 0.0, None), mem_w], axis=1)
     with np.errstate(divide="ignore"):
-        terms = np.log(w)[:, :, None] + logp[None, :, :]  # [cols, k + 1, rows]
+        terms = np.log(w) + logp[None, :, :]  # [cols, k + 1, rows]
     top = terms.max(axis=1)
     return -(top + np.log(np.exp(terms - top[:, None, :]).sum(axis=1))).T

@@ -14,10 +14,13 @@ import numpy as np
 
 from .api import (
     base_only_bias,
+    gate_factors,
+    gated_lambda,
     make_logit_bias,
     make_scratch,
     mix_decoders,
     mix_logprobs,
+    row_entropies,
     sample_token,
     score_rows,
     trace_token,
@@ -25,10 +28,13 @@ from .api import (
 
 __all__ = [
     "base_only_bias",
+    "gate_factors",
+    "gated_lambda",
     "make_logit_bias",
     "make_scratch",
     "mix_decoders",
     "mix_logprobs",
+    "row_entropies",
     "sample_token",
     "score_rows",
     "trace_token",
@@ -68,3 +74,6 @@ def _compile_all() -> None:
     trace_token(base, mem, 0.5, 3, 5)
     trace_token(base, None, 0.0, 3, 5)
     base_only_bias(base, mem, 0.5, np.array([1, 2], np.int64))
+    gated_lambda(base, mem, 0.5, 1.0, 0.0)
+    gate_factors(base[None, :128], mem[None, :], 1.0, 0.0)
+    row_entropies(mem[None, :])

@@ -13,6 +13,7 @@ import numpy as np
 from edge_memdec.defaults import check_lambda
 
 from .adjust import base_only_offsets
+from .gate import entropies_core, gate_factors_core, gated_lambda_core
 from .mixture import blend_into, mix_into
 from .sample import sample_core
 from .score import score_core
@@ -219,4 +220,40 @@ def base_only_bias(base_logits: np.ndarray, mem_logits: np.ndarray, lam: float, 
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     out = np.empty(ids.shape[0])
     base_only_offsets(base, mem, min(base.shape[0], mem.shape[0]), lam, ids, out)
+    return out
+
+
+def gated_lambda(base_logits: np.ndarray, mem_logits: np.ndarray, lam: float, slope: float, offset: float) -> float:
+    """lam * sigmoid(slope * (H_base - H_mem) + offset): the entropy-gated weight of one token (see
+    edge_memdec.lambda_gate); H in nats over the n = min(len(base), len(mem)) shared ids of the float32 rows."""
+    base, mem = _row(base_logits, "base_logits"), _row(mem_logits, "mem_logits")
+    lam = _lambda(lam)
+    return float(gated_lambda_core(base, mem, min(base.shape[0], mem.shape[0]), lam, float(slope), float(offset)))
+
+
+def gate_factors(
+    base_logits: np.ndarray, mem_logits: np.ndarray, slope: float, offset: float, n_ids: int | None = None
+) -> np.ndarray:
+    """sigmoid(slope * (H_base - H_mem) + offset) per row (float64 [rows]) of base_logits [rows, vb] and
+    mem_logits [rows, vm] (float32), entropies over the first n = min(vb, vm, n_ids) ids; lambda_t / lambda."""
+    base = np.ascontiguousarray(base_logits, dtype=np.float32)
+    mem = np.ascontiguousarray(mem_logits, dtype=np.float32)
+    if base.ndim != 2 or mem.ndim != 2 or base.shape[0] != mem.shape[0]:
+        raise ValueError(f"base and mem logits must be 2-D with equal rows, got {base.shape} and {mem.shape}")
+    n = min(base.shape[1], mem.shape[1], base.shape[1] if n_ids is None else int(n_ids))
+    out = np.empty(base.shape[0])
+    if base.shape[0] and n:
+        gate_factors_core(base, mem, n, float(slope), float(offset), out)
+    return out
+
+
+def row_entropies(logits: np.ndarray, n_ids: int | None = None) -> np.ndarray:
+    """Entropy (nats, float64 [rows]) of softmax over the first n_ids ids (default all) of each float32 row."""
+    rows = np.ascontiguousarray(logits, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"logits must be 2-D [rows, vocab], got shape {rows.shape}")
+    n = rows.shape[1] if n_ids is None else min(int(n_ids), rows.shape[1])
+    out = np.empty(rows.shape[0])
+    if rows.shape[0] and n:
+        entropies_core(rows, n, out)
     return out

@@ -4,7 +4,7 @@ the recipe's report does, print the quality/size frontier, and with `--ship OUTT
 parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
 
     python recipes/legal_ship.py WORK [--run run] [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
-                                      [--then "COMMAND that continued the run"]
+                                      [--then "COMMAND that continued the run"] [--lambda-gate SLOPE,OFFSET]
 
 A release keeps the replaced record's T/k sweep, commands and history (`previous_decoders`). Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship (WORK/ship-RUN for another run), so a rerun only scores what is new.
 """
@@ -19,12 +19,14 @@ from pathlib import Path
 
 from edge_memdec.files import write_json_atomic
 from edge_memdec.gguf_file import read_gguf
+from edge_memdec.lambda_gate import LambdaGate
 from edge_memdec.train.export_gguf import export_memdec
 from edge_memdec.train.recipe import Budget
 from edge_memdec.train.report import report
 
 MODELS = Path(__file__).resolve().parent.parent / "edge_memdec" / "models"
 SPLIT = "95M"  # git hosts refuse files over 100 MB
+RELEASE_COMMANDS = ("python recipes/legal_ship.py", "python bench/lambda_gate.py")  # not the campaign's own
 
 
 def run_valid_tokens(work: Path, run: str) -> int:
@@ -34,25 +36,30 @@ def run_valid_tokens(work: Path, run: str) -> int:
     return int(train["validation"]["tokens"]) + 1
 
 
-def texts_of(budget: Budget) -> dict:
-    """What picks a report's texts: stored with a cached report, which is reused only when it is the same."""
-    return {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens}
+def texts_of(budget: Budget, gate: LambdaGate | None = None) -> dict:
+    """What picks a report's texts and mixtures: stored with a cached report, reused only when it is the same."""
+    return {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens} | (
+        {"lambda_gate": gate.text()} if gate else {}
+    )
 
 
-def ship_dir(work: Path, run: str) -> Path:
-    """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run."""
-    return work / ("ship" if run == "run" else f"ship-{run}")
+def ship_dir(work: Path, run: str, gate: LambdaGate | None = None) -> Path:
+    """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run; a
+    gated export in its own folder under it."""
+    top = work / ("ship" if run == "run" else f"ship-{run}")
+    return top / f"gate-{gate.text()}" if gate else top
 
 
-def export(work: Path, run: str, outtype: str, base: Path) -> Path:
-    """WORK/`run` exported at `outtype` (split when over SPLIT); the existing export when there is one."""
-    out = ship_dir(work, run) / f"legal-memdec-{outtype}.gguf"
+def export(work: Path, run: str, outtype: str, base: Path, gate: LambdaGate | None = None) -> Path:
+    """WORK/`run` exported at `outtype` (split when over SPLIT) recommending `gate`; the existing export when
+    there is one."""
+    out = ship_dir(work, run, gate) / f"legal-memdec-{outtype}.gguf"
     done = sorted(out.parent.glob(f"{out.stem}*.gguf"))
     if done:
         return done[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = json.loads((work / run / "train.json").read_text())
-    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT)
+    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT, gate)
 
 
 def frontier_row(outtype: str, gguf: Path, table: dict) -> dict:
@@ -152,7 +159,15 @@ def carried(old: dict | None, new_training: dict) -> dict:
 
 
 def record(
-    work: Path, run: str, outtype: str, gguf: Path, table: dict, rows: list[dict], base: Path, campaign: list[str]
+    work: Path,
+    run: str,
+    outtype: str,
+    gguf: Path,
+    table: dict,
+    rows: list[dict],
+    base: Path,
+    campaign: list[str],
+    gate: LambdaGate | None = None,
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths)."""
     ds = json.loads((work / "datastore" / "datastore.json").read_text())
@@ -184,7 +199,12 @@ def record(
         "datastore": {k: v for k, v in ds.items() if k not in ("base", "shards", "finished", "corpus")},
         "knn_targets": targets,
         "stages": stages,
-        "commands": [*campaign, f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"],
+        "commands": [
+            *campaign,
+            *([f"python bench/lambda_gate.py --split WORK/split  # chose the gate {gate.text()}"] if gate else []),
+            f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"
+            + (f" --lambda-gate {gate.text()}" if gate else ""),
+        ],
     }
 
 
@@ -212,32 +232,36 @@ def main() -> None:
     parser.add_argument(
         "--then", action="append", default=[], help="a command run after those (e.g. the continued training run)"
     )
+    parser.add_argument(
+        "--lambda-gate", default=None, help="the entropy gate the exports recommend, SLOPE,OFFSET (bench/lambda_gate.py)"
+    )
     args = parser.parse_args()
+    gate = LambdaGate.parse(args.lambda_gate) if args.lambda_gate else None
     work = args.work
     base = Path(json.loads((work / "datastore" / "datastore.json").read_text())["base"])
     valid_tokens = args.valid_tokens or run_valid_tokens(work, args.run)
     budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=valid_tokens)
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
-        gguf = export(work, args.run, outtype, base)
+        gguf = export(work, args.run, outtype, base, gate)
         cached = gguf.with_name(f"{outtype}-report.json")
         table = json.loads(cached.read_text()) if cached.is_file() else {}
-        if table.get("budget") != texts_of(budget):
+        if table.get("budget") != texts_of(budget, gate):
             table = report(base, gguf, work / "datastore", work / "split", budget, args.threads)
-            table["budget"] = texts_of(budget)
+            table["budget"] = texts_of(budget, gate)
             write_json_atomic(cached, table)
         tables[outtype] = table
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))
     print_frontier(rows)
-    write_json_atomic(ship_dir(work, args.run) / "frontier.json", rows)
+    write_json_atomic(ship_dir(work, args.run, gate) / "frontier.json", rows)
     if args.ship:
         if args.ship not in files:
             raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
         shipped = MODELS / "legal-memdec.json"
         previous = json.loads(shipped.read_text()) if shipped.is_file() else None
         campaign = args.campaign or [
-            c for c in (previous or {}).get("commands", []) if not c.startswith("python recipes/legal_ship.py")
+            c for c in (previous or {}).get("commands", []) if not c.startswith(RELEASE_COMMANDS)
         ]
         campaign = [*(campaign or ["bash recipes/legal_full.sh WORK 1200000"]), *args.then]
         for old in MODELS.glob("legal-memdec*"):
@@ -249,7 +273,8 @@ def main() -> None:
         if plot.is_file():
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
-        new = without_paths(record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign), names)
+        made = record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate)
+        new = without_paths(made, names)
         write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))
         print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
 

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),  # fmt: skip
     ("conversion", ("convert",)),
     ("GGUF files", ("gguf_file", "lora_file", "pair_check", "describe")),
-    ("shared leaves", ("defaults", "files", "windows", "scoring", "errors", "paths", "models", "corpus", "normalize")),
+    ("shared leaves", ("defaults", "lambda_gate", "files", "windows", "scoring", "errors", "paths", "models", "corpus", "normalize")),
 ]
 # the one arrow upward: `perplexity --knn` and `compare --knn` reach the training extra through this door only
 UPWARD_DOORS = {("edge_memdec.knn_baseline", "edge_memdec.train")}

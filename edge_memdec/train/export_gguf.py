@@ -9,6 +9,7 @@ from edge_memdec.convert.quantize import out_type
 from edge_memdec.convert.rewrite import parse_size
 from edge_memdec.defaults import DEFAULT_LAMBDA
 from edge_memdec.errors import UserError
+from edge_memdec.lambda_gate import LambdaGate
 
 
 def check_export_options(opts) -> None:
@@ -55,10 +56,12 @@ def export_memdec(
     domain: str,
     summary: dict,
     split_max_size: str | None = None,
+    lambda_gate: LambdaGate | None = None,
 ) -> Path:
     """Convert `run_dir/hf` to `out` with the tokenizer keys of `base_gguf` and the run's memdec facts; tensors
     training left equal to the base's (frozen blocks, the tied embedding) keep the base's bytes. Returns the
-    file llama.cpp opens (`out`, or the first of its split parts when `split_max_size` is passed)."""
+    file llama.cpp opens (`out`, or the first of its split parts when `split_max_size` is passed).
+    `lambda_gate`: the entropy gate the file recommends (memdec.lambda_gate), e.g. from bench/lambda_gate.py."""
     from edge_memdec.train.steps import HF_DIR
 
     hf = Path(run_dir) / HF_DIR
@@ -69,6 +72,8 @@ def export_memdec(
             "exporting needs the base as a GGUF file to copy its tokenizer; pass --model BASE.gguf"
         )
     facts = memdec_facts(summary, domain, Path(base_gguf).stem)
+    if lambda_gate is not None:
+        facts.update(lambda_gate.metadata())
     split = parse_size(split_max_size) if split_max_size is not None else None
     return convert_checkpoint(
         hf, Path(out), outtype, Path(base_gguf), facts, keep_equal_from=Path(base_gguf), split_max_bytes=split

@@ -75,6 +75,7 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
     lam = round(float(read_gguf(memdec).memdec.get("lambda", DEFAULT_LAMBDA)), 6)
     lambdas = sorted({*budget.lambdas, lam})
     with MemoryDecoderLM(base, memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=threads) as lm:
+        gate = lm.pair.gate  # the GGUF's own entropy gate, if it recommends one: every mixed row below is gated
         ours = lm.perplexity(test_text, n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, lambdas=lambdas)
         general = lm.perplexity(general_text, n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, lambdas=lambdas)
     mixed_at = {round(r["lambda"], 6): r for r in ours["mixed"]}
@@ -92,6 +93,7 @@ def report(base: Path, memdec: Path, datastore: Path, split_dir: Path, budget, t
         "base": ours["base"],
         "memdec_alone": ours["memdec"],
         "memdec_lambda": lam,
+        "lambda_gate": gate.text() if gate else None,
         "base_plus_memdec": {
             "lambda": lam,
             **{k: v for k, v in mixed_at[round(lam, 6)].items() if k != "lambda"},

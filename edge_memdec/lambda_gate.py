@@ -1,0 +1,87 @@
+"""The entropy gate on lambda: each token's memory-decoder weight follows how sure the two models are.
+
+    lambda_t = lambda * sigmoid(slope * (H_base,t - H_mem,t) + offset)
+
+H (nats) is the entropy of a model's next-token distribution over the ids both share. Where the decoder is
+surer than the base (recalled domain text) lambda_t nears lambda; where it is less sure (text it never saw)
+lambda_t falls toward 0 and the base speaks. lambda stays the ceiling, so `--lambda` keeps its meaning. The
+shipped legal decoder's measurements are in the README ("The entropy gate"). A GGUF may recommend its gate
+(`memdec.lambda_gate.slope` and `.offset`, written by `convert --lambda-gate`) as it recommends its lambda.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edge_memdec.errors import UserError
+
+GGUF_KEY = "lambda_gate"  # memdec.lambda_gate.slope and memdec.lambda_gate.offset (f32)
+OFF_WORDS = ("off", "none", "0")  # --lambda-gate off: the fixed lambda of the paper
+FROM_GGUF = "gguf"  # a pair's default: the gate its one decoder's GGUF recommends (none: the fixed lambda)
+
+
+@dataclass(frozen=True)
+class LambdaGate:
+    """lambda_t = lambda * sigmoid(slope * (H_base - H_mem) + offset); slope in 1/nats, offset unitless."""
+
+    slope: float
+    offset: float
+
+    def __post_init__(self) -> None:
+        for name, value in (("slope", self.slope), ("offset", self.offset)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"the lambda gate's {name} must be a finite number, got {value!r}")
+
+    def factor(self, h_base: float, h_mem: float) -> float:
+        """sigmoid(slope * (h_base - h_mem) + offset), in (0, 1): lambda_t / lambda."""
+        z = self.slope * (h_base - h_mem) + self.offset
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def text(self) -> str:
+        """As --lambda-gate takes it: "slope,offset"."""
+        return f"{self.slope:g},{self.offset:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> LambdaGate | None:
+        """--lambda-gate's "SLOPE,OFFSET" (e.g. 1,0), or None for "off"; a UserError in one sentence otherwise."""
+        if text.strip().lower() in OFF_WORDS:
+            return None
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            slope, offset = (float(p) for p in parts)
+        except ValueError:
+            raise UserError(f"--lambda-gate takes SLOPE,OFFSET (e.g. 1,0) or off, got {text!r}") from None
+        return cls(slope, offset)
+
+    @classmethod
+    def of_metadata(cls, memdec: dict) -> LambdaGate | None:
+        """The gate a decoder GGUF recommends (its `memdec.*` keys without the prefix), None without one."""
+        slope, offset = memdec.get(f"{GGUF_KEY}.slope"), memdec.get(f"{GGUF_KEY}.offset")
+        if slope is None and offset is None:
+            return None
+        if slope is None or offset is None:
+            raise UserError(f"the memory decoder's GGUF has only half of memdec.{GGUF_KEY} (slope and offset)")
+        return cls(_f32_decimal(slope), _f32_decimal(offset))
+
+    def metadata(self) -> dict[str, dict[str, float]]:
+        """As `convert`'s memdec facts: {"lambda_gate": {"slope": ..., "offset": ...}}."""
+        return {GGUF_KEY: {"slope": float(self.slope), "offset": float(self.offset)}}
+
+def _f32_decimal(value: object) -> float:
+    """A GGUF f32 value as the decimal it was written from (0.800000011920929 -> 0.8): 7 significant digits."""
+    return float(f"{float(value):.7g}")
+
+
+def resolve_gate(gate: LambdaGate | str | None, memdecs: list[dict]) -> LambdaGate | None:
+    """The gate a pair runs: `gate` itself, None (off), or for FROM_GGUF the one its decoder's metadata
+    (`memdecs`: each decoder's memdec.* dict) recommends. A gate needs exactly one decoder (UserError)."""
+    if isinstance(gate, str):
+        if gate != FROM_GGUF:
+            return resolve_gate(LambdaGate.parse(gate), memdecs)
+        return LambdaGate.of_metadata(memdecs[0]) if len(memdecs) == 1 else None
+    if gate is not None and len(memdecs) != 1:
+        raise UserError(
+            f"the lambda gate needs exactly one memory decoder, got {len(memdecs)}; pass --lambda-gate off"
+        )
+    return gate
