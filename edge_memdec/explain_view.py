@@ -65,15 +65,16 @@ def changed_lines(traces: Sequence[TokenTrace]) -> list[str]:
     return lines
 
 
-TABLE_HEADER = "token\tp_base\tp_mem\tp_mix\trank_base\trank_mix\tchanged\ttop_base\ttop_mix"
+TABLE_HEADER = "token\tp_base\tp_mem\tp_mix\tlambda\trank_base\trank_mix\tchanged\ttop_base\ttop_mix"
 
 
 def table_lines(traces: Sequence[TokenTrace]) -> list[str]:
-    """Tab-separated, one token per line (tokens written as Python string literals)."""
+    """Tab-separated, one token per line (tokens written as Python string literals); `lambda` is the weight
+    that token was mixed with (the entropy gate moves it per token)."""
     lines = [TABLE_HEADER]
     for t in traces:
         lines.append(
-            f"{t.text!r}\t{_p(t.p_base)}\t{_p(t.p_mem)}\t{_p(t.p_mix)}\t{t.rank_base}\t{t.rank_mix}\t"
+            f"{t.text!r}\t{_p(t.p_base)}\t{_p(t.p_mem)}\t{_p(t.p_mix)}\t{t.lam:.3f}\t{t.rank_base}\t{t.rank_mix}\t"
             f"{'yes' if t.changed else 'no'}\t{t.top_base[0].text!r}\t{t.top_mix[0].text!r}"
         )
     return lines

@@ -166,7 +166,7 @@ def test_chat_commands_change_the_next_answer_and_bad_ones_are_one_line(smollm2_
     assert "lambda must be between 0 and 1, got 2.0" in errors[0] and "on or off" in errors[1]
     assert "unknown command /nope; /help lists the commands" in errors[2]
     out = [re.sub(r"^(> )+", "", line) for line in proc.stdout.split("\n")]  # input()'s prompts
-    first = out.index("token\tp_base\tp_mem\tp_mix\trank_base\trank_mix\tchanged\ttop_base\ttop_mix")
+    first = out.index("token\tp_base\tp_mem\tp_mix\tlambda\trank_base\trank_mix\tchanged\ttop_base\ttop_mix")
     second = out.index(out[first], first + 1)  # the two explained answers' tables
     rows_off = [[float(x) for x in row.split("\t")[1:4]] for row in out[first + 1 : first + 9]]
     rows_09 = [[float(x) for x in row.split("\t")[1:4]] for row in out[second + 1 : second + 9]]
@@ -189,7 +189,8 @@ def test_explain_piped_prints_a_table_and_a_summary(smollm2_gguf, tiny_memdec_gg
     assert "\x1b[" not in proc.stdout
     assert header.startswith("token\tp_base\tp_mem\tp_mix") and len(rows) == 10
     assert "".join(eval(row.split("\t")[0]) for row in rows) == answer  # tokens are Python literals
-    changed = sum(row.split("\t")[6] == "yes" for row in rows)
+    changed = sum(row.split("\t")[7] == "yes" for row in rows)
+    assert {row.split("\t")[4] for row in rows} == {"0.700"}  # each token's lambda: fixed without a gate
     assert summary.startswith(f"[explain: 10 tokens; the memory decoder changed the top token {changed} times")
 
 
