@@ -50,7 +50,7 @@ class Piece:
     targets: np.ndarray  # int32, one per flagged row, in order
 
 
-def _pieces(tokens: Sequence[int], window: Window, bos: int | None, n_batch: int) -> Iterator[Piece]:
+def pieces(tokens: Sequence[int], window: Window, bos: int | None, n_batch: int) -> Iterator[Piece]:
     """Split a window into calls of at most n_batch tokens (BOS over its first token when `bos` is given):
     llama.cpp keeps only the last call's logits, so each piece's rows are scored before the next is evaluated."""
     feed = list(tokens[window.begin : window.end])
@@ -256,7 +256,7 @@ def _score_window(
     k = len(pair.memdecs)
     acc_base, acc_mems, acc_mix = accumulators[0], accumulators[1 : 1 + k], accumulators[1 + k :]
     pair.rewind(0)
-    for piece in _pieces(tokens, window, bos, n_batch):
+    for piece in pieces(tokens, window, bos, n_batch):
         n_rows = pair.eval(piece.tokens, piece.flags)
         if n_rows == 0:
             continue

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "runtime",
         ("api", "pair", "trunk", "llama_model", "threadpool", "llama_log", "decode", "batch", "trace", "detok",
-         "chat_format", "perplexity", "perplexity_job", "compare", "plot", "knn_baseline", "kernels"),
+         "chat_format", "perplexity", "perplexity_job", "compare", "plot", "knn_baseline", "kernels", "gate_fit"),
     ),  # fmt: skip
     ("conversion", ("convert",)),
     ("GGUF files", ("gguf_file", "lora_file", "pair_check", "describe")),

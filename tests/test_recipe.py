@@ -16,6 +16,7 @@ pytest.importorskip("faiss")
 from conftest import licence_folder, licence_text  # noqa: E402
 
 from edge_memdec.gguf_file import read_gguf  # noqa: E402
+from edge_memdec.lambda_gate import LambdaGate  # noqa: E402
 
 CLI = [sys.executable, "-m", "edge_memdec.cli"]
 N_DOCS = 40  # enough whole documents for a validation and a test document
@@ -67,14 +68,20 @@ def test_recipe_on_a_folder_keeps_its_outputs_under_work(mydocs, tiny_llama_gguf
     assert report["general"]["base"]["ppl"] > 1
     assert 0 < report["memdec_lambda"] < 1
     assert (work / "mydocs-memdec-q8_0-lambda.png").is_file()
-    assert set(report["stages"]) >= {"split", "datastore", "knn_targets", "train", "report"}
+    assert set(report["stages"]) >= {"split", "datastore", "knn_targets", "train", "gate", "report"}
+    # the gate stage scored the fixed lambda and every candidate gate; the GGUF recommends the winner (or none)
+    gate = report["stages"]["gate"]
+    assert len(gate["candidates"]) == 16 and gate["candidates"][0]["gate"] is None
+    assert all(row["valid"] > 0 and row["general"] > 0 for row in gate["candidates"])
+    recommended = LambdaGate.of_metadata(read_gguf(gguf).memdec)
+    assert gate["gate"] == (recommended.text() if recommended else None) == report["lambda_gate"]
     assert report["budget"]["epochs"] == 1 and json.loads((work / "run" / "train.json").read_text())["epochs"] == 1
 
     # a rerun resumes: every finished stage is skipped, the report is made again
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((work / "stages.json").read_text())
-    for name in ("split", "datastore", "knn_targets", "train"):
+    for name in ("split", "datastore", "knn_targets", "train", "gate"):
         assert stages[name] == report["stages"][name], name
 
 

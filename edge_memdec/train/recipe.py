@@ -100,6 +100,7 @@ def run_recipe(
     `baselines` (out of BASELINES) also trains a LoRA and/or a DAPT model on the datastore's tokens, with the
     decoder's epochs, windows and batch, and adds `compare`'s table of every row on the test split."""
     from edge_memdec.gguf_file import read_gguf
+    from edge_memdec.lambda_gate import LambdaGate
     from edge_memdec.train.report import report
 
     unknown = [kind for kind in baselines if kind not in BASELINES]
@@ -149,6 +150,10 @@ def run_recipe(
         + ["--checkpoint-every", str(budget.checkpoint_every)]
         + (["--resume"] if (run / "checkpoint.pt").is_file() else []),
     )
+    recommended = LambdaGate.of_metadata(read_gguf(gguf).memdec)
+    if stages.get("gate", {}).get("gate", "unset") != (recommended.text() if recommended else None):
+        stages["gate"] = recommend_gate(base, gguf, split, run, name, budget, threads)
+        write_json_atomic(stages_path, stages)
     trained = {}
     for kind in baselines:
         trained[kind] = out = work / (f"{name}-lora.gguf" if kind == "lora" else f"{name}-dapt-{budget.outtype}.gguf")
@@ -206,3 +211,31 @@ def baseline_table(
     rows = rows_of(base, lora, trained.get("dapt"), None, memdec)
     settings = CompareSettings(n_ctx=PAPER_N_CTX, stride=PAPER_STRIDE, options=ModelOptions(n_threads=threads))
     return compare(rows, test_text, general_text, settings)
+
+
+def recommend_gate(base: Path, gguf: Path, split: Path, run: Path, name: str, budget: Budget, threads: int) -> dict:
+    """Choose the trained decoder's entropy gate (gate_fit.fit_gate: validation documents of `split`, the first
+    half of the general sample) and, when one wins, export the GGUF again recommending it. Returns the stage's
+    record: the gate (None: a fixed lambda), every candidate's PPL ratios, seconds."""
+    from edge_memdec.api import MemoryDecoderLM
+    from edge_memdec.corpus import general_sample
+    from edge_memdec.gate_fit import fit_gate, general_halves, position_scores
+    from edge_memdec.train.base import load_tokenizer
+    from edge_memdec.train.export_gguf import export_memdec
+    from edge_memdec.train.report import split_text
+    from edge_memdec.train.steps import SUMMARY
+
+    t0 = time.perf_counter()
+    valid_text = split_text(load_tokenizer(base), split, "validation", budget.valid_tokens)
+    with MemoryDecoderLM(base, gguf, lambda_gate=None, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX,
+                         n_threads=threads, flash_attn=False) as lm:  # fmt: skip
+        lam = lm.lam
+        valid = position_scores(lm.pair, valid_text)
+        general = position_scores(lm.pair, general_halves(general_sample())[0])
+    gate, candidates = fit_gate(valid, general, lam)
+    if gate is not None:
+        summary = json.loads((run / SUMMARY).read_text())
+        export_memdec(run, gguf, budget.outtype, base, name, summary, None, gate)
+    print(f"gate: {gate.text() if gate else 'none (a fixed lambda)'} at lambda {lam:g}", file=sys.stderr)
+    return {"gate": gate.text() if gate else None, "lambda": lam, "candidates": candidates,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
