@@ -18,6 +18,7 @@ import numpy as np
 from edge_memdec import defaults
 from edge_memdec.detok import TextStream
 from edge_memdec.errors import UserError
+from edge_memdec.lambda_gate import request_gate
 from edge_memdec.pair import Lambdas, ModelPair
 from edge_memdec.trace import MAX_ALTERNATIVES, TokenTrace, TracedText, trace_step
 
@@ -46,6 +47,8 @@ class SamplingParams:
     # lambda 0 on the control and end-of-generation tokens (the chat template's markers, EOS): they keep the
     # base's probability, since a memory decoder trained on plain domain text never saw them; None = the pair's
     base_special_tokens: bool | None = None
+    # the entropy gate on lambda for this request: "SLOPE,OFFSET", "off" (a fixed lambda); None = the pair's
+    lambda_gate: str | None = None
 
     def check(self, n_vocab: int) -> None:
         if self.max_tokens < 1:
@@ -93,6 +96,7 @@ class Generation:
         params.check(pair.base.n_vocab)
         self.weights = pair.weights(params.lam)  # each memory decoder's lambda
         self.lam = defaults.lambda_total(self.weights)  # theirs together: the memory side's weight
+        self.gate = pair.gate if params.lambda_gate is None else request_gate(params.lambda_gate, len(pair.memdecs))
         if explain is not None and not 0 <= explain <= MAX_ALTERNATIVES:
             raise UserError(f"explain takes 0 to {MAX_ALTERNATIVES} alternatives per token, got {explain}")
         if len(prompt_tokens) >= pair.n_ctx:
@@ -183,7 +187,7 @@ class Generation:
             for row in (base_row, *mem_rows):
                 _mask(row, base.eog_ids)
         mem_row = self._memory_row(mem_rows)
-        gate = self.pair.gate
+        gate = self.gate
         if gate is not None and lam > 0.0 and mem_row is not None:
             from edge_memdec.kernels import gated_lambda
 

@@ -85,3 +85,13 @@ def resolve_gate(gate: LambdaGate | str | None, memdecs: list[dict]) -> LambdaGa
             f"the lambda gate needs exactly one memory decoder, got {len(memdecs)}; pass --lambda-gate off"
         )
     return gate
+
+
+def request_gate(text: str, n_decoders: int) -> LambdaGate | None:
+    """A request's own gate ("SLOPE,OFFSET" or "off") for a pair of `n_decoders` memory decoders (UserError)."""
+    if not isinstance(text, str):
+        raise UserError(f"the lambda gate must be text, SLOPE,OFFSET or off, got {text!r}")
+    gate = LambdaGate.parse(text)
+    if gate is not None and n_decoders != 1:
+        raise UserError(f"the lambda gate needs exactly one memory decoder, got {n_decoders}")
+    return gate

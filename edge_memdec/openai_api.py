@@ -4,7 +4,7 @@ Every request field is either honoured, ignored because it changes no token (it 
 user, store, metadata, ...), accepted only at the value that turns it off (n=1, no tools), or
 refused with a 400 that names it; unknown fields are refused too. llama-server's own sampling fields
 (top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` (a number, or with several memory
-decoders {"decoder name": lambda}) and `base_special_tokens` are honoured. Omitted sampling
+decoders {"decoder name": lambda}), `lambda_gate` ("SLOPE,OFFSET" or "off") and `base_special_tokens` are honoured. Omitted sampling
 fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
 
 `logprobs` (chat: true plus `top_logprobs` 0..20; completions: the number of alternatives 0..20) reports the
@@ -25,6 +25,7 @@ from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.defaults import LAMBDA_MAX, LAMBDA_MIN
 from edge_memdec.errors import UserError
+from edge_memdec.lambda_gate import request_gate
 from edge_memdec.trace import MAX_ALTERNATIVES, Alternative, TokenTrace
 
 CHAT, TEXT = "chat", "text"  # /v1/chat/completions and /v1/completions
@@ -121,7 +122,8 @@ HONOURED = {
     TEXT: {"prompt", "logprobs"},
     "both": {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed", "stop",
              "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
-             "lambda", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "base_special_tokens"},
+             "lambda", "lambda_gate", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "ignore_eos",
+             "base_special_tokens"},
 }  # fmt: skip
 IGNORED = frozenset(
     {"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "cache_prompt"}
@@ -228,6 +230,13 @@ def sampling_settings(body: dict, lm: MemoryDecoderLM, max_tokens_cap: int) -> d
     lam = _lambdas(body, lm)
     if lam is not None:
         settings["lam"] = lam
+    gate = body.get("lambda_gate")
+    if gate is not None:
+        try:
+            request_gate(gate, len(lm.pair.memdecs))
+        except UserError as err:
+            raise _bad("lambda_gate", f"'lambda_gate': {err}") from None
+        settings["lambda_gate"] = gate
     return settings
 
 

@@ -177,3 +177,43 @@ def test_bad_gates_are_one_line_errors(gate, needle):
 def test_a_gate_needs_one_memory_decoder(smollm2_gguf):
     proc = cli("chat", "-p", "hi", "-n", "1", "-m", str(smollm2_gguf), "--no-memdec", "--lambda-gate", "1,0")
     assert proc.returncode == 1 and "exactly one memory decoder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_request_can_set_or_turn_off_the_gate(gated_lm):
+    """A factor of 0 is the base alone, a factor of 1 the fixed lambda; a request's "off" is the fixed lambda."""
+    messages = [{"role": "user", "content": "What is a licence?"}]
+    ask = dict(max_tokens=8, temperature=0.0)
+    base = gated_lm.chat(messages, lam=0.0, **ask)
+    fixed = gated_lm.chat(messages, lambda_gate="off", **ask)
+    assert gated_lm.chat(messages, lambda_gate="0,-1000", **ask) == base
+    assert gated_lm.chat(messages, lambda_gate="0,1000", **ask) == fixed
+    generation = gated_lm.start(gated_lm.tokenize("The licensee shall"), max_tokens=3, temperature=0.0,
+                                lambda_gate="0,0", explain=1)  # fmt: skip
+    generation.run()
+    assert [t.lam for t in generation.traces] == pytest.approx([0.3] * 3)  # 0.6 * sigmoid(0)
+
+
+def test_the_server_takes_a_requests_gate_and_refuses_a_bad_one(gated_lm):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from conftest import serving
+
+    def post(body: dict):
+        request = urllib.request.Request(srv.url + "/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    body = {"messages": [{"role": "user", "content": "What is a licence?"}], "max_tokens": 6, "temperature": 0}
+    with serving(gated_lm) as srv:
+        status, answer = post(body | {"lambda_gate": "0,-1000"})
+        assert status == 200
+        assert answer["choices"][0]["message"]["content"] == gated_lm.chat(body["messages"], lam=0.0, max_tokens=6,
+                                                                           temperature=0.0)  # fmt: skip
+        status, error = post(body | {"lambda_gate": "sharp"})
+        assert status == 400 and error["error"]["param"] == "lambda_gate"
