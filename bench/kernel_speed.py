@@ -4,7 +4,8 @@
 
 For vocabularies of 49,152 (SmolLM2) and 151,936 (Qwen2.5) ids, prints the median microseconds per call of:
 the fused sampling step at llama.cpp's default settings (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05),
-the same for the base model alone, greedy, and mix_logprobs; numba and numpy calls are interleaved so both see
+the same for the base model alone, greedy, mix_logprobs, and the entropy gate's lambda (both rows' entropies);
+numba and numpy calls are interleaved so both see
 the same machine load. The logit rows are synthetic (normal noise, std 2.5, plus a few peaked tokens).
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edge_memdec.kernels import make_scratch, mix_logprobs, sample_token, warmup
+from edge_memdec.kernels import gated_lambda, make_scratch, mix_logprobs, sample_token, warmup
 
 LAM = 0.3
 TYPICAL = (0.8, 40, 0.95, 0.05)  # temperature, top_k, top_p, min_p
@@ -52,6 +53,15 @@ class NumpyMixer:
         """log of the mixed probabilities (underflows to -inf below float32's range, unlike the kernel)."""
         p = self.probs(base, mem, lam)
         return np.log(p, out=p)
+
+    def gated_lambda(self, base: np.ndarray, mem: np.ndarray, lam: float, slope: float, offset: float) -> float:
+        entropies = []
+        for row in (base, mem):
+            np.subtract(row, row.max(), out=self.p)
+            np.exp(self.p, out=self.q)
+            z = self.q.sum(dtype=np.float64)
+            entropies.append(np.log(z) - np.dot(self.p, self.q) / z)
+        return lam / (1.0 + np.exp(-(slope * (entropies[0] - entropies[1]) + offset)))
 
     def greedy(self, base: np.ndarray, mem: np.ndarray | None, lam: float) -> int:
         if mem is None:
@@ -135,6 +145,10 @@ def bench_vocab(n: int, rng: np.random.Generator, calls: int) -> None:
         f"mix_logprobs, lambda {LAM}": (
             lambda: mix_logprobs(base, mem, LAM, out),
             lambda: ref.mix_logprobs(base, mem, LAM),
+        ),
+        "gated lambda (two entropies)": (
+            lambda: gated_lambda(base, mem, 0.9, 1.0, 0.0),
+            lambda: ref.gated_lambda(base, mem, 0.9, 1.0, 0.0),
         ),
     }
     for name, (fast, slow) in cases.items():
