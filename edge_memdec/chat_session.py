@@ -17,6 +17,7 @@ from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.decode import Generation
 from edge_memdec.errors import UserError
 from edge_memdec.explain_view import LEGEND, is_terminal, report, tint, use_colour
+from edge_memdec.lambda_gate import request_gate
 from edge_memdec.pair import Lambdas
 
 RESERVE_TOKENS = 16  # room kept free for at least the start of an answer
@@ -46,6 +47,7 @@ class ChatSession:
         self.cancel = threading.Event()
         self.lam: Lambdas = self.sampling.pop("lam", None)  # None: the pair's own lambdas
         self.memdec_on = True
+        self.gate: str | None = None  # /gate: "SLOPE,OFFSET" or "off" for the next answers; None: the pair's
 
     def reset(self) -> None:
         self.turns.clear()
@@ -86,6 +88,8 @@ class ChatSession:
         self.cancel.clear()
         lam = self.effective_lambda
         sampling = self.sampling if lam is None else self.sampling | {"lam": lam}
+        if self.gate is not None:
+            sampling = sampling | {"lambda_gate": self.gate}
         coloured = self.explain and use_colour(self.out)
         generation = self.lm.start(tokens, cancel=self.cancel, explain=self.explain, **sampling)
         with _ctrl_c_sets(self.cancel):
@@ -103,7 +107,7 @@ class ChatSession:
         elif generation.finish_reason == "cancelled":
             print("[stopped]", file=self.err)
         if self.verbose:
-            gate = f", gated {self.lm.pair.gate.text()}" if self.lm.pair.gate and lam and any(lam) else ""
+            gate = f", gated {generation.gate.text()}" if generation.gate and lam and any(lam) else ""
             print(
                 f"[{len(generation.tokens)} tokens in {generation.decode_seconds:.2f} s, "
                 f"{generation.tokens_per_second:.1f} tok/s; prompt {len(generation.prompt_tokens)} tokens "
@@ -162,9 +166,14 @@ class ChatSession:
         return None
 
     def _memdec_command(self, name: str, arg: str) -> None:
-        """/lambda X and /memdec on|off."""
+        """/lambda X, /memdec on|off and /gate SLOPE,OFFSET|off."""
         if self.lm.pair.memdec is None:
             raise UserError(f"{name} needs a memory decoder; this chat runs the base model alone")
+        if name == "/gate":
+            gate = request_gate(arg, len(self.lm.pair.memdecs))
+            self.gate = gate.text() if gate else "off"
+            print(f"[lambda gate {self.gate}]", file=self.err)
+            return
         if name == "/memdec":
             self.memdec_on = _on_off(name, arg)
         else:
@@ -185,6 +194,7 @@ class ChatSession:
 COMMANDS = {
     "/lambda": ("/lambda X", "the memory decoder's weight (0 to 1) from the next answer on; X,Y,.. for several"),
     "/memdec": ("/memdec on|off", "mix the memory decoder in, or answer with the base alone"),
+    "/gate": ("/gate S,O|off", "the entropy gate on lambda (slope,offset), or a fixed lambda"),
     "/explain": ("/explain on|off", "show how the memory decoder moved each token"),
     "/system": ("/system TEXT", "set the system message (no text: remove it)"),
     "/reset": ("/reset", "forget the conversation"),

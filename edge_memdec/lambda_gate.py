@@ -51,7 +51,7 @@ class LambdaGate:
         try:
             slope, offset = (float(p) for p in parts)
         except ValueError:
-            raise UserError(f"--lambda-gate takes SLOPE,OFFSET (e.g. 1,0) or off, got {text!r}") from None
+            raise UserError(f"the lambda gate takes SLOPE,OFFSET (e.g. 1,0) or off, got {text!r}") from None
         return cls(slope, offset)
 
     @classmethod

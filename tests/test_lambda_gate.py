@@ -164,7 +164,7 @@ def test_a_converted_decoder_recommends_its_gate_and_the_cli_can_turn_it_off(
 
 @pytest.mark.parametrize(
     "gate, needle",
-    [("1", "--lambda-gate takes SLOPE,OFFSET"), ("a,b", "--lambda-gate takes SLOPE,OFFSET"),
+    [("1", "the lambda gate takes SLOPE,OFFSET"), ("a,b", "the lambda gate takes SLOPE,OFFSET"),
      ("1,inf", "must be a finite number")],
 )  # fmt: skip
 def test_bad_gates_are_one_line_errors(gate, needle):
@@ -217,3 +217,19 @@ def test_the_server_takes_a_requests_gate_and_refuses_a_bad_one(gated_lm):
                                                                            temperature=0.0)  # fmt: skip
         status, error = post(body | {"lambda_gate": "sharp"})
         assert status == 400 and error["error"]["param"] == "lambda_gate"
+
+
+def test_the_chat_gate_command(smollm2_gguf, tiny_memdec_gguf):
+    lines = ["/gate 0,-1000", "What is a licence?", "/gate sharp", "/gate off", "What is a licence?", "/exit"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_memdec.cli", "chat", "-m", str(smollm2_gguf), "--memdec", str(tiny_memdec_gguf),
+         "-n", "6", "--temp", "0", "-c", "256", "-v"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "[lambda gate 0,-1000]" in proc.stderr and "[lambda gate off]" in proc.stderr
+    assert "the lambda gate takes SLOPE,OFFSET" in proc.stderr  # the bad one: one line, the chat goes on
+    assert "gated 0,-1000]" in proc.stderr  # -v names the gate the answer ran with
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=256, n_threads=2) as lm:
+        base = lm.chat([{"role": "user", "content": "What is a licence?"}], max_tokens=6, temperature=0.0, lam=0.0)
+    assert base in proc.stdout  # factor 0: the base's answer
