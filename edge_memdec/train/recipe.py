@@ -237,5 +237,5 @@ def recommend_gate(base: Path, gguf: Path, split: Path, run: Path, name: str, bu
         summary = json.loads((run / SUMMARY).read_text())
         export_memdec(run, gguf, budget.outtype, base, name, summary, None, gate)
     print(f"gate: {gate.text() if gate else 'none (a fixed lambda)'} at lambda {lam:g}", file=sys.stderr)
-    return {"gate": gate.text() if gate else None, "lambda": lam, "candidates": candidates,
+    return {"gate": gate.text() if gate else None, "lambda": round(lam, 6), "candidates": candidates,
             "seconds": time.perf_counter() - t0}  # fmt: skip
