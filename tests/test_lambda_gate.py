@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from llama_cpp import Llama
+from test_runtime import next_token_rows
 
 from edge_memdec import MemoryDecoderLM
 from edge_memdec.kernels import gate_factors, gated_lambda, row_entropies
@@ -84,14 +85,9 @@ def test_greedy_gated_generation_is_argmax_of_an_independent_gated_mixture(gated
     mem = Llama(str(tiny_memdec_gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     context, lams = list(tokens), []
     for token in generation.tokens:
-        rows = []
-        for model in (base, mem):
-            model.reset()
-            model.eval(context)
-            rows.append(np.array(model.scores[len(context) - 1]))
-        n = min(len(rows[0]), len(rows[1]))
-        lb, lm = log_softmax64(rows[0][:n]), log_softmax64(rows[1][:n])
-        lam = 0.6 * ref_factor(entropy64(rows[0][:n]), entropy64(rows[1][:n]), 0.8, 5.0)
+        row_base, row_mem = next_token_rows(base, mem, context)
+        lb, lm = log_softmax64(row_base), log_softmax64(row_mem)
+        lam = 0.6 * ref_factor(entropy64(row_base), entropy64(row_mem), 0.8, 5.0)
         lams.append(lam)
         assert token == int(np.argmax(np.logaddexp(np.log1p(-lam) + lb, np.log(lam) + lm)))
         context.append(token)

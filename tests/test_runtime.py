@@ -17,15 +17,22 @@ def log_softmax64(row: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def reference_mixture(base: Llama, mem: Llama, tokens: list[int], lam: float) -> np.ndarray:
-    """Mixed log-probs for the next token, from fresh full evaluations of both models (no shared state)."""
+def next_token_rows(base: Llama, mem: Llama, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Both models' logits for the token after `tokens` over their shared ids, from fresh full evaluations
+    (no shared state)."""
     rows = []
     for model in (base, mem):
         model.reset()
         model.eval(tokens)
         rows.append(np.array(model.scores[len(tokens) - 1]))
     n = min(len(rows[0]), len(rows[1]))
-    lb, lm = log_softmax64(rows[0][:n]), log_softmax64(rows[1][:n])
+    return rows[0][:n], rows[1][:n]
+
+
+def reference_mixture(base: Llama, mem: Llama, tokens: list[int], lam: float) -> np.ndarray:
+    """Mixed log-probs for the next token, from fresh full evaluations of both models (no shared state)."""
+    row_base, row_mem = next_token_rows(base, mem, tokens)
+    lb, lm = log_softmax64(row_base), log_softmax64(row_mem)
     return np.logaddexp(np.log1p(-lam) + lb, np.log(lam) + lm)
 
 
