@@ -33,11 +33,6 @@ class LambdaGate:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"the lambda gate's {name} must be a finite number, got {value!r}")
 
-    def factor(self, h_base: float, h_mem: float) -> float:
-        """sigmoid(slope * (h_base - h_mem) + offset), in (0, 1): lambda_t / lambda."""
-        z = self.slope * (h_base - h_mem) + self.offset
-        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-
     def text(self) -> str:
         """As --lambda-gate takes it: "slope,offset"."""
         return f"{self.slope:g},{self.offset:g}"
@@ -68,30 +63,33 @@ class LambdaGate:
         """As `convert`'s memdec facts: {"lambda_gate": {"slope": ..., "offset": ...}}."""
         return {GGUF_KEY: {"slope": float(self.slope), "offset": float(self.offset)}}
 
+
 def _f32_decimal(value: object) -> float:
     """A GGUF f32 value as the decimal it was written from (0.800000011920929 -> 0.8): 7 significant digits."""
     return float(f"{float(value):.7g}")
 
 
 def resolve_gate(gate: LambdaGate | str | None, memdecs: list[dict]) -> LambdaGate | None:
-    """The gate a pair runs: `gate` itself, None (off), or for FROM_GGUF the one its decoder's metadata
-    (`memdecs`: each decoder's memdec.* dict) recommends. A gate needs exactly one decoder (UserError)."""
-    if isinstance(gate, str):
-        if gate != FROM_GGUF:
-            return resolve_gate(LambdaGate.parse(gate), memdecs)
+    """The gate a pair runs: `gate` itself (a LambdaGate, its text, None or "off"), or for FROM_GGUF the one
+    its decoder's metadata (`memdecs`: each decoder's memdec.* dict) recommends (none with several decoders)."""
+    if gate == FROM_GGUF:
         return LambdaGate.of_metadata(memdecs[0]) if len(memdecs) == 1 else None
-    if gate is not None and len(memdecs) != 1:
-        raise UserError(
-            f"the lambda gate needs exactly one memory decoder, got {len(memdecs)}; pass --lambda-gate off"
-        )
-    return gate
+    if isinstance(gate, str):
+        gate = LambdaGate.parse(gate)
+    return _for_decoders(gate, len(memdecs))
 
 
 def request_gate(text: str, n_decoders: int) -> LambdaGate | None:
     """A request's own gate ("SLOPE,OFFSET" or "off") for a pair of `n_decoders` memory decoders (UserError)."""
     if not isinstance(text, str):
         raise UserError(f"the lambda gate must be text, SLOPE,OFFSET or off, got {text!r}")
-    gate = LambdaGate.parse(text)
+    return _for_decoders(LambdaGate.parse(text), n_decoders)
+
+
+def _for_decoders(gate: LambdaGate | None, n_decoders: int) -> LambdaGate | None:
+    """`gate`, which needs exactly one memory decoder (UserError otherwise)."""
     if gate is not None and n_decoders != 1:
-        raise UserError(f"the lambda gate needs exactly one memory decoder, got {n_decoders}")
+        raise UserError(
+            f"the lambda gate needs exactly one memory decoder, got {n_decoders}; pass --lambda-gate off"
+        )
     return gate
