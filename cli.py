@@ -698,7 +698,9 @@ def train_memdec(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, hf/, train.json)")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Base GGUF or HF folder")] = None,
     targets: TargetsOpt = None,
-    init: Annotated[str, typer.Option(help="base, scratch, or an HF checkpoint folder")] = "base",
+    init: Annotated[
+        str, typer.Option(help="base, scratch, an HF checkpoint folder, or a decoder GGUF to continue")
+    ] = "base",
     layers: Annotated[int, typer.Option(help="Decoder blocks")] = 10,
     base_layers: Annotated[Optional[str], typer.Option(help="Base blocks to copy, e.g. 0-2,23-29")] = None,
     hidden: Annotated[int, typer.Option(help="Width (scratch only)")] = 576,

@@ -5,6 +5,7 @@
   base's exactly, at the base's size, whatever `--outtype` the trained ones got.
 - `split_gguf`: llama.cpp's split convention, NAME-00001-of-0000N.gguf, each part at most `max_bytes` (git hosts
   refuse files over 100 MB); the first part holds the metadata, and llama.cpp loads the set from it.
+- `join_gguf`: the inverse, one file from a split set (readers other than llama.cpp's take single files).
 
 Both copy raw tensor bytes (memory-mapped, one tensor at a time) and write every file under a temp name first.
 """
@@ -102,6 +103,14 @@ def split_gguf(source: Path, out: Path, max_bytes: int) -> list[Path]:
         if name.stat().st_size > max_bytes:  # the plan's header estimates are generous; this never fires
             raise UserError(f"{name} came out at {name.stat().st_size} bytes, over the {max_bytes} asked for")
     return names
+
+
+def join_gguf(source: Path, out: Path) -> Path:
+    """Write the GGUF `source` (a single file, or the first part of a split set) as the single file `out`, with
+    its metadata less the `split.*` keys and every tensor's bytes unchanged; returns `out`."""
+    info = read_gguf(source)
+    _write_parts(info, [(info, t) for t in info.tensors], [len(info.tensors)], [out])
+    return out
 
 
 def _plan_parts(sizes: list[int], first_header: int, max_bytes: int) -> list[int]:

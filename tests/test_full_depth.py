@@ -248,6 +248,48 @@ def test_more_epochs_continue_a_frozen_run_from_its_checkpoint(frozen_run, store
     assert "frozen blocks are the base's" in str(refused.exception)
 
 
+def test_training_continues_from_a_split_decoder_gguf(frozen_run, store, deep_base, tmp_path):
+    """`train --init DECODER.gguf`: a published decoder (q8_0, base bytes kept, split in parts) is read back
+    dequantized, its frozen blocks equal to the base's (so `--frozen-blocks` accepts it) and its trained blocks
+    within q8_0's rounding of the run it was exported from; a file that is not a GGUF is one sentence."""
+    from edge_memdec.convert import convert_checkpoint
+    from edge_memdec.errors import UserError
+    from edge_memdec.gguf_file import read_gguf
+
+    base_gguf = convert_checkpoint(deep_base, tmp_path / "base-f32.gguf", "f32")
+    out = tmp_path / "memdec.gguf"
+    invoke(
+        "convert", str(frozen_run / "hf"), "-o", str(out), "--outtype", "q8_0", "--tokenizer-from",
+        str(base_gguf), "--keep-base-tensors", str(base_gguf), "--split-max-size", "200K",
+    )  # fmt: skip
+    (first,) = tmp_path.glob("memdec-00001-of-*.gguf")
+    assert len(read_gguf(first).files) >= 2
+    more = tmp_path / "more"
+    invoke(
+        "train", str(store["ds"]), "--out", str(more), "-m", str(deep_base), "--init", str(first),
+        "--frozen-blocks", str(FROZEN), "--epochs", "1", "--lr", "0", "--n-ctx", "32", "--stride", "32",
+        "--batch-windows", "8", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    exported = load_file(str(frozen_run / "hf" / "model.safetensors"))
+    after = load_file(str(more / "hf" / "model.safetensors"))
+    base = load_file(str(deep_base / "model.safetensors"))
+    for name in base:
+        if name.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1.")):
+            assert np.array_equal(after[name], base[name]), name
+        else:  # lr 0: the trained blocks are what the GGUF held; q8_0 keeps 8 bits a weight, scale per 32
+            scale = np.abs(exported[name]).max()
+            np.testing.assert_allclose(after[name], exported[name], atol=scale / 100, err_msg=name)
+    assert "quantization_config" not in json.loads((more / "hf" / "config.json").read_text())
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"plain text, no GGUF here")
+    refused = CliRunner().invoke(app, [
+        "train", str(store["ds"]), "--out", str(tmp_path / "refused"), "-m", str(deep_base), "--init", str(bad),
+        "--frozen-blocks", str(FROZEN), "--threads", "1",
+    ])  # fmt: skip
+    assert isinstance(refused.exception, UserError), refused.output
+    assert "\n" not in str(refused.exception)
+
+
 def test_export_keeps_the_base_bytes_of_frozen_tensors(frozen_run, deep_base, tmp_path):
     """`--keep-base-tensors`: the frozen blocks and tied embedding are the base GGUF's own bytes and type; the
     trained blocks get --outtype."""

@@ -1,7 +1,8 @@
 """The memory decoder: an ordinary llama-architecture causal LM that shares the base model's tokenizer.
 
-Three starting points: the base model's own weights (its embeddings, first N layers and final norm, with the
-LM head tied to the embeddings), a Hugging Face checkpoint, or random weights of a given size.
+Four starting points: the base model's own weights (its embeddings, first N layers and final norm, with the
+LM head tied to the embeddings), a Hugging Face checkpoint, a memory decoder's GGUF (dequantized; to continue
+training a published decoder), or random weights of a given size.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def memdec_from_scratch(base_config, shape: MemdecShape, seed: int) -> LlamaForC
 def make_memdec(
     init: str, base_model: PreTrainedModel, shape: MemdecShape, seed: int = 0
 ) -> LlamaForCausalLM:
-    """`init` is "base" (the base's first layers), "scratch", or a Hugging Face checkpoint folder."""
+    """`init` is "base" (the base's first layers), "scratch", a Hugging Face checkpoint folder, or a decoder GGUF."""
     if init == "base":
         every = base_model.config.num_hidden_layers
         model = memdec_from_base(base_model, shape.base_layers or tuple(range(shape.layers or every)))
@@ -115,13 +116,41 @@ def make_memdec(
         if hasattr(config, "quantization_config"):  # earlier checkpoints copied it from the base GGUF; their weights are plain
             del config.quantization_config
         model = LlamaForCausalLM.from_pretrained(init, config=config, dtype=torch.float32)
-        if model.config.vocab_size < base_model.config.vocab_size:
-            raise UserError(
-                f"the checkpoint {init} has a smaller vocabulary than the base; it cannot share tokens"
-            )
+    elif init.endswith(".gguf") and Path(init).is_file():
+        model = memdec_from_gguf(Path(init))
     else:
-        raise UserError(f"--init must be base, scratch, or a checkpoint folder; {init!r} is none of these")
+        raise UserError(
+            f"--init must be base, scratch, a checkpoint folder or a decoder GGUF; {init!r} is none of these"
+        )
+    if model.config.vocab_size < base_model.config.vocab_size:
+        raise UserError(f"the checkpoint {init} has a smaller vocabulary than the base; it cannot share tokens")
     return model.float()
+
+
+def memdec_from_gguf(path: Path) -> LlamaForCausalLM:
+    """A llama-architecture decoder read back from its GGUF (one file or the first of a split set), every tensor
+    dequantized to float32: a q8_0 export's trained blocks come back within its rounding, tensors written with the
+    base's own bytes (frozen blocks, tied embedding) come back equal to the base's dequantized weights."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from edge_memdec.convert.rewrite import join_gguf
+    from edge_memdec.gguf_file import read_gguf
+
+    info = read_gguf(path)  # our parser first: a broken file is one sentence, not the gguf package's ValueError
+    if info.arch != "llama":
+        raise UserError(f"{path} is a {info.arch} model; --init reads llama-architecture decoder GGUFs")
+    with tempfile.TemporaryDirectory(prefix="memdec-init-") as tmp:
+        single = path if len(info.files) == 1 else join_gguf(path, Path(tmp) / "joined.gguf")
+        read = AutoModelForCausalLM.from_pretrained(str(single.parent), gguf_file=single.name, dtype=torch.float32)
+    # transformers marks a model read from a GGUF as quantized (no .float(), and its config records the file);
+    # the weights are plain float32, so they move into an ordinary model with the record dropped.
+    config = read.config
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(read.state_dict())
+    return model
 
 
 def n_params(model: torch.nn.Module) -> int:
