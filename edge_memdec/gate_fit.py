@@ -16,7 +16,7 @@ import numpy as np
 from edge_memdec.defaults import PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.lambda_gate import LambdaGate
 from edge_memdec.pair import ModelPair
-from edge_memdec.perplexity import pieces
+from edge_memdec.perplexity import window_rows
 from edge_memdec.windows import paper_windows
 
 GENERAL_BUDGET = 1.20  # general-text PPL / the base's, at most, for a recommended gate
@@ -35,13 +35,8 @@ def position_scores(pair: ModelPair, text: str) -> np.ndarray:
     out = []
     with pair.lock:
         for window in paper_windows(len(tokens), n_ctx, min(PAPER_STRIDE, n_ctx // 2)):
-            pair.rewind(0)
-            for piece in pieces(tokens, window, None, pair.n_batch):
-                n = pair.eval(piece.tokens, piece.flags)
-                if n == 0:
-                    continue
-                base, mem = pair.base.logits_rows(n), pair.memdec.logits_rows(n)
-                nll_base, nll_mem, _ = score_rows(base, mem, piece.targets, np.zeros(0), pair.n_shared)
+            for base, (mem,), targets in window_rows(pair, tokens, window, None):
+                nll_base, nll_mem, _ = score_rows(base, mem, targets, np.zeros(0), pair.n_shared)
                 entropies = [row_entropies(rows, pair.n_shared) for rows in (base, mem)]
                 out.append(np.column_stack([nll_base, nll_mem, *entropies]))
         pair.rewind(0)

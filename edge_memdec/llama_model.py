@@ -75,6 +75,25 @@ class ModelOptions:
     lora: LoraSpecs = ()
 
 
+_default_model_params = llama_cpp.llama_model_default_params
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether llama.cpp's CPU backend was built for, and runs on, a CPU with AMX tile instructions."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def model_params() -> llama_cpp.llama_model_params:
+    """llama.cpp's default model parameters, less its extra CPU weight buffers where the CPU has AMX: there
+    llama.cpp repacks Q4/Q8 weights for its AMX matrix kernel, which crashes the first decode on some such CPUs
+    (virtualized Xeons here; llama.cpp issue 20824), so weights stay in plain CPU buffers."""
+    params = _default_model_params()
+    if cpu_has_amx():
+        params.use_extra_bufts = False
+    return params
+
+
 def context_params(options: ModelOptions, name: str, n_ctx_train: int) -> llama_cpp.llama_context_params:
     """llama.cpp's context parameters for `options` (n_ctx cells for each of n_parallel sequences), or one
     sentence for an option the model `name`, trained on n_ctx_train tokens, cannot take."""
@@ -141,7 +160,7 @@ class LlamaModel:
         llama_log.show(options.log_llama)
         _init_backend()
 
-        mparams = llama_cpp.llama_model_default_params()
+        mparams = model_params()
         mparams.n_gpu_layers = options.n_gpu_layers
         llama_log.clear_errors()
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)

@@ -177,7 +177,6 @@ def perplexity(
             raise UserError(f"--chunks must be at least 1, got {max_windows}")
         windows = windows[:max_windows]
 
-    n_batch = min(model.n_batch for model in pair.models)
     # base, each memory decoder, one per row of `weights` (the sweep, then the pair's own lambdas)
     accumulators = [Accumulator() for _ in range(1 + len(pair.memdecs) + len(weights))]
     headline = accumulators[-1] if pair.memdecs else accumulators[0]  # the pair's own mixture: the [i] lines
@@ -191,7 +190,7 @@ def perplexity(
         for i, window in enumerate(windows):
             if state is not None and i < state.next_window:
                 continue
-            _score_window(pair, tokens, window, bos, n_batch, weights, accumulators)
+            _score_window(pair, tokens, window, bos, weights, accumulators)
             if on_window is not None:
                 on_window(i, headline)
             if state is not None:
@@ -241,12 +240,28 @@ def _sweep_weights(pair: ModelPair, j: int, lambdas: Sequence[float] | None) -> 
     return [row[j] for row in rows], np.array([*rows, fixed], np.float64).reshape(-1, len(fixed))
 
 
+def window_rows(
+    pair: ModelPair, tokens: Sequence[int], window: Window, bos: int | None
+) -> Iterator[tuple[np.ndarray, list[np.ndarray], np.ndarray]]:
+    """Evaluate one window from an empty cache, a piece at a time; yields each piece's scored rows: the base's
+    logits [n, vocab], each memory decoder's logits [n, its vocab], and the target ids int32 [n]. A piece's
+    rows are only valid until the next is evaluated (llama.cpp keeps the last call's logits)."""
+    pair.rewind(0)
+    for piece in pieces(tokens, window, bos, pair.n_batch):
+        n_rows = pair.eval(piece.tokens, piece.flags)
+        if n_rows:
+            yield (
+                pair.base.logits_rows(n_rows),
+                [memdec.logits_rows(n_rows) for memdec in pair.memdecs],
+                piece.targets,
+            )
+
+
 def _score_window(
     pair: ModelPair,
     tokens: Sequence[int],
     window: Window,
     bos: int | None,
-    n_batch: int,
     weights: np.ndarray,
     accumulators: list[Accumulator],
 ) -> None:
@@ -255,14 +270,8 @@ def _score_window(
 
     k = len(pair.memdecs)
     acc_base, acc_mems, acc_mix = accumulators[0], accumulators[1 : 1 + k], accumulators[1 + k :]
-    pair.rewind(0)
-    for piece in pieces(tokens, window, bos, n_batch):
-        n_rows = pair.eval(piece.tokens, piece.flags)
-        if n_rows == 0:
-            continue
-        base_rows = pair.base.logits_rows(n_rows)
-        mem_rows = [memdec.logits_rows(n_rows) for memdec in pair.memdecs] or [None]
-        scores = [score_rows(base_rows, rows, piece.targets, _NO_LAMBDAS, pair.n_shared) for rows in mem_rows]
+    for base_rows, mem_rows, targets in window_rows(pair, tokens, window, bos):
+        scores = [score_rows(base_rows, rows, targets, _NO_LAMBDAS, pair.n_shared) for rows in mem_rows or [None]]
         nll_base = scores[0][0]  # every call's: all over the ids every model shares
         nll_mems = np.array([nll_mem for _, nll_mem, _ in scores[:k]]).reshape(k, len(nll_base))
         acc_base.add(nll_base)

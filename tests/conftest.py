@@ -23,11 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"
 
+import llama_cpp.llama_cpp  # noqa: E402
 import pytest  # noqa: E402
 
 from edge_memdec.convert import convert_checkpoint  # noqa: E402
 from edge_memdec.gguf_file import read_gguf  # noqa: E402
+from edge_memdec.llama_model import model_params  # noqa: E402
 from edge_memdec.paths import default_base_gguf  # noqa: E402
+
+# The references the tests compare against load GGUFs through llama-cpp-python's own `Llama`; they get the
+# model parameters ours get (llama_model.model_params: no AMX weight repacking, which crashes some AMX CPUs).
+llama_cpp.llama_cpp.llama_model_default_params = model_params
 
 LEGAL_TEXT_LICENCES = ("apache-2.0", "mit", "bsd-new")  # ~3.4k SmolLM2 tokens of real legal text
 TOKENIZER_TRAINING_STRIDE = 10  # every 10th licence file (~230 texts) trains the tiny tokenizers
