@@ -112,9 +112,13 @@ def without_paths(value, names: dict[str, str]):
     return value
 
 
-def earlier_runs(run: Path) -> list[dict]:
+RUN_KEYS = ("config", "steps", "epochs", "positions_trained", "seconds", "positions_per_second", "validation")
+
+
+def earlier_runs(run: Path, shipped: dict | None) -> list[dict]:
     """The training runs `run` continued (`train --init RUN/hf`), earliest first: each one's settings, length and
-    validation, so the record says every step that made the shipped weights."""
+    validation, so the record says every step that made the shipped weights. A run that continued the shipped
+    decoder's GGUF (`--init legal-memdec-...gguf`) continued the runs of its record, `shipped`."""
     chain = []
     init = Path(json.loads((run / "train.json").read_text())["config"]["init"])
     while init.name == "hf":
@@ -123,9 +127,11 @@ def earlier_runs(run: Path) -> list[dict]:
         if not found:
             break
         summary = json.loads((found[0].parent / "train.json").read_text())
-        keep = ("config", "steps", "epochs", "positions_trained", "seconds", "positions_per_second", "validation")
-        chain.insert(0, {k: summary[k] for k in keep if k in summary})
+        chain.insert(0, {k: summary[k] for k in RUN_KEYS if k in summary})
         init = Path(summary["config"]["init"])
+    if init.name.startswith("legal-memdec") and init.suffix == ".gguf" and shipped is not None:
+        last = {k: v for k, v in shipped["training"].items() if k in RUN_KEYS} | {"validation": shipped["validation"]}
+        chain = [*shipped.get("continued_from", []), last, *chain]
     return chain
 
 
@@ -168,6 +174,7 @@ def record(
     base: Path,
     campaign: list[str],
     gate: LambdaGate | None = None,
+    shipped: dict | None = None,
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths)."""
     ds = json.loads((work / "datastore" / "datastore.json").read_text())
@@ -195,7 +202,7 @@ def record(
         "validation": train["validation"],
         "best_epoch": train["best_epoch"],
         "training": {k: v for k, v in train.items() if k not in ("validation", "best_epoch")},
-        "continued_from": earlier_runs(work / run),
+        "continued_from": earlier_runs(work / run, shipped),
         "datastore": {k: v for k, v in ds.items() if k not in ("base", "shards", "finished", "corpus")},
         "knn_targets": targets,
         "stages": stages,
@@ -273,7 +280,7 @@ def main() -> None:
         if plot.is_file():
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
-        made = record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate)
+        made = record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous)
         new = without_paths(made, names)
         write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))
         print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
