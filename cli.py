@@ -738,6 +738,14 @@ def train_memdec(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     valid_every: ValidEveryOpt = 0,
+    lambda_gate: Annotated[
+        str,
+        typer.Option(
+            "--lambda-gate",
+            help="The entropy gate --export recommends: fit (chosen on --valid-corpus's validation text and general "
+            "news, kept only if it beats a fixed lambda; needs a GGUF base), off, or SLOPE,OFFSET",
+        ),
+    ] = "fit",
 ) -> None:
     """Train a memory decoder on kNN targets (beta*KL + (1-beta)*CE); runs under torchrun too."""
     opts = TrainOptions(**locals())  # first: locals() is exactly the options here

@@ -23,6 +23,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from edge_memdec.cli import app  # noqa: E402
+from edge_memdec.lambda_gate import LambdaGate  # noqa: E402
 
 CLI = [sys.executable, "-m", "edge_memdec.cli"]
 
@@ -122,7 +123,7 @@ def test_datastore_resumes_and_targets_are_complete(stores, tiny_llama_ckpt):
 
 def test_train_export_pair_perplexity(stores, tiny_llama_ckpt, tiny_llama_gguf, legal_text, tmp_path):
     out, gguf = tmp_path / "run", tmp_path / "memdec.gguf"
-    invoke(
+    output = invoke(
         *train_args(
             stores,
             out,
@@ -149,9 +150,26 @@ def test_train_export_pair_perplexity(stores, tiny_llama_ckpt, tiny_llama_gguf, 
     info = read_gguf(gguf)
     assert info.memdec["domain"] == "legal"
     assert 0.0 < info.memdec["lambda"] < 1.0
+    # the gate is fitted after training only against a GGUF base (llama.cpp scores the pair); said in one line
+    assert "gate: not fitted" in output and LambdaGate.of_metadata(info.memdec) is None
     with MemoryDecoderLM(tiny_llama_gguf, gguf) as lm:
         report = lm.perplexity(legal_text[:2000], n_ctx=64, stride=32, lambdas=[0.3])
     assert math.isfinite(report["memdec"]["ppl"]) and math.isfinite(report["mixed"][0]["ppl"])
+
+
+def test_train_export_recommends_the_gate_asked_for(stores, tiny_llama_ckpt, tiny_llama_gguf, tmp_path):
+    """`train --lambda-gate SLOPE,OFFSET` writes that gate into the export; a bad value stops before training."""
+    from edge_memdec.errors import UserError
+    from edge_memdec.gguf_file import read_gguf
+
+    gguf = tmp_path / "memdec.gguf"
+    export = ["--export", str(gguf), "--outtype", "f32", "--tokenizer-from", str(tiny_llama_gguf)]
+    invoke(*train_args(stores, tmp_path / "run", tiny_llama_ckpt, "--max-steps", "1", *export, "--lambda-gate", "0.5,1"))
+    assert LambdaGate.of_metadata(read_gguf(gguf).memdec) == LambdaGate(0.5, 1.0)
+    bad = tmp_path / "bad"
+    result = CliRunner().invoke(app, train_args(stores, bad, tiny_llama_ckpt, *export, "--lambda-gate", "strong"))
+    assert isinstance(result.exception, UserError) and "SLOPE,OFFSET" in str(result.exception)
+    assert not bad.exists()
 
 
 def test_resume_after_sigkill_equals_uninterrupted(stores, tiny_llama_ckpt, tmp_path):

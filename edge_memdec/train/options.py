@@ -51,7 +51,7 @@ class RunOptions:
 class TrainOptions(RunOptions):
     """`edge-memdec train`: the decoder's shape and init, and the optimisation."""
 
-    init: str  # base, scratch, or an HF checkpoint folder
+    init: str  # base, scratch, an HF checkpoint folder, or a decoder GGUF
     layers: int  # decoder blocks
     base_layers: str | None  # base blocks to copy, e.g. "0-2,23-29"
     hidden: int  # width (scratch only)
@@ -68,6 +68,7 @@ class TrainOptions(RunOptions):
     frozen_blocks: int  # the base's first N blocks kept frozen (read from the datastore); 0 trains all
     head: str  # tied or untied
     device: str  # auto, cpu, cuda or mps
+    lambda_gate: str  # the entropy gate `export` recommends: fit (chosen after training), off, or "SLOPE,OFFSET"
     precision: str  # auto, fp32 or bf16 (autocast)
     valid_every: int  # also validate every N steps (0: at epoch ends only)
 

@@ -12,6 +12,7 @@ import torch
 from edge_memdec.corpus import is_split_folder, split_documents_of
 from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE, VALIDATION_LAMBDAS
 from edge_memdec.errors import UserError
+from edge_memdec.lambda_gate import LambdaGate
 from edge_memdec.paths import default_base_gguf
 from edge_memdec.train.base import Base, load_base, load_tokenizer
 from edge_memdec.train.options import FinetuneOptions, TrainOptions
@@ -148,6 +149,7 @@ def train_command(opts: TrainOptions) -> dict:
     from edge_memdec.train.trainer import train
 
     check_export_options(opts)
+    gate = None if opts.lambda_gate == GATE_FIT else LambdaGate.parse(opts.lambda_gate)  # checked before training
     base_path = Path(opts.model or read_manifest(opts.datastore)["base"])
     valid = validation_tokens(opts.valid_corpus, base_path, opts.valid_tokens, opts.seed)
     summary = train(train_config(opts, base_path, valid), resume=opts.resume)
@@ -160,10 +162,29 @@ def train_command(opts: TrainOptions) -> dict:
         if opts.export is not None:
             tokenizer_from = Path(opts.tokenizer_from or base_path)
             out = export_memdec(
-                opts.out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary, opts.split_max_size
+                opts.out, opts.export, opts.outtype, tokenizer_from, opts.domain, summary, opts.split_max_size, gate
             )
             print(f"exported {out}")
+            if opts.lambda_gate == GATE_FIT:
+                fit_export_gate(opts, base_path, tokenizer_from, out)
     return summary
+
+
+GATE_FIT = "fit"  # `train --lambda-gate`'s default: choose the export's gate after training
+
+
+def fit_export_gate(opts: TrainOptions, base: Path, tokenizer_from: Path, gguf: Path) -> None:
+    """`train --export --lambda-gate fit`: choose the exported decoder's gate (recipe.recommend_gate's rule) and
+    export it again recommending the gate when one beats a fixed lambda; said in one line when it cannot run."""
+    from edge_memdec.train.recipe import recommend_gate
+
+    if opts.valid_corpus is None or base.suffix != ".gguf":
+        print("gate: not fitted (it needs --valid-corpus and the base as a GGUF); the export keeps a fixed lambda")
+        return
+    recommend_gate(
+        base, gguf, opts.valid_corpus, opts.out, opts.domain, opts.valid_tokens, opts.outtype, opts.threads,
+        opts.split_max_size, tokenizer_from,
+    )  # fmt: skip
 
 
 def recipe_command(

@@ -147,12 +147,15 @@ def run_recipe(
         + ["--n-ctx", str(budget.train_ctx), "--stride", str(budget.train_stride)]
         + ["--valid-corpus", str(split), "--valid-tokens", str(budget.valid_tokens)]
         + ["--export", str(gguf), "--outtype", budget.outtype, "--domain", name, *th]
+        + ["--lambda-gate", "off"]  # the gate stage below fits it and records its table
         + ["--checkpoint-every", str(budget.checkpoint_every)]
         + (["--resume"] if (run / "checkpoint.pt").is_file() else []),
     )
     recommended = LambdaGate.of_metadata(read_gguf(gguf).memdec)
     if stages.get("gate", {}).get("gate", "unset") != (recommended.text() if recommended else None):
-        stages["gate"] = recommend_gate(base, gguf, split, run, name, budget, threads)
+        stages["gate"] = recommend_gate(
+            base, gguf, split, run, name, budget.valid_tokens, budget.outtype, threads
+        )
         write_json_atomic(stages_path, stages)
     trained = {}
     for kind in baselines:
@@ -213,10 +216,23 @@ def baseline_table(
     return compare(rows, test_text, general_text, settings)
 
 
-def recommend_gate(base: Path, gguf: Path, split: Path, run: Path, name: str, budget: Budget, threads: int) -> dict:
-    """Choose the trained decoder's entropy gate (gate_fit.fit_gate: validation documents of `split`, the first
-    half of the general sample) and, when one wins, export the GGUF again recommending it. Returns the stage's
-    record: the gate (None: a fixed lambda), every candidate's PPL ratios, seconds."""
+def recommend_gate(
+    base: Path,
+    gguf: Path,
+    split: Path,
+    run: Path,
+    name: str,
+    valid_tokens: int,
+    outtype: str,
+    threads: int,
+    split_max_size: str | None = None,
+    tokenizer_from: Path | None = None,
+) -> dict:
+    """Choose the trained decoder's entropy gate (gate_fit.fit_gate: `valid_tokens` of validation documents of
+    `split`, the first half of the general sample; the pair with the base GGUF `base`) and, when one wins,
+    export the GGUF `gguf` again recommending it (as `train --export` wrote it: `outtype`, `split_max_size`,
+    the tokenizer of `tokenizer_from`, default `base`). Returns the stage's record: the gate (None: a fixed
+    lambda), every candidate's PPL ratios, seconds."""
     from edge_memdec.api import MemoryDecoderLM
     from edge_memdec.corpus import general_sample
     from edge_memdec.gate_fit import fit_gate, general_halves, position_scores
@@ -226,7 +242,7 @@ def recommend_gate(base: Path, gguf: Path, split: Path, run: Path, name: str, bu
     from edge_memdec.train.steps import SUMMARY
 
     t0 = time.perf_counter()
-    valid_text = split_text(load_tokenizer(base), split, "validation", budget.valid_tokens)
+    valid_text = split_text(load_tokenizer(base), split, "validation", valid_tokens)
     with MemoryDecoderLM(base, gguf, lambda_gate=None, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX,
                          n_threads=threads, flash_attn=False) as lm:  # fmt: skip
         lam = lm.lam
@@ -235,7 +251,7 @@ def recommend_gate(base: Path, gguf: Path, split: Path, run: Path, name: str, bu
     gate, candidates = fit_gate(valid, general, lam)
     if gate is not None:
         summary = json.loads((run / SUMMARY).read_text())
-        export_memdec(run, gguf, budget.outtype, base, name, summary, None, gate)
+        export_memdec(run, gguf, outtype, tokenizer_from or base, name, summary, split_max_size, gate)
     print(f"gate: {gate.text() if gate else 'none (a fixed lambda)'} at lambda {lam:g}", file=sys.stderr)
     return {"gate": gate.text() if gate else None, "lambda": round(lam, 6), "candidates": candidates,
             "seconds": time.perf_counter() - t0}  # fmt: skip
