@@ -221,17 +221,22 @@ def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(frozen_run,
     assert ppl == pytest.approx(best["validation"]["memdec_ppl"], rel=1e-4)
 
 
+def continue_run(store, deep_base: Path, init: Path, out: Path, lr: str) -> Path:
+    """One more epoch of a frozen-blocks run from `init` (a checkpoint folder or a decoder GGUF) into `out`."""
+    invoke(
+        "train", str(store["ds"]), "--out", str(out), "-m", str(deep_base), "--init", str(init),
+        "--frozen-blocks", str(FROZEN), "--epochs", "1", "--lr", lr, "--n-ctx", "32", "--stride", "32",
+        "--batch-windows", "8", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    return out
+
+
 def test_more_epochs_continue_a_frozen_run_from_its_checkpoint(frozen_run, store, deep_base, tmp_path):
     """`train --init RUN/hf --frozen-blocks N` continues a run whose lower blocks are the base's; a checkpoint
     whose block N-1 was trained is refused in one sentence."""
     from edge_memdec.errors import UserError
 
-    more = tmp_path / "more"
-    invoke(
-        "train", str(store["ds"]), "--out", str(more), "-m", str(deep_base), "--init", str(frozen_run / "hf"),
-        "--frozen-blocks", str(FROZEN), "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32",
-        "--batch-windows", "8", "--threads", "1", "--device", "cpu",
-    )  # fmt: skip
+    more = continue_run(store, deep_base, frozen_run / "hf", tmp_path / "more", "3e-2")
     before = load_file(str(frozen_run / "hf" / "model.safetensors"))
     after = load_file(str(more / "hf" / "model.safetensors"))
     base = load_file(str(deep_base / "model.safetensors"))
@@ -264,12 +269,7 @@ def test_training_continues_from_a_split_decoder_gguf(frozen_run, store, deep_ba
     )  # fmt: skip
     (first,) = tmp_path.glob("memdec-00001-of-*.gguf")
     assert len(read_gguf(first).files) >= 2
-    more = tmp_path / "more"
-    invoke(
-        "train", str(store["ds"]), "--out", str(more), "-m", str(deep_base), "--init", str(first),
-        "--frozen-blocks", str(FROZEN), "--epochs", "1", "--lr", "0", "--n-ctx", "32", "--stride", "32",
-        "--batch-windows", "8", "--threads", "1", "--device", "cpu",
-    )  # fmt: skip
+    more = continue_run(store, deep_base, first, tmp_path / "more", "0")
     exported = load_file(str(frozen_run / "hf" / "model.safetensors"))
     after = load_file(str(more / "hf" / "model.safetensors"))
     base = load_file(str(deep_base / "model.safetensors"))
