@@ -75,6 +75,8 @@ class ModelOptions:
     lora: LoraSpecs = ()
 
 
+# llama.cpp's own default, kept at import: the tests point llama-cpp-python's `llama_model_default_params` at
+# `model_params` (so their reference `Llama` objects load as ours do), which must not then call itself.
 _default_model_params = llama_cpp.llama_model_default_params
 
 
