@@ -36,9 +36,18 @@ def run_valid_tokens(work: Path, run: str) -> int:
     return int(train["validation"]["tokens"]) + 1
 
 
-def texts_of(budget: Budget, gate: LambdaGate | None = None) -> dict:
-    """What picks a report's texts and mixtures: stored with a cached report, reused only when it is the same."""
-    return {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens} | (
+def run_datastore(work: Path, run: str) -> str:
+    """The name of the datastore folder under WORK that WORK/`run` trained on (its train.json names it)."""
+    name = Path(json.loads((work / run / "train.json").read_text())["config"]["datastore"]).name
+    if not (work / name / "datastore.json").is_file():
+        raise SystemExit(f"{run} trained on a datastore that is not under {work}: {name}; pass --datastore")
+    return name
+
+
+def texts_of(budget: Budget, datastore: str, gate: LambdaGate | None = None) -> dict:
+    """What picks a report's texts, kNN-LM datastore and mixtures: stored with a cached report, reused only when
+    it is the same."""
+    return {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens, "datastore": datastore} | (
         {"lambda_gate": gate.text()} if gate else {}
     )
 
@@ -175,10 +184,12 @@ def record(
     campaign: list[str],
     gate: LambdaGate | None = None,
     shipped: dict | None = None,
+    datastore: str = "datastore",
 ) -> dict:
-    """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths)."""
-    ds = json.loads((work / "datastore" / "datastore.json").read_text())
-    targets = json.loads((work / "datastore" / "targets" / "targets.json").read_text())
+    """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths);
+    `datastore` names the folder under WORK it trained on."""
+    ds = json.loads((work / datastore / "datastore.json").read_text())
+    targets = json.loads((work / datastore / "targets" / "targets.json").read_text())
     train = json.loads((work / run / "train.json").read_text())
     split = json.loads((work / "split" / "manifest.json").read_text())
     stages = (work / "stages.log").read_text().splitlines() if (work / "stages.log").is_file() else []
@@ -227,6 +238,11 @@ def main() -> None:
         default=None,
         help="validation tokens kNN-LM's lambda is chosen on (default: the run's own validation documents)",
     )
+    parser.add_argument(
+        "--datastore",
+        default=None,
+        help="the datastore folder under WORK kNN-LM retrieves from (default: the one the run trained on)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ship", default=None, help="copy this outtype's export into edge_memdec/models/")
     parser.add_argument(
@@ -245,7 +261,8 @@ def main() -> None:
     args = parser.parse_args()
     gate = LambdaGate.parse(args.lambda_gate) if args.lambda_gate else None
     work = args.work
-    base = Path(json.loads((work / "datastore" / "datastore.json").read_text())["base"])
+    datastore = args.datastore or run_datastore(work, args.run)
+    base = Path(json.loads((work / datastore / "datastore.json").read_text())["base"])
     valid_tokens = args.valid_tokens or run_valid_tokens(work, args.run)
     budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=valid_tokens)
     rows, tables, files = [], {}, {}
@@ -253,9 +270,9 @@ def main() -> None:
         gguf = export(work, args.run, outtype, base, gate)
         cached = gguf.with_name(f"{outtype}-report.json")
         table = json.loads(cached.read_text()) if cached.is_file() else {}
-        if table.get("budget") != texts_of(budget, gate):
-            table = report(base, gguf, work / "datastore", work / "split", budget, args.threads)
-            table["budget"] = texts_of(budget, gate)
+        if table.get("budget") != texts_of(budget, datastore, gate):
+            table = report(base, gguf, work / datastore, work / "split", budget, args.threads)
+            table["budget"] = texts_of(budget, datastore, gate)
             write_json_atomic(cached, table)
         tables[outtype] = table
         files[outtype] = gguf
@@ -280,7 +297,9 @@ def main() -> None:
         if plot.is_file():
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
-        made = record(work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous)
+        made = record(
+            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous, datastore
+        )
         new = without_paths(made, names)
         write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))
         print("shipped", ", ".join(f.name for f in read_gguf(MODELS / gguf.name).files))
