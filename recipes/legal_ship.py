@@ -5,8 +5,12 @@ parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how i
 
     python recipes/legal_ship.py WORK [--run run] [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
                                       [--then "COMMAND that continued the run"] [--lambda-gate SLOPE,OFFSET]
+                                      [--datastore NAME]
 
-A release keeps the replaced record's T/k sweep, commands and history (`previous_decoders`). Needs the train extra. Exports and the kNN-LM scores are cached under WORK/ship (WORK/ship-RUN for another run), so a rerun only scores what is new.
+kNN-LM retrieves from the datastore the run trained on (`--datastore NAME` picks another folder under WORK).
+A release keeps the replaced record's T/k sweep, commands and history (`previous_decoders`). Needs the train
+extra. Exports and the test reports (one per export and datastore) are cached under WORK/ship (WORK/ship-RUN
+for another run), so a rerun only scores what is new.
 """
 
 from __future__ import annotations
@@ -268,7 +272,7 @@ def main() -> None:
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
         gguf = export(work, args.run, outtype, base, gate)
-        cached = gguf.with_name(f"{outtype}-report.json")
+        cached = gguf.with_name(f"{outtype}-{datastore}-report.json")  # kNN-LM from WORK/datastore
         table = json.loads(cached.read_text()) if cached.is_file() else {}
         if table.get("budget") != texts_of(budget, datastore, gate):
             table = report(base, gguf, work / datastore, work / "split", budget, args.threads)
@@ -278,7 +282,7 @@ def main() -> None:
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))
     print_frontier(rows)
-    write_json_atomic(ship_dir(work, args.run, gate) / "frontier.json", rows)
+    write_json_atomic(ship_dir(work, args.run, gate) / f"frontier-{datastore}.json", rows)
     if args.ship:
         if args.ship not in files:
             raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
