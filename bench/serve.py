@@ -13,8 +13,10 @@ first token (request sent -> first text chunk) over every request of every repea
 rate of one request after its first chunk (answer tokens after the first / seconds from first to last chunk):
 the 1-client aggregate rate also pays each request's prompt evaluation and HTTP round trip, this one does not. "changed" counts answers
 unlike the Python API's, computed one after another from an empty cache on a pair opened like the server's
-(flash attention setting included) in this process. A last line gives llama.cpp's own rate on the pair for one row per
-llama_decode and for 64 rows with logits for each: the most that batching can gain on this machine.
+(flash attention setting included) in this process. A last table gives llama.cpp's own rate on the pair when 1, 4,
+16 ... sequences each add a token per llama_decode (as the largest --parallel setting decodes): the most that
+batching can gain on this machine, beside what that server reached: its answer tokens/s, and n times one
+stream's rate after its first token (decoding alone, without the prompts).
 """
 
 from __future__ import annotations
@@ -139,24 +141,28 @@ def reference_answers(lm: MemoryDecoderLM, max_tokens: int) -> dict[int, str]:
     return answers
 
 
-def row_rates(lm: MemoryDecoderLM, n_rows: int = 64, repeats: int = 3) -> tuple[float, float]:
-    """(one row, n_rows rows) tokens/s of the pair's llama_decode calls, logits for every row: what a decode
-    step of one sequence and one of n_rows sequences compute (median of `repeats`)."""
+def sequence_rates(lm: MemoryDecoderLM, counts: list[int], n_steps: int = 16, repeats: int = 3) -> dict[int, float]:
+    """Tokens/s of the pair's llama_decode calls when n sequences (n in `counts`, each <= the pair's n_parallel)
+    each add one token per call, logits for every row, after a short prompt each: what the batched server's
+    decode step computes for n clients, without HTTP, mixing or sampling (median of `repeats`)."""
     pair = lm.pair
-    tokens = (lm.tokenize(" ".join(QUESTIONS)) * n_rows)[:n_rows]
-    one, many = [], []
-    for _ in range(repeats):
-        pair.rewind(0)
-        start = time.perf_counter()
-        for token in tokens:
-            pair.eval([token])
-        one.append(n_rows / (time.perf_counter() - start))
-        pair.rewind(0)
-        start = time.perf_counter()
-        pair.eval(tokens, [True] * n_rows)
-        many.append(n_rows / (time.perf_counter() - start))
-    pair.rewind(0)
-    return statistics.median(one), statistics.median(many)
+    prompt = lm.tokenize(QUESTIONS[0])
+    rates = {}
+    for n in counts:
+        seqs = list(range(n))
+        runs = []
+        for _ in range(repeats):
+            for seq in seqs:  # prompts one call each, as the server evaluates them
+                pair.clear(seq)
+                pair.eval_seqs([seq], [prompt], [False])
+            start = time.perf_counter()
+            for _ in range(n_steps):
+                pair.eval_seqs(seqs, [[prompt[-1]]] * n, [True] * n)
+            runs.append(n * n_steps / (time.perf_counter() - start))
+        rates[n] = statistics.median(runs)
+        for seq in seqs:
+            pair.clear(seq)
+    return rates
 
 
 def p95(values: list[float]) -> float:
@@ -178,13 +184,13 @@ def main() -> None:
     if 1 not in args.clients:
         parser.error("--clients must include 1: the other rows are compared with it")
     base, memdec = args.model or default_base_gguf(), args.memdec or default_memdec_gguf()
-    settings, ceiling = [], ()
+    settings, ceiling = [], {}
     try:
         for parallel in args.parallel:
             with MemoryDecoderLM(base, memdec, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=parallel) as lm:
                 reference = reference_answers(lm, args.n)
-                if parallel > 1 and not ceiling:
-                    ceiling = row_rates(lm)
+                if parallel == max(args.parallel) and parallel > 1:
+                    ceiling = sequence_rates(lm, [n for n in args.clients if n <= parallel])
                 threads_used = lm.pair.base.options.n_threads or "all"
             server = Server.start(base, memdec, parallel, args.threads, args.ctx_size)
             settings.append((Setting(parallel, server), reference))
@@ -215,9 +221,19 @@ def main() -> None:
                 f"{statistics.median(ttft):.2f} | {p95(ttft):.2f} | {stream:.1f} | {sum(r.changed for r in rounds)} of {n_answers} |"
             )
     if ceiling:
-        one, many = ceiling
-        print(f"llama.cpp on this pair (exact attention): {one:.1f} tok/s one row per llama_decode, {many:.1f} tok/s "
-              f"for 64 rows with logits each: batching gains at most {many / one:.2f}x here")
+        top = next(setting for setting, _ in settings if setting.parallel == max(args.parallel))
+        print(f"llama.cpp on this pair, n sequences adding one token each per llama_decode (exact attention, "
+              f"no HTTP, mixing or sampling): the most batching gains here, beside the server at --parallel "
+              f"{top.parallel}: its answer tok/s (prompts and HTTP included) and n x one stream's rate")
+        print("| sequences | llama.cpp tok/s | vs 1 sequence | server answer tok/s | n x one stream | "
+              "(n x one stream) / llama.cpp |")
+        print("|---|---|---|---|---|---|")
+        for n, rate in ceiling.items():
+            rounds = top.rounds[n]
+            answer = statistics.median(r.n_tokens / r.wall for r in rounds)
+            streaming = n * statistics.median(t for r in rounds for t in r.stream if t == t)
+            print(f"| {n} | {rate:.1f} | {rate / ceiling[min(ceiling)]:.2f}x | {answer:.1f} | {streaming:.1f} | "
+                  f"{streaming / rate:.2f} |")
 
 
 if __name__ == "__main__":
