@@ -24,9 +24,9 @@ from edge_memdec.api import MemoryDecoderLM
 from edge_memdec.defaults import DEFAULT_LAMBDA, PAPER_N_CTX, VALIDATION_LAMBDAS
 from edge_memdec.gate_fit import position_scores
 from edge_memdec.gguf_file import read_gguf
-from edge_memdec.scoring import mix_logprobs, mixed_ppl
+from edge_memdec.scoring import mix_logprobs
 from edge_memdec.train.base import load_tokenizer
-from edge_memdec.train.report import cached_knn_scores, split_text
+from edge_memdec.train.report import cached_knn_scores, knn_lm_rows, split_text
 
 BUCKETS = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)  # edges of kNN's probability of the true next token
 
@@ -72,8 +72,7 @@ def main() -> None:
         "test": split_text(tokenizer, args.work / "split", "test", args.test_tokens),
     }
     knn = {split: cached_knn_scores(base, datastore, text, k, temperature) for split, text in texts.items()}
-    valid_table = mixed_ppl(knn["validation"]["base_logprobs"], knn["validation"]["knn_logprobs"], VALIDATION_LAMBDAS)
-    knn_lam = min(valid_table, key=valid_table.get)
+    knn_lam = knn_lm_rows(knn["validation"], knn["test"], VALIDATION_LAMBDAS)[0]["lambda"]  # the report's choice
     with MemoryDecoderLM(base, args.memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=args.threads) as lm:
         scores = {split: position_scores(lm.pair, text) for split, text in texts.items()}
     print(f"kNN-LM: k {k}, T {temperature}, lambda {knn_lam} (validation); memory decoder: lambda {lam} (fixed)")
