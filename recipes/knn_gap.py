@@ -31,11 +31,10 @@ from edge_memdec.train.report import cached_knn_scores, knn_lm_rows, split_text
 BUCKETS = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)  # edges of kNN's probability of the true next token
 
 
-def gap_table(knn_lp: np.ndarray, base_knn_lp: np.ndarray, knn_lam: float, mixed_lp: np.ndarray) -> list[dict]:
+def gap_table(knn_lp: np.ndarray, knn_mix: np.ndarray, mixed_lp: np.ndarray) -> list[dict]:
     """Rows per bucket of kNN's probability: share, PPL of each mixture there, and the bucket's part of the mean
     NLL gap (decoder mixture minus kNN-LM mixture, nats per position). Inputs: natural-log target
-    probabilities, float64 [positions]."""
-    knn_mix = mix_logprobs(base_knn_lp, knn_lp, knn_lam)
+    probabilities, float64 [positions], of kNN alone, base + kNN-LM, and base + memory decoder."""
     p_knn = np.exp(knn_lp)
     rows = []
     for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:], strict=True):
@@ -87,7 +86,7 @@ def main() -> None:
               f"{np.exp(-np.maximum(knn_mix, mixed_lp).mean()):.3f}")  # fmt: skip
         print("| kNN's p(next token) | share | base + kNN-LM PPL | base + decoder PPL | gap, nats/position |")
         print("|---|---|---|---|---|")
-        for r in gap_table(knn_lp, base_knn_lp, knn_lam, mixed_lp):
+        for r in gap_table(knn_lp, knn_mix, mixed_lp):
             print(f"| {r['p_knn']} | {r['share']:.3f} | {r['knn_lm_ppl']:.2f} | {r['memdec_ppl']:.2f} | "
                   f"{r['gap_nats']:+.4f} |")  # fmt: skip
 
