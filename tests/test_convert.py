@@ -17,10 +17,13 @@ from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 
 N_TOKENS = 256  # positions compared per model
-# Largest |logit difference| allowed between an f32 GGUF in llama.cpp and PyTorch. GPT-2's is looser because
-# ggml computes GELU from a table of f16 values (measured 2.5e-3 on tiny_gpt2; 1.4e-5 with the MLP's GELU
-# input zeroed, see test_gpt2_matches_pytorch_to_1e_4_without_gelu).
-F32_TOLERANCE = {"llama": 1e-4, "qwen2": 1e-4, "gpt2": 5e-3}
+# Largest |logit difference| allowed between an f32 GGUF in llama.cpp and PyTorch (logits spread ~1). Float32
+# summation order differs with the CPU's kernels: 2e-5 on one machine, 2.6e-4 on another (llama, 256 positions);
+# a wrong or misplaced tensor moves logits by O(0.1). GPT-2's is looser because ggml computes GELU from a table
+# of f16 values (measured 2.5e-3 on tiny_gpt2; 1.4e-5 with the MLP's GELU input zeroed, see
+# test_gpt2_matches_pytorch_to_f32_rounding_without_gelu).
+F32_ROUNDING = 1e-3
+F32_TOLERANCE = {"llama": F32_ROUNDING, "qwen2": F32_ROUNDING, "gpt2": 5e-3}
 TRICKY_TEXT = (
     "Section 4(a)(ii): the Licensee's  rights   end on 2024-12-31 at 23:59, don't they? I'LL SEE.\n\n"
     "\tTabs,\r\nCRLF, café, naïve, Straße, 東京, emoji 🙂, numbers 1234567 and 3.14159, URLs https://x.org/a?b=c\n"
@@ -184,7 +187,7 @@ def test_bf16_checkpoint_converts_exactly(tiny_llama_ckpt, tmp_path, llama_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         expected = model(torch.tensor([llama_tokens])).logits[0].numpy()
-    assert np.abs(llama_logits(out, llama_tokens) - expected).max() <= 1e-4
+    assert np.abs(llama_logits(out, llama_tokens) - expected).max() <= F32_ROUNDING
 
 
 def test_sharded_checkpoint_gives_the_same_model(tiny_llama_ckpt, tiny_llama_gguf, tmp_path, llama_tokens):
@@ -217,7 +220,7 @@ def test_llama3_rope_scaling_matches_pytorch(tmp_path, tokenizer_corpus, llama_t
     tokens = [t % tokenizer.get_vocab_size() for t in llama_tokens]
     out = convert_checkpoint(folder, tmp_path / "llama3.gguf", "f32")
     assert read_gguf(out).get("llama.rope.freq_base") == 10000.0
-    assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= 1e-4
+    assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= F32_ROUNDING
 
 
 def test_tied_qwen2_matches_pytorch(tiny_qwen2_ckpt, tmp_path, legal_text):
@@ -237,7 +240,7 @@ def test_tied_qwen2_matches_pytorch(tiny_qwen2_ckpt, tmp_path, legal_text):
     out = convert_checkpoint(folder, tmp_path / "tied.gguf", "f32")
     assert "output.weight" not in {t.name for t in read_gguf(out).tensors}
     tokens = tokenizer.encode(legal_text).ids[:N_TOKENS]
-    assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= 1e-4
+    assert np.abs(llama_logits(out, tokens) - torch_logits(folder, tokens)).max() <= F32_ROUNDING
 
 
 def _resaved(model, tokenizer_folder, folder):
@@ -253,9 +256,9 @@ def gpt2_tokens(tiny_gpt2_ckpt, legal_text) -> list[int]:
     return hf_tokenizer(tiny_gpt2_ckpt).encode(legal_text).ids[:N_TOKENS]
 
 
-def test_gpt2_matches_pytorch_to_1e_4_without_gelu(tiny_gpt2_ckpt, tmp_path, gpt2_tokens):
+def test_gpt2_matches_pytorch_to_f32_rounding_without_gelu(tiny_gpt2_ckpt, tmp_path, gpt2_tokens):
     """With the MLP's input projection zeroed, GELU sees only 0 (exact in ggml's f16 table): everything else
-    the gpt2 graph computes (embeddings, LayerNorms, fused attention, biases, tied output) matches to 1e-4."""
+    the gpt2 graph computes (embeddings, LayerNorms, fused attention, biases, tied output) matches to float32 rounding (F32_ROUNDING)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -268,7 +271,7 @@ def test_gpt2_matches_pytorch_to_1e_4_without_gelu(tiny_gpt2_ckpt, tmp_path, gpt
     folder = _resaved(model, tiny_gpt2_ckpt, tmp_path / "no_gelu")
     out = convert_checkpoint(folder, tmp_path / "no-gelu.gguf", "f32")
     assert expected.std() > 0.3
-    assert np.abs(llama_logits(out, gpt2_tokens) - expected).max() <= 1e-4
+    assert np.abs(llama_logits(out, gpt2_tokens) - expected).max() <= F32_ROUNDING
 
 
 @pytest.mark.parametrize(
