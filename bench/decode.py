@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from edge_memdec.api import MemoryDecoderLM
+from edge_memdec.llama_model import cpu_has_amx
 from edge_memdec.paths import default_base_gguf, default_memdec_gguf
 
 PROMPT = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
@@ -146,10 +147,12 @@ def by_size(args, memdec: Path) -> None:
 
 
 def llama_bench(binary: Path, models: list[Path], n: int, threads: int = 2) -> dict[str, float]:
-    """Seconds per token of llama-bench's tg test (one repetition) for the base and the memory decoder."""
+    """Seconds per token of llama-bench's tg test (one repetition) for the base and the memory decoder, with the
+    weight buffers our runtime uses (no AMX repacking where the CPU has AMX: `llama_model.model_params`)."""
+    repack = ["--repack", "0"] if cpu_has_amx() else []
     out = subprocess.run(
         [str(binary), *[a for m in models for a in ("-m", str(m))], "-t", str(threads), "-p", "0", "-n", str(n),
-         "-r", "1", "-fa", "1", "-o", "json"],
+         "-r", "1", "-fa", "1", *repack, "-o", "json"],
         check=True, capture_output=True, text=True,
     ).stdout
     runs = json.loads(out)
