@@ -12,7 +12,8 @@ these two models without any of our code. "base + 2 memdecs" runs two decoders o
 
 --bases pairs the memory decoder with bases of several sizes: the real SmolLM2-135M and random-weight bases
 shaped like SmolLM2-360M and 1.7B (`bench/shaped_bases.py`, built once and cached; timing only). For each base
-and thread count: base alone, base + memory decoder, their ratio, and llama-bench's sum of the same two files.
+and thread count: base alone, base + memory decoder, their ratio, and llama-bench's time for the same two files
+(their sum over its base, the sum in ms/token, and our pair's time over that sum).
 """
 
 from __future__ import annotations
@@ -133,16 +134,20 @@ def by_size(args, memdec: Path) -> None:
                 for t in threads:
                     sec = llama_bench(args.llama_bench, [path, memdec], args.n, t)
                     samples.setdefault((size, t, "llama-bench"), []).append(sum(sec.values()) / sec["llama-bench, base"])
+                    samples.setdefault((size, t, "llama-bench sum"), []).append(sum(sec.values()))
     for lm in models.values():
         lm.close()
     med = {key: statistics.median(v) for key, v in samples.items()}
-    print(f"{'base':>6}{'threads':>8}{'base ms/tok':>13}{'pair ms/tok':>13}{'pair / base':>13}{'llama-bench sum':>17}")
+    print(
+        f"{'base':>6}{'threads':>8}{'base ms/tok':>13}{'pair ms/tok':>13}{'pair / base':>13}"
+        f"{'llama-bench: sum / base':>25}{'sum ms/tok':>12}{'pair / sum':>12}"
+    )
     for size in sizes:
         for t in threads:
             alone, pair = med[(size, t, False)], med[(size, t, True)]
-            lb = med.get((size, t, "llama-bench"))
-            lb_text = f"{lb:.2f}x" if lb is not None else "-"
-            print(f"{size:>6}{t:>8}{alone * 1e3:>13.2f}{pair * 1e3:>13.2f}{pair / alone:>12.2f}x{lb_text:>17}")
+            lb, lb_sum = med.get((size, t, "llama-bench")), med.get((size, t, "llama-bench sum"))
+            lb_text = f"{lb:>24.2f}x{lb_sum * 1e3:>12.2f}{pair / lb_sum:>11.2f}x" if lb is not None else f"{'-':>25}"
+            print(f"{size:>6}{t:>8}{alone * 1e3:>13.2f}{pair * 1e3:>13.2f}{pair / alone:>12.2f}x{lb_text}")
     print(f"memory decoder {memdec.name}, {args.n} tokens, median of {args.repeats} rounds; shaped bases: random weights")
 
 
