@@ -4,7 +4,7 @@ the recipe's report does, print the quality/size frontier, and with `--ship OUTT
 parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
 
     python recipes/legal_ship.py WORK [--run run] [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
-                                      [--then "COMMAND that continued the run"] [--lambda-gate SLOPE,OFFSET]
+                                      [--then "COMMAND that continued the run"] [--lambda-gate SLOPE,OFFSET] [--lambda LAM]
                                       [--datastore NAME]
 
 kNN-LM retrieves from the datastore the run trained on (`--datastore NAME` picks another folder under WORK).
@@ -48,31 +48,36 @@ def run_datastore(work: Path, run: str) -> str:
     return name
 
 
-def texts_of(budget: Budget, datastore: str, gate: LambdaGate | None = None) -> dict:
+def texts_of(budget: Budget, datastore: str, gate: LambdaGate | None = None, lam: float | None = None) -> dict:
     """What picks a report's texts, kNN-LM datastore and mixtures: stored with a cached report, reused only when
     it is the same."""
-    return {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens, "datastore": datastore} | (
-        {"lambda_gate": gate.text()} if gate else {}
+    return (
+        {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens, "datastore": datastore}
+        | ({"lambda_gate": gate.text()} if gate else {})
+        | ({"lambda": lam} if lam is not None else {})
     )
 
 
-def ship_dir(work: Path, run: str, gate: LambdaGate | None = None) -> Path:
-    """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run; a
-    gated export in its own folder under it."""
+def ship_dir(work: Path, run: str, gate: LambdaGate | None = None, lam: float | None = None) -> Path:
+    """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run; an
+    export recommending another lambda or a gate in its own folder under it."""
     top = work / ("ship" if run == "run" else f"ship-{run}")
-    return top / f"gate-{gate.text()}" if gate else top
+    parts = ([f"lambda-{lam:g}"] if lam is not None else []) + ([f"gate-{gate.text()}"] if gate else [])
+    return top / "-".join(parts) if parts else top
 
 
-def export(work: Path, run: str, outtype: str, base: Path, gate: LambdaGate | None = None) -> Path:
-    """WORK/`run` exported at `outtype` (split when over SPLIT) recommending `gate`; the existing export when
-    there is one."""
-    out = ship_dir(work, run, gate) / f"legal-memdec-{outtype}.gguf"
+def export(
+    work: Path, run: str, outtype: str, base: Path, gate: LambdaGate | None = None, lam: float | None = None
+) -> Path:
+    """WORK/`run` exported at `outtype` (split when over SPLIT) recommending `gate` and `lam` (default the run's
+    validation lambda); the existing export when there is one."""
+    out = ship_dir(work, run, gate, lam) / f"legal-memdec-{outtype}.gguf"
     done = sorted(out.parent.glob(f"{out.stem}*.gguf"))
     if done:
         return done[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = json.loads((work / run / "train.json").read_text())
-    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT, gate)
+    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT, gate, lam)
 
 
 def frontier_row(outtype: str, gguf: Path, table: dict) -> dict:
@@ -189,9 +194,10 @@ def record(
     gate: LambdaGate | None = None,
     shipped: dict | None = None,
     datastore: str = "datastore",
+    lam: float | None = None,
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths);
-    `datastore` names the folder under WORK it trained on."""
+    `datastore` names the folder under WORK it trained on; `lam` the lambda it recommends when not the run's."""
     ds = json.loads((work / datastore / "datastore.json").read_text())
     targets = json.loads((work / datastore / "targets" / "targets.json").read_text())
     train = json.loads((work / run / "train.json").read_text())
@@ -223,8 +229,17 @@ def record(
         "stages": stages,
         "commands": [
             *campaign,
-            *([f"python bench/lambda_gate.py --split WORK/split  # chose the gate {gate.text()}"] if gate else []),
+            *(
+                [
+                    "python bench/lambda_gate.py --split WORK/split  # chose the gate "
+                    + gate.text()
+                    + (f" at lambda {lam:g}" if lam is not None else "")
+                ]
+                if gate
+                else []
+            ),
             f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"
+            + (f" --lambda {lam:g}" if lam is not None else "")
             + (f" --lambda-gate {gate.text()}" if gate else ""),
         ],
     }
@@ -262,8 +277,14 @@ def main() -> None:
     parser.add_argument(
         "--lambda-gate", default=None, help="the entropy gate the exports recommend, SLOPE,OFFSET (bench/lambda_gate.py)"
     )
+    parser.add_argument(
+        "--lambda", dest="lam", type=float, default=None,
+        help="the lambda the exports recommend (default: the run's validation choice), e.g. bench/lambda_gate.py's",
+    )
     args = parser.parse_args()
     gate = LambdaGate.parse(args.lambda_gate) if args.lambda_gate else None
+    if args.lam is not None and not 0.0 < args.lam <= 1.0:
+        raise SystemExit(f"--lambda must be in (0, 1], got {args.lam}")
     work = args.work
     datastore = args.datastore or run_datastore(work, args.run)
     base = Path(json.loads((work / datastore / "datastore.json").read_text())["base"])
@@ -271,18 +292,18 @@ def main() -> None:
     budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=valid_tokens)
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
-        gguf = export(work, args.run, outtype, base, gate)
+        gguf = export(work, args.run, outtype, base, gate, args.lam)
         cached = gguf.with_name(f"{outtype}-{datastore}-report.json")  # kNN-LM from WORK/datastore
         table = json.loads(cached.read_text()) if cached.is_file() else {}
-        if table.get("budget") != texts_of(budget, datastore, gate):
+        if table.get("budget") != texts_of(budget, datastore, gate, args.lam):
             table = report(base, gguf, work / datastore, work / "split", budget, args.threads)
-            table["budget"] = texts_of(budget, datastore, gate)
+            table["budget"] = texts_of(budget, datastore, gate, args.lam)
             write_json_atomic(cached, table)
         tables[outtype] = table
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))
     print_frontier(rows)
-    write_json_atomic(ship_dir(work, args.run, gate) / f"frontier-{datastore}.json", rows)
+    write_json_atomic(ship_dir(work, args.run, gate, args.lam) / f"frontier-{datastore}.json", rows)
     if args.ship:
         if args.ship not in files:
             raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
@@ -302,7 +323,7 @@ def main() -> None:
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
         made = record(
-            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous, datastore
+            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous, datastore, args.lam
         )
         new = without_paths(made, names)
         write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))

@@ -24,6 +24,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from edge_memdec.cli import app  # noqa: E402
 from edge_memdec.lambda_gate import LambdaGate  # noqa: E402
+from edge_memdec.train.export_gguf import export_memdec, memdec_facts  # noqa: E402
 
 CLI = [sys.executable, "-m", "edge_memdec.cli"]
 
@@ -166,6 +167,13 @@ def test_train_export_recommends_the_gate_asked_for(stores, tiny_llama_ckpt, tin
     export = ["--export", str(gguf), "--outtype", "f32", "--tokenizer-from", str(tiny_llama_gguf)]
     invoke(*train_args(stores, tmp_path / "run", tiny_llama_ckpt, "--max-steps", "1", *export, "--lambda-gate", "0.5,1"))
     assert LambdaGate.of_metadata(read_gguf(gguf).memdec) == LambdaGate(0.5, 1.0)
+    # a release recommends a lambda chosen with its gate (recipes/legal_ship.py --lambda), not the run's own
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    again = export_memdec(tmp_path / "run", tmp_path / "lam.gguf", "f32", tiny_llama_gguf, "legal", summary,
+                          lambda_gate=LambdaGate(2.0, -1.0), lam=0.95)  # fmt: skip
+    assert read_gguf(again).memdec["lambda"] == pytest.approx(0.95)
+    assert read_gguf(gguf).memdec["lambda"] == pytest.approx(memdec_facts(summary, "legal", "base")["lambda"]) != 0.95
+    assert LambdaGate.of_metadata(read_gguf(again).memdec) == LambdaGate(2.0, -1.0)
     bad = tmp_path / "bad"
     result = CliRunner().invoke(app, train_args(stores, bad, tiny_llama_ckpt, *export, "--lambda-gate", "strong"))
     assert isinstance(result.exception, UserError) and "SLOPE,OFFSET" in str(result.exception)

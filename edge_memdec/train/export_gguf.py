@@ -57,11 +57,13 @@ def export_memdec(
     summary: dict,
     split_max_size: str | None = None,
     lambda_gate: LambdaGate | None = None,
+    lam: float | None = None,
 ) -> Path:
     """Convert `run_dir/hf` to `out` with the tokenizer keys of `base_gguf` and the run's memdec facts; tensors
     training left equal to the base's (frozen blocks, the tied embedding) keep the base's bytes. Returns the
     file llama.cpp opens (`out`, or the first of its split parts when `split_max_size` is passed).
-    `lambda_gate`: the entropy gate the file recommends (memdec.lambda_gate), e.g. from bench/lambda_gate.py."""
+    `lambda_gate`: the entropy gate the file recommends (memdec.lambda_gate), e.g. from bench/lambda_gate.py;
+    `lam`: the lambda it recommends (memdec.lambda), when not the run's validation choice."""
     from edge_memdec.train.steps import HF_DIR
 
     hf = Path(run_dir) / HF_DIR
@@ -74,6 +76,8 @@ def export_memdec(
     facts = memdec_facts(summary, domain, Path(base_gguf).stem)
     if lambda_gate is not None:
         facts.update(lambda_gate.metadata())
+    if lam is not None:
+        facts["lambda"] = float(lam)
     split = parse_size(split_max_size) if split_max_size is not None else None
     return convert_checkpoint(
         hf, Path(out), outtype, Path(base_gguf), facts, keep_equal_from=Path(base_gguf), split_max_bytes=split
