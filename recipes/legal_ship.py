@@ -198,6 +198,7 @@ def record(
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths);
     `datastore` names the folder under WORK it trained on; `lam` the lambda it recommends when not the run's."""
+    at = f" at lambda {lam:g}" if lam is not None else ""
     ds = json.loads((work / datastore / "datastore.json").read_text())
     targets = json.loads((work / datastore / "targets" / "targets.json").read_text())
     train = json.loads((work / run / "train.json").read_text())
@@ -229,15 +230,7 @@ def record(
         "stages": stages,
         "commands": [
             *campaign,
-            *(
-                [
-                    "python bench/lambda_gate.py --split WORK/split  # chose the gate "
-                    + gate.text()
-                    + (f" at lambda {lam:g}" if lam is not None else "")
-                ]
-                if gate
-                else []
-            ),
+            *([f"python bench/lambda_gate.py --split WORK/split  # chose the gate {gate.text()}{at}"] if gate else []),
             f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"
             + (f" --lambda {lam:g}" if lam is not None else "")
             + (f" --lambda-gate {gate.text()}" if gate else ""),
@@ -290,14 +283,15 @@ def main() -> None:
     base = Path(json.loads((work / datastore / "datastore.json").read_text())["base"])
     valid_tokens = args.valid_tokens or run_valid_tokens(work, args.run)
     budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=valid_tokens)
+    texts = texts_of(budget, datastore, gate, args.lam)
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
         gguf = export(work, args.run, outtype, base, gate, args.lam)
         cached = gguf.with_name(f"{outtype}-{datastore}-report.json")  # kNN-LM from WORK/datastore
         table = json.loads(cached.read_text()) if cached.is_file() else {}
-        if table.get("budget") != texts_of(budget, datastore, gate, args.lam):
+        if table.get("budget") != texts:
             table = report(base, gguf, work / datastore, work / "split", budget, args.threads)
-            table["budget"] = texts_of(budget, datastore, gate, args.lam)
+            table["budget"] = texts
             write_json_atomic(cached, table)
         tables[outtype] = table
         files[outtype] = gguf

@@ -258,7 +258,8 @@ def gpt2_tokens(tiny_gpt2_ckpt, legal_text) -> list[int]:
 
 def test_gpt2_matches_pytorch_to_f32_rounding_without_gelu(tiny_gpt2_ckpt, tmp_path, gpt2_tokens):
     """With the MLP's input projection zeroed, GELU sees only 0 (exact in ggml's f16 table): everything else
-    the gpt2 graph computes (embeddings, LayerNorms, fused attention, biases, tied output) matches to float32 rounding (F32_ROUNDING)."""
+    the gpt2 graph computes (embeddings, LayerNorms, fused attention, biases, tied output) matches to float32
+    rounding (F32_ROUNDING)."""
     import torch
     from transformers import AutoModelForCausalLM
 
