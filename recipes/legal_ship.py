@@ -30,6 +30,7 @@ from edge_memdec.train.report import report
 
 MODELS = Path(__file__).resolve().parent.parent / "edge_memdec" / "models"
 SPLIT = "95M"  # git hosts refuse files over 100 MB
+TEST_TOKENS = Budget().test_tokens  # the README table's sample; kNN-LM comparisons want 40,000
 RELEASE_COMMANDS = ("python recipes/legal_ship.py", "python bench/lambda_gate.py")  # not the campaign's own
 
 
@@ -195,6 +196,7 @@ def record(
     shipped: dict | None = None,
     datastore: str = "datastore",
     lam: float | None = None,
+    test_tokens: int = TEST_TOKENS,
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths);
     `datastore` names the folder under WORK it trained on; `lam` the lambda it recommends when not the run's."""
@@ -232,6 +234,7 @@ def record(
             *campaign,
             *([f"python bench/lambda_gate.py --split WORK/split  # chose the gate {gate.text()}{at}"] if gate else []),
             f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"
+            + (f" --test-tokens {test_tokens}" if test_tokens != TEST_TOKENS else "")
             + (f" --lambda {lam:g}" if lam is not None else "")
             + (f" --lambda-gate {gate.text()}" if gate else ""),
         ],
@@ -243,7 +246,7 @@ def main() -> None:
     parser.add_argument("work", type=Path)
     parser.add_argument("--run", default="run", help="the training run under WORK to release (default: run)")
     parser.add_argument("--outtypes", default="q8_0,q5_0,q4_0")
-    parser.add_argument("--test-tokens", type=int, default=10_000)
+    parser.add_argument("--test-tokens", type=int, default=TEST_TOKENS)
     parser.add_argument(
         "--valid-tokens",
         type=int,
@@ -317,7 +320,8 @@ def main() -> None:
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
         made = record(
-            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous, datastore, args.lam
+            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous, datastore, args.lam,
+            args.test_tokens,
         )
         new = without_paths(made, names)
         write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))
