@@ -326,3 +326,48 @@ def test_carried_pass_keeps_its_sink_tokens(model):
         a = torch.cat([c.hidden[1] for c in forward.chunks(ids, 0, len(ids))])[p]
         b = torch.cat([c.hidden[1] for c in forward.chunks(changed, 0, len(ids))])[p]
         assert (not torch.allclose(a, b)) == sees, sink
+
+
+def test_untied_head_continues_a_frozen_run_and_exports_to_a_shared_trunk_pair(
+    frozen_run, store, deep_base, legal_text, tmp_path
+):
+    """`--head untied` from a tied frozen-blocks run: the head starts as a copy of the embeddings and trains
+    while the embeddings and lower blocks stay the base's; the GGUF carries it as `output.weight`, and llama.cpp
+    scores the decoder as PyTorch does, whole or on the base's shared trunk."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_memdec.api import MemoryDecoderLM
+    from edge_memdec.convert import convert_checkpoint
+    from edge_memdec.gguf_file import read_gguf
+    from edge_memdec.train.logprobs import target_logprobs
+
+    run = tmp_path / "untied"
+    invoke(
+        "train", str(store["ds"]), "--out", str(run), "-m", str(deep_base), "--init", str(frozen_run / "hf"),
+        "--frozen-blocks", str(FROZEN), "--head", "untied", "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32",
+        "--stride", "32", "--batch-windows", "8", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    after = load_file(str(run / "hf" / "model.safetensors"))
+    base = load_file(str(deep_base / "model.safetensors"))
+    assert np.array_equal(after["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not np.allclose(after["lm_head.weight"], base["model.embed_tokens.weight"])
+    assert json.loads((run / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+
+    base_gguf = convert_checkpoint(deep_base, tmp_path / "base-f32.gguf", "f32")
+    out = tmp_path / "memdec.gguf"
+    invoke(
+        "convert", str(run / "hf"), "-o", str(out), "--outtype", "f32", "--tokenizer-from", str(base_gguf),
+        "--keep-base-tensors", str(base_gguf),
+    )  # fmt: skip
+    assert "output.weight" in {t.name for t in read_gguf(out).tensors}
+    text = legal_text[:4000]
+    reports = {}
+    for shared in (True, False):
+        with MemoryDecoderLM(base_gguf, out, lam=0.5, n_ctx=128, n_threads=1, shared_trunk=shared) as lm:
+            assert lm.pair.shared == (FROZEN if shared else 0)
+            tokens = np.asarray(lm.pair.base.tokenize(text, special=False))  # as the paper protocol reads it
+            reports[shared] = lm.perplexity(text, n_ctx=64, stride=32, lambdas=[0.5])
+    assert reports[True]["memdec"]["ppl"] == pytest.approx(reports[False]["memdec"]["ppl"], rel=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(str(run / "hf"), dtype=torch.float32).eval()
+    ppl = float(np.exp(-target_logprobs(model, tokens, 64, 32).mean()))
+    assert reports[False]["memdec"]["ppl"] == pytest.approx(ppl, rel=1e-3)
