@@ -352,6 +352,14 @@ def test_untied_head_continues_a_frozen_run_and_exports_to_a_shared_trunk_pair(
     assert np.array_equal(after["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert not np.allclose(after["lm_head.weight"], base["model.embed_tokens.weight"])
     assert json.loads((run / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
+    again = tmp_path / "again"  # continuing the untied run keeps its trained head (lr 0: nothing moves)
+    invoke(
+        "train", str(store["ds"]), "--out", str(again), "-m", str(deep_base), "--init", str(run / "hf"),
+        "--frozen-blocks", str(FROZEN), "--head", "untied", "--epochs", "1", "--lr", "0", "--n-ctx", "32",
+        "--stride", "32", "--batch-windows", "8", "--threads", "1", "--device", "cpu",
+    )  # fmt: skip
+    kept = load_file(str(again / "hf" / "model.safetensors"))["lm_head.weight"]
+    assert np.array_equal(kept, after["lm_head.weight"])
 
     base_gguf = convert_checkpoint(deep_base, tmp_path / "base-f32.gguf", "f32")
     out = tmp_path / "memdec.gguf"

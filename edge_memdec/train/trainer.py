@@ -84,7 +84,7 @@ def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir:
     stream entering the first trained block (float16 [n_positions, dim]) when lower blocks are frozen."""
     if cfg.head not in ("tied", "untied"):
         raise UserError(f"--head must be tied or untied, got {cfg.head!r}")
-    if cfg.head == "untied":
+    if cfg.head == "untied" and model.config.tie_word_embeddings:  # an untied checkpoint keeps its trained head
         model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
         model.config.tie_word_embeddings = False
     if cfg.frozen_blocks <= 0:
