@@ -221,12 +221,13 @@ def test_frozen_blocks_train_only_the_top_and_the_best_epoch_is_kept(frozen_run,
     assert ppl == pytest.approx(best["validation"]["memdec_ppl"], rel=1e-4)
 
 
-def continue_run(store, deep_base: Path, init: Path, out: Path, lr: str) -> Path:
-    """One more epoch of a frozen-blocks run from `init` (a checkpoint folder or a decoder GGUF) into `out`."""
+def continue_run(store, deep_base: Path, init: Path, out: Path, lr: str, *more: str) -> Path:
+    """One more epoch of a frozen-blocks run from `init` (a checkpoint folder or a decoder GGUF) into `out`;
+    `more`: further `train` options."""
     invoke(
         "train", str(store["ds"]), "--out", str(out), "-m", str(deep_base), "--init", str(init),
         "--frozen-blocks", str(FROZEN), "--epochs", "1", "--lr", lr, "--n-ctx", "32", "--stride", "32",
-        "--batch-windows", "8", "--threads", "1", "--device", "cpu",
+        "--batch-windows", "8", "--threads", "1", "--device", "cpu", *more,
     )  # fmt: skip
     return out
 
@@ -341,23 +342,14 @@ def test_untied_head_continues_a_frozen_run_and_exports_to_a_shared_trunk_pair(
     from edge_memdec.gguf_file import read_gguf
     from edge_memdec.train.logprobs import target_logprobs
 
-    run = tmp_path / "untied"
-    invoke(
-        "train", str(store["ds"]), "--out", str(run), "-m", str(deep_base), "--init", str(frozen_run / "hf"),
-        "--frozen-blocks", str(FROZEN), "--head", "untied", "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32",
-        "--stride", "32", "--batch-windows", "8", "--threads", "1", "--device", "cpu",
-    )  # fmt: skip
+    run = continue_run(store, deep_base, frozen_run / "hf", tmp_path / "untied", "3e-2", "--head", "untied")
     after = load_file(str(run / "hf" / "model.safetensors"))
     base = load_file(str(deep_base / "model.safetensors"))
     assert np.array_equal(after["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert not np.allclose(after["lm_head.weight"], base["model.embed_tokens.weight"])
     assert json.loads((run / "hf" / "config.json").read_text())["tie_word_embeddings"] is False
-    again = tmp_path / "again"  # continuing the untied run keeps its trained head (lr 0: nothing moves)
-    invoke(
-        "train", str(store["ds"]), "--out", str(again), "-m", str(deep_base), "--init", str(run / "hf"),
-        "--frozen-blocks", str(FROZEN), "--head", "untied", "--epochs", "1", "--lr", "0", "--n-ctx", "32",
-        "--stride", "32", "--batch-windows", "8", "--threads", "1", "--device", "cpu",
-    )  # fmt: skip
+    # continuing the untied run keeps its trained head (lr 0: nothing moves)
+    again = continue_run(store, deep_base, run / "hf", tmp_path / "again", "0", "--head", "untied")
     kept = load_file(str(again / "hf" / "model.safetensors"))["lm_head.weight"]
     assert np.array_equal(kept, after["lm_head.weight"])
 
