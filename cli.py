@@ -735,6 +735,13 @@ def train_memdec(
         ),
     ] = 0,
     head: Annotated[str, typer.Option(help="tied (LM head = embeddings) or untied (a trained copy)")] = "tied",
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            help="Train a LoRA of this rank on every block's matrices (scaled by 2), every weight frozen; the "
+            "saved decoder has it merged in. 0 trains the weights"
+        ),
+    ] = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     valid_every: ValidEveryOpt = 0,

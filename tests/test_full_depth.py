@@ -371,3 +371,44 @@ def test_untied_head_continues_a_frozen_run_and_exports_to_a_shared_trunk_pair(
     model = AutoModelForCausalLM.from_pretrained(str(run / "hf"), dtype=torch.float32).eval()
     ppl = float(np.exp(-target_logprobs(model, tokens, 64, 32).mean()))
     assert reports[False]["memdec"]["ppl"] == pytest.approx(ppl, rel=1e-3)
+
+
+def test_lora_decoder_adapts_every_block_and_saves_the_merged_model(frozen_run, store, deep_base, tmp_path):
+    """`--lora-rank R`: a LoRA on every block's matrices trains while every weight stays frozen; the saved
+    decoder is the plain model with the updates merged in, and it scores what validation recorded for the
+    adapted one; combined with --frozen-blocks it is one sentence."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_memdec.errors import UserError
+    from edge_memdec.train.logprobs import target_logprobs
+
+    rank, run = 4, tmp_path / "lora"
+    invoke(
+        "train", str(store["ds"]), "--out", str(run), "-m", str(deep_base), "--init", str(frozen_run / "hf"),
+        "--lora-rank", str(rank), "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32",
+        "--batch-windows", "8", "--valid-corpus", str(store["split"]), "--valid-tokens", "300", "--threads", "1",
+        "--device", "cpu",
+    )  # fmt: skip
+    before = load_file(str(frozen_run / "hf" / "model.safetensors"))
+    after = load_file(str(run / "hf" / "model.safetensors"))
+    assert set(after) == set(before)  # no adapter tensors: an ordinary checkpoint
+    matrices = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapted = 0
+    for name, weight in before.items():
+        changed = name.endswith(tuple(f"{m}.weight" for m in matrices))
+        assert (not np.array_equal(after[name], weight)) == changed, name
+        if changed:
+            adapted += rank * sum(weight.shape)
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["params_trained"] == adapted
+    assert summary["params"] == sum(w.size for w in before.values())
+    saved = AutoModelForCausalLM.from_pretrained(str(run / "hf"), dtype=torch.float32).eval()
+    tokens = np.load(run / "valid-base-logprobs.npz")["tokens"]
+    ppl = float(np.exp(-target_logprobs(saved, tokens, 1024, 512).mean()))
+    assert ppl == pytest.approx(summary["validation"]["memdec_ppl"], rel=1e-4)
+    refused = CliRunner().invoke(app, [
+        "train", str(store["ds"]), "--out", str(tmp_path / "refused"), "-m", str(deep_base),
+        "--lora-rank", "4", "--frozen-blocks", str(FROZEN), "--threads", "1",
+    ])  # fmt: skip
+    assert isinstance(refused.exception, UserError), refused.output
+    assert "--lora-rank" in str(refused.exception) and "\n" not in str(refused.exception)

@@ -9,7 +9,6 @@ full one `hf/` (a checkpoint `convert` reads), and both `train.json`.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from edge_memdec.scoring import ppl_of
 from edge_memdec.train.base import load_base
 from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
+from edge_memdec.train.lora import causal_lm, with_lora
 from edge_memdec.train.options import (
     BATCH_WINDOWS,
     CHECKPOINT_EVERY,
@@ -115,24 +115,12 @@ class OwnPpl:
         return f"base {v['base_ppl']:.3f} fine-tuned {v['ppl']:.3f}"
 
 
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside a peft model (with its LoRA layers), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def adaptable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     """The base wrapped in a fresh LoRA adapter (B = 0: it starts as the base), or the base with every weight
     trainable."""
     if cfg.full:
         return plain_copy(model, f"{Path(cfg.base).stem}-dapt").requires_grad_(True)
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none"
-    )
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, config)
+    return with_lora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets)
 
 
 def plain_copy(model: PreTrainedModel, name: str) -> PreTrainedModel:

@@ -67,6 +67,7 @@ class TrainOptions(RunOptions):
     stride: int  # training window stride, tokens
     frozen_blocks: int  # the base's first N blocks kept frozen (read from the datastore); 0 trains all
     head: str  # tied or untied
+    lora_rank: int  # >0: train a LoRA of this rank on every block instead of the weights themselves
     device: str  # auto, cpu, cuda or mps
     lambda_gate: str  # the entropy gate `export` recommends: fit (chosen after training), off, or "SLOPE,OFFSET"
     precision: str  # auto, fp32 or bf16 (autocast)

@@ -134,6 +134,7 @@ def train_config(opts: TrainOptions, base: Path, valid: np.ndarray | None) -> Tr
         threads=opts.threads,
         frozen_blocks=opts.frozen_blocks,
         head=opts.head,
+        lora_rank=opts.lora_rank,
         device=opts.device,
         precision=opts.precision,
         valid_every=opts.valid_every,

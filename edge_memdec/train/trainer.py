@@ -22,9 +22,17 @@ from edge_memdec.train.datastore import load_hidden, read_manifest
 from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
+from edge_memdec.train.lora import adapter_params, causal_lm, merged, with_lora
 from edge_memdec.train.loss import memdec_loss_sum
 from edge_memdec.train.memdec_model import MemdecShape, make_memdec, n_params
-from edge_memdec.train.options import BATCH_WINDOWS, CHECKPOINT_EVERY, MEMDEC_BETA, MEMDEC_LR, TORCH_THREADS
+from edge_memdec.train.options import (
+    BATCH_WINDOWS,
+    CHECKPOINT_EVERY,
+    LORA_TARGETS,
+    MEMDEC_BETA,
+    MEMDEC_LR,
+    TORCH_THREADS,
+)
 from edge_memdec.train.steps import HF_DIR, StepPlan, distributed, finish_run, optimise
 from edge_memdec.windows import Window
 
@@ -57,6 +65,7 @@ class TrainConfig:
     threads: int = TORCH_THREADS
     frozen_blocks: int = 0  # lower blocks kept at the base's weights; their output is read from the datastore
     head: str = "tied"  # tied: LM head = embeddings (frozen when frozen_blocks > 0); untied: a trained copy
+    lora_rank: int = 0  # >0: a LoRA of this rank on every block's matrices trains, every other weight frozen
     device: str = "cpu"
     precision: str = "fp32"  # auto, fp32 or bf16 (autocast of the forward's matrix products)
     valid_every: int = 0  # steps between validations besides each epoch's end (0: epoch ends only)
@@ -108,6 +117,18 @@ def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir:
     return load_hidden(ds_dir, cfg.frozen_blocks)
 
 
+def adapt_every_block(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """`model` with a LoRA of rank `cfg.lora_rank` on each block's matrices (scaled by 2, no dropout: the decoder is
+    to memorise its corpus), or `model` itself when `cfg.lora_rank` is 0."""
+    if cfg.lora_rank == 0:
+        return model
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (off) or a rank of at least 1, got {cfg.lora_rank}")
+    if cfg.frozen_blocks or cfg.head != "tied":
+        raise UserError("--lora-rank adapts every block with the head tied; leave out --frozen-blocks and --head untied")
+    return with_lora(model, cfg.lora_rank, 2.0 * cfg.lora_rank, 0.0, LORA_TARGETS)
+
+
 def window_states(model, tokens: np.ndarray, hidden: np.ndarray | None, w: Window, frozen: int, device):
     """The decoder's final hidden states over window `w`, [w.end - w.begin, dim]: a full forward from token ids,
     or, with `frozen` lower blocks, the stored residual stream entering block `frozen` through the upper ones."""
@@ -119,9 +140,10 @@ def window_states(model, tokens: np.ndarray, hidden: np.ndarray | None, w: Windo
 
 
 def save_model(model: torch.nn.Module, hf_dir: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then swap it in: a kill never leaves half a model."""
+    """save_pretrained into a temporary sibling folder, then swap it in: a kill never leaves half a model. A LoRA
+    decoder saves as the plain model its adapter merges into."""
     with atomic_dir(hf_dir) as temp:
-        model.save_pretrained(temp, safe_serialization=True)
+        merged(model).save_pretrained(temp, safe_serialization=True)
 
 
 class Validator:
@@ -136,7 +158,7 @@ class Validator:
     def __call__(self, model: torch.nn.Module) -> dict:
         """{"base_ppl", "memdec_ppl", "mixed": {lambda: ppl}, "best_lambda", "best_ppl"} of the current model."""
         model.eval()
-        mem_lp = target_logprobs(model, self.tokens, self.n_ctx, self.stride)
+        mem_lp = target_logprobs(causal_lm(model), self.tokens, self.n_ctx, self.stride)
         model.train()
         table = mixed_ppl(self.base_lp, mem_lp, [0.0, *self.lambdas, 1.0])
         best = min(self.lambdas, key=lambda lam: table[lam])
@@ -172,6 +194,7 @@ def window_backward(
     """Forward window `w`, backpropagate its positions [a, b)'s loss sum / `count` (the step's positions);
     returns the summed (loss, kl, ce) on the CPU, float [3]. `targets`: the sparse kNN (ids, probs)."""
     knn_ids, knn_probs = targets
+    model = causal_lm(model)
     with autocast(device, precision):
         states = window_states(model, tokens, hidden, w, cfg.frozen_blocks, device)
         logits = model.lm_head(states[a - w.begin : b - w.begin])
@@ -202,7 +225,8 @@ def build_decoder(cfg: TrainConfig, base: Base) -> tuple[torch.nn.Module, np.nda
     residual stream its first trained block reads (float16 [n_positions, dim]) when lower blocks are frozen."""
     torch.manual_seed(cfg.seed)
     model = make_memdec(cfg.init, base.model, cfg.shape, cfg.seed)
-    return model, prepare_frozen(model, base, cfg, Path(cfg.datastore))
+    hidden = prepare_frozen(model, base, cfg, Path(cfg.datastore))
+    return adapt_every_block(model, cfg), hidden
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -243,7 +267,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         device=device,
     )
     facts = {
-        "params": n_params(model),
+        "params": n_params(model) - adapter_params(model),
+        "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "datastore_positions": plan.n_positions,
         "knn": tmeta["params"],
         "config": cfg.fingerprint(),
