@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge_memdec.files import write_json_atomic
@@ -49,36 +49,56 @@ def run_datastore(work: Path, run: str) -> str:
     return name
 
 
-def texts_of(budget: Budget, datastore: str, gate: LambdaGate | None = None, lam: float | None = None) -> dict:
-    """What picks a report's texts, kNN-LM datastore and mixtures: stored with a cached report, reused only when
-    it is the same."""
-    return (
-        {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens, "datastore": datastore}
-        | ({"lambda_gate": gate.text()} if gate else {})
-        | ({"lambda": lam} if lam is not None else {})
-    )
+@dataclass(frozen=True)
+class Release:
+    """What the exports recommend and how much test text scores them: `lam` (None: the run's validation choice),
+    the entropy `gate` (None: a fixed lambda) and `test_tokens`."""
+
+    gate: LambdaGate | None = None
+    lam: float | None = None
+    test_tokens: int = TEST_TOKENS
+
+    def texts(self, budget: Budget, datastore: str) -> dict:
+        """What picks a report's texts, kNN-LM datastore and mixtures: stored with a cached report, reused only
+        when it is the same."""
+        return (
+            {"valid_tokens": budget.valid_tokens, "test_tokens": budget.test_tokens, "datastore": datastore}
+            | ({"lambda_gate": self.gate.text()} if self.gate else {})
+            | ({"lambda": self.lam} if self.lam is not None else {})
+        )
+
+    def folder(self) -> str:
+        """The folder name of an export recommending another lambda or a gate ("" for the run's own lambda)."""
+        parts = ([f"lambda-{self.lam:g}"] if self.lam is not None else []) + (
+            [f"gate-{self.gate.text()}"] if self.gate else []
+        )
+        return "-".join(parts)
+
+    def flags(self) -> str:
+        """These settings as legal_ship.py's options (empty at the defaults)."""
+        return (
+            (f" --test-tokens {self.test_tokens}" if self.test_tokens != TEST_TOKENS else "")
+            + (f" --lambda {self.lam:g}" if self.lam is not None else "")
+            + (f" --lambda-gate {self.gate.text()}" if self.gate else "")
+        )
 
 
-def ship_dir(work: Path, run: str, gate: LambdaGate | None = None, lam: float | None = None) -> Path:
+def ship_dir(work: Path, run: str, release: Release) -> Path:
     """Where the exports and test reports of WORK/`run` are cached: WORK/ship for the campaign's own run; an
     export recommending another lambda or a gate in its own folder under it."""
-    top = work / ("ship" if run == "run" else f"ship-{run}")
-    parts = ([f"lambda-{lam:g}"] if lam is not None else []) + ([f"gate-{gate.text()}"] if gate else [])
-    return top / "-".join(parts) if parts else top
+    return work / ("ship" if run == "run" else f"ship-{run}") / release.folder()
 
 
-def export(
-    work: Path, run: str, outtype: str, base: Path, gate: LambdaGate | None = None, lam: float | None = None
-) -> Path:
-    """WORK/`run` exported at `outtype` (split when over SPLIT) recommending `gate` and `lam` (default the run's
-    validation lambda); the existing export when there is one."""
-    out = ship_dir(work, run, gate, lam) / f"legal-memdec-{outtype}.gguf"
+def export(work: Path, run: str, outtype: str, base: Path, release: Release) -> Path:
+    """WORK/`run` exported at `outtype` (split when over SPLIT) recommending the release's lambda and gate; the
+    existing export when there is one."""
+    out = ship_dir(work, run, release) / f"legal-memdec-{outtype}.gguf"
     done = sorted(out.parent.glob(f"{out.stem}*.gguf"))
     if done:
         return done[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = json.loads((work / run / "train.json").read_text())
-    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT, gate, lam)
+    return export_memdec(work / run, out, outtype, base, "legal", summary, SPLIT, release.gate, release.lam)
 
 
 def frontier_row(outtype: str, gguf: Path, table: dict) -> dict:
@@ -192,15 +212,13 @@ def record(
     rows: list[dict],
     base: Path,
     campaign: list[str],
-    gate: LambdaGate | None = None,
+    release: Release,
     shipped: dict | None = None,
     datastore: str = "datastore",
-    lam: float | None = None,
-    test_tokens: int = TEST_TOKENS,
 ) -> dict:
     """What the shipped decoder is and how it was made, from the campaign's own files (no machine paths);
-    `datastore` names the folder under WORK it trained on; `lam` the lambda it recommends when not the run's."""
-    at = f" at lambda {lam:g}" if lam is not None else ""
+    `datastore` names the folder under WORK it trained on."""
+    gate, at = release.gate, f" at lambda {release.lam:g}" if release.lam is not None else ""
     ds = json.loads((work / datastore / "datastore.json").read_text())
     targets = json.loads((work / datastore / "targets" / "targets.json").read_text())
     train = json.loads((work / run / "train.json").read_text())
@@ -233,10 +251,7 @@ def record(
         "commands": [
             *campaign,
             *([f"python bench/lambda_gate.py --split WORK/split  # chose the gate {gate.text()}{at}"] if gate else []),
-            f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}"
-            + (f" --test-tokens {test_tokens}" if test_tokens != TEST_TOKENS else "")
-            + (f" --lambda {lam:g}" if lam is not None else "")
-            + (f" --lambda-gate {gate.text()}" if gate else ""),
+            f"python recipes/legal_ship.py WORK --run {run} --ship {outtype}{release.flags()}",
         ],
     }
 
@@ -278,18 +293,19 @@ def main() -> None:
         help="the lambda the exports recommend (default: the run's validation choice), e.g. bench/lambda_gate.py's",
     )
     args = parser.parse_args()
-    gate = LambdaGate.parse(args.lambda_gate) if args.lambda_gate else None
     if args.lam is not None and not 0.0 < args.lam <= 1.0:
         raise SystemExit(f"--lambda must be in (0, 1], got {args.lam}")
+    gate = LambdaGate.parse(args.lambda_gate) if args.lambda_gate else None
+    release = Release(gate, args.lam, args.test_tokens)
     work = args.work
     datastore = args.datastore or run_datastore(work, args.run)
     base = Path(json.loads((work / datastore / "datastore.json").read_text())["base"])
     valid_tokens = args.valid_tokens or run_valid_tokens(work, args.run)
     budget = replace(Budget(), test_tokens=args.test_tokens, valid_tokens=valid_tokens)
-    texts = texts_of(budget, datastore, gate, args.lam)
+    texts = release.texts(budget, datastore)
     rows, tables, files = [], {}, {}
     for outtype in args.outtypes.split(","):
-        gguf = export(work, args.run, outtype, base, gate, args.lam)
+        gguf = export(work, args.run, outtype, base, release)
         cached = gguf.with_name(f"{outtype}-{datastore}-report.json")  # kNN-LM from WORK/datastore
         table = json.loads(cached.read_text()) if cached.is_file() else {}
         if table.get("budget") != texts:
@@ -300,7 +316,7 @@ def main() -> None:
         files[outtype] = gguf
         rows.append(frontier_row(outtype, gguf, tables[outtype]))
     print_frontier(rows)
-    write_json_atomic(ship_dir(work, args.run, gate, args.lam) / f"frontier-{datastore}.json", rows)
+    write_json_atomic(ship_dir(work, args.run, release) / f"frontier-{datastore}.json", rows)
     if args.ship:
         if args.ship not in files:
             raise SystemExit(f"--ship {args.ship} is not among --outtypes {args.outtypes}")
@@ -320,8 +336,7 @@ def main() -> None:
             shutil.copy2(plot, MODELS / "legal-memdec-lambda.png")
         names = {str(work.resolve()): "WORK", str(base.resolve().parent): "BASE_DIR"}
         made = record(
-            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, gate, previous, datastore, args.lam,
-            args.test_tokens,
+            work, args.run, args.ship, gguf, tables[args.ship], rows, base, campaign, release, previous, datastore
         )
         new = without_paths(made, names)
         write_json_atomic(MODELS / "legal-memdec.json", new | carried(previous, new["training"]))
