@@ -373,10 +373,11 @@ def test_untied_head_continues_a_frozen_run_and_exports_to_a_shared_trunk_pair(
     assert reports[False]["memdec"]["ppl"] == pytest.approx(ppl, rel=1e-3)
 
 
-def test_lora_decoder_adapts_every_block_and_saves_the_merged_model(frozen_run, store, deep_base, tmp_path):
-    """`--lora-rank R`: a LoRA on every block's matrices trains while every weight stays frozen; the saved
-    decoder is the plain model with the updates merged in, and it scores what validation recorded for the
-    adapted one; combined with --frozen-blocks it is one sentence."""
+@pytest.mark.usefixtures("frozen_run")  # it builds the datastore's kNN targets
+def test_lora_decoder_adapts_every_block_and_saves_the_merged_model(store, deep_base, tmp_path):
+    """`--lora-rank R`: the decoder is the whole base, a LoRA on every block's matrices trains while every weight
+    stays frozen; the saved decoder is the plain model with the updates merged in, and it scores what validation
+    recorded for the adapted one; combined with --frozen-blocks it is one sentence."""
     from transformers import AutoModelForCausalLM
 
     from edge_memdec.errors import UserError
@@ -384,14 +385,13 @@ def test_lora_decoder_adapts_every_block_and_saves_the_merged_model(frozen_run, 
 
     rank, run = 4, tmp_path / "lora"
     invoke(
-        "train", str(store["ds"]), "--out", str(run), "-m", str(deep_base), "--init", str(frozen_run / "hf"),
-        "--lora-rank", str(rank), "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32",
+        "train", str(store["ds"]), "--out", str(run), "-m", str(deep_base), "--lora-rank", str(rank), "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32",
         "--batch-windows", "8", "--valid-corpus", str(store["split"]), "--valid-tokens", "300", "--threads", "1",
         "--device", "cpu",
     )  # fmt: skip
-    before = load_file(str(frozen_run / "hf" / "model.safetensors"))
+    before = load_file(str(deep_base / "model.safetensors"))
     after = load_file(str(run / "hf" / "model.safetensors"))
-    assert set(after) == set(before)  # no adapter tensors: an ordinary checkpoint
+    assert set(after) == set(before)  # every block of the base, no adapter tensors: an ordinary checkpoint
     matrices = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     adapted = 0
     for name, weight in before.items():

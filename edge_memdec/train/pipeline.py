@@ -96,12 +96,13 @@ def datastore_command(
 
 def decoder_shape(opts: TrainOptions) -> MemdecShape:
     """The decoder's shape: the base blocks --base-layers names, else none beyond the base's own with
-    --frozen-blocks (the decoder is the whole base), else --layers blocks; the widths matter from scratch only."""
+    --frozen-blocks or --lora-rank (the decoder is the whole base), else --layers blocks; the widths matter from
+    scratch only."""
     from edge_memdec.train.memdec_model import MemdecShape, parse_layers
 
     blocks = parse_layers(opts.base_layers) if opts.base_layers else None
     return MemdecShape(
-        layers=len(blocks) if blocks else 0 if opts.frozen_blocks else opts.layers,
+        layers=len(blocks) if blocks else 0 if opts.frozen_blocks or opts.lora_rank else opts.layers,
         hidden=opts.hidden,
         ffn=opts.ffn,
         heads=opts.heads,
