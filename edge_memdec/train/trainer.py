@@ -194,7 +194,6 @@ def window_backward(
     """Forward window `w`, backpropagate its positions [a, b)'s loss sum / `count` (the step's positions);
     returns the summed (loss, kl, ce) on the CPU, float [3]. `targets`: the sparse kNN (ids, probs)."""
     knn_ids, knn_probs = targets
-    model = causal_lm(model)
     with autocast(device, precision):
         states = window_states(model, tokens, hidden, w, cfg.frozen_blocks, device)
         logits = model.lm_head(states[a - w.begin : b - w.begin])
@@ -246,9 +245,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.valid_tokens is not None and rank == 0:
         validator = Validator(base, cfg.valid_tokens, out, cfg.eval_ctx, cfg.eval_stride, cfg.lambdas)
     del base
+    inner = causal_lm(model)  # the causal LM inside a LoRA wrapper, whose blocks carry the adapter
 
     def window_loss(w: Window, a: int, b: int, count: int) -> torch.Tensor:
-        return window_backward(model, tokens, hidden, targets, w, a, b, count, cfg, device, precision)
+        return window_backward(inner, tokens, hidden, targets, w, a, b, count, cfg, device, precision)
 
     def keep(m: torch.nn.Module) -> None:
         save_model(m, out / HF_DIR)
