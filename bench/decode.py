@@ -44,6 +44,9 @@ def time_decode(lm: MemoryDecoderLM, n_tokens: int, repeats: int) -> float:
     return statistics.median(per_token)
 
 
+TWO = [0.45, 0.45]  # two decoders' lambdas: their own may sum past 1 (two copies of one decoder do); cost is the same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=Path, default=None)
@@ -76,8 +79,8 @@ def main() -> None:
         ("base + memdec, sequential, 1 thread each", dict(memdec=memdec, n_threads=1, overlap=False)),
         ("base + memdec, overlapped, 1 thread each", dict(memdec=memdec, n_threads=2, overlap=True)),
         ("memdec alone, 2 threads", dict(base=memdec, memdec=None, n_threads=2)),
-        ("base + 2 memdecs, sequential, 2 threads", dict(memdec=[memdec, args.second or memdec], n_threads=2)),
-        ("base + 2 memdecs, sequential, 1 thread", dict(memdec=[memdec, args.second or memdec], n_threads=1)),
+        ("base + 2 memdecs, sequential, 2 threads", dict(memdec=[memdec, args.second or memdec], lam=TWO, n_threads=2)),
+        ("base + 2 memdecs, sequential, 1 thread", dict(memdec=[memdec, args.second or memdec], lam=TWO, n_threads=1)),
     ]
     for other in args.also:
         settings.append((f"base + {other.stem[-14:]}, seq, 2 thr", dict(memdec=other, n_threads=2)))
