@@ -386,8 +386,8 @@ def test_lora_decoder_adapts_every_block_and_saves_the_merged_model(store, deep_
     rank, run = 4, tmp_path / "lora"
     invoke(
         "train", str(store["ds"]), "--out", str(run), "-m", str(deep_base), "--lora-rank", str(rank),
-        "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32", "--batch-windows", "8", "--valid-corpus", str(store["split"]), "--valid-tokens", "300", "--threads", "1",
-        "--device", "cpu",
+        "--epochs", "1", "--lr", "3e-2", "--n-ctx", "32", "--stride", "32", "--batch-windows", "8",
+        "--valid-corpus", str(store["split"]), "--valid-tokens", "300", "--threads", "1", "--device", "cpu",
     )  # fmt: skip
     before = load_file(str(deep_base / "model.safetensors"))
     after = load_file(str(run / "hf" / "model.safetensors"))
