@@ -647,7 +647,9 @@ def knn_targets(
     ] = "auto",
     threshold: Annotated[int, typer.Option(help="auto switches to IVF-PQ above this many keys")] = 2_000_000,
     nprobe: Annotated[int, typer.Option(help="IVF lists searched per query")] = 32,
-    chunk: Annotated[int, typer.Option(help="Queries per resumable chunk")] = 2048,
+    chunk: Annotated[
+        int, typer.Option(help="Queries searched together (IVF-flat: each list read once per chunk) and saved as one")
+    ] = defaults.KNN_CHUNK,
     threads: Annotated[int, typer.Option(help="faiss threads")] = 2,
     ivf_lists: Annotated[int, typer.Option(help="IVF inverted lists (0: chosen from the number of keys)")] = 0,
     pq_bytes: Annotated[int, typer.Option(help="IVF-PQ code bytes per key (must divide the key size)")] = 64,

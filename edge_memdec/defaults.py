@@ -18,6 +18,7 @@ DEFAULT_LAMBDA = 0.3  # a memory decoder GGUF without memdec.lambda, and kNN-LM'
 # kNN-LM and the kNN targets: neighbours per position, and T in softmax(-d / T) over squared L2 distances d
 KNN_K = 1024
 KNN_TEMPERATURE = 1.0
+KNN_CHUNK = 32768  # queries searched (and saved, resumably) together: IVF lists are read once per chunk
 
 # named lambda sweeps
 PERPLEXITY_LAMBDAS = tuple(round(0.1 * i, 1) for i in range(11))  # `perplexity`'s table: 0, 0.1, ..., 1

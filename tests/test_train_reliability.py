@@ -238,3 +238,36 @@ def test_ivfpq_excludes_self_by_index_and_agrees_with_exact_search(small, tmp_pa
     print(f"IVF-PQ top-1 target agreement with exact search: {agreement:.3f}")
     assert agreement > 0.8
     assert abs(approx["next_token_in_support"] - exact["next_token_in_support"]) < 0.1
+
+
+def test_ivfflat_searched_by_list_finds_faiss_neighbours_and_targets(small, tmp_path):
+    """IVF-flat searched by inverted list (one matrix product per list, `ivf_search`) against faiss's own
+    per-query scan of the same index: the same neighbours at the same distances (up to rounding: ties may swap),
+    -1 where a query's lists hold fewer than k keys, and kNN targets that match whichever way they are searched
+    (chunks below `BY_LIST_MIN_QUERIES` go through faiss)."""
+    from edge_memdec.train.ivf_search import BY_LIST_MIN_QUERIES, search, search_by_list
+
+    keys = load_keys(small)
+    index = build_index(keys, "ivfflat", nprobe=3, lists=16)
+    d_faiss, i_faiss = index.search(keys, 65)
+    d_list, i_list = search(index, keys, 65)
+    assert len(keys) >= BY_LIST_MIN_QUERIES
+    np.testing.assert_allclose(d_list, d_faiss, rtol=1e-4, atol=1e-3)
+    recall = np.mean([len(np.intersect1d(a, b)) / 65 for a, b in zip(i_faiss, i_list, strict=True)])
+    assert recall > 0.999
+    assert not np.array_equal(i_list, index.search(keys, 64)[1]), "k was not passed through"
+    # far more neighbours than one probed list holds: the same padding as faiss's
+    d_few, i_few = index.search(keys[:50], 900)
+    d_pad, i_pad = search_by_list(index, keys[:50], 900)
+    assert (i_few == -1).any()
+    np.testing.assert_array_equal(i_pad == -1, i_few == -1)
+
+    common = dict(k=32, top=8, threads=1, nprobe=3, lists=16, index_kind="ivfflat")
+    by_list = build_targets(small, tmp_path / "by-list", chunk=2048, **common)
+    per_query = build_targets(small, tmp_path / "per-query", chunk=512, **common)
+    assert by_list["index_used"] == per_query["index_used"] == "ivfflat: 16 lists, nprobe 3"
+    probs = {name: np.load(tmp_path / name / "knn-probs.npy").astype(np.float32) for name in ("by-list", "per-query")}
+    ids = {name: np.load(tmp_path / name / "knn-ids.npy") for name in ("by-list", "per-query")}
+    assert np.mean(ids["by-list"][:, 0] == ids["per-query"][:, 0]) > 0.99
+    np.testing.assert_allclose(probs["by-list"].sum(axis=1), 1.0, atol=2e-3)
+    np.testing.assert_allclose(np.sort(probs["by-list"], axis=1), np.sort(probs["per-query"], axis=1), atol=2e-3)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE, PAPER_N_CTX, PAPER_STRIDE
 from edge_memdec.errors import UserError
 from edge_memdec.scoring import mixed_ppl
+from edge_memdec.train import ivf_search
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.datastore import load_keys, load_values, read_manifest
 from edge_memdec.train.knn_targets import build_index
@@ -42,13 +43,15 @@ def base_keys_and_logprobs(base: Base, tokens: np.ndarray, n_ctx: int, stride: i
     return keys, logprobs
 
 
-def search(index, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, k: int, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """k nearest datastore entries of each query: squared-L2 distances float32 [n, k], ids int64 [n, k]
     (-1 where the index found fewer)."""
     distances = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     for start in tqdm(range(0, len(queries), chunk), desc="kNN-LM search", unit="chunk"):
-        distances[start : start + chunk], ids[start : start + chunk] = index.search(queries[start : start + chunk], k)
+        distances[start : start + chunk], ids[start : start + chunk] = ivf_search.search(
+            index, queries[start : start + chunk], k
+        )
     return distances, ids
 
 
@@ -72,7 +75,7 @@ def knn_target_logprobs(
     targets: np.ndarray,
     k: int,
     temperature: float,
-    chunk: int = 1024,
+    chunk: int = 16384,
 ) -> np.ndarray:
     """log p_kNN(target) per query (see `knn_logprob_of`), float64 [n]."""
     distances, ids = search(index, queries, k, chunk)

@@ -21,10 +21,11 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from edge_memdec.defaults import KNN_K, KNN_TEMPERATURE
+from edge_memdec.defaults import KNN_CHUNK, KNN_K, KNN_TEMPERATURE
 from edge_memdec.errors import UserError
 from edge_memdec.files import output_folder, write_error, write_json_atomic
 from edge_memdec.train.datastore import load_keys, load_values, read_manifest
+from edge_memdec.train.ivf_search import search
 
 MANIFEST = "targets.json"
 IVF_CENTROIDS = 4096
@@ -166,7 +167,7 @@ def build_targets(
     top: int = 32,
     index_kind: str = "auto",
     nprobe: int = 32,
-    chunk: int = 2048,
+    chunk: int = KNN_CHUNK,
     threads: int = 2,
     threshold: int = 2_000_000,
     lists: int = 0,
@@ -270,7 +271,7 @@ def _search_chunks(
                 continue
             t1 = time.perf_counter()
             stop = min(start + chunk, n)
-            distances, neighbours = index.search(keys[start:stop], k + 1)
+            distances, neighbours = search(index, keys[start:stop], k + 1)
             distances, neighbours = drop_self(distances, neighbours, np.arange(start, stop), k)
             neighbour_values = np.where(neighbours >= 0, values[np.maximum(neighbours, 0)], -1)
             ids, probs = knn_distribution(distances, neighbour_values, temperature, top)
