@@ -271,3 +271,18 @@ def test_ivfflat_searched_by_list_finds_faiss_neighbours_and_targets(small, tmp_
     assert np.mean(ids["by-list"][:, 0] == ids["per-query"][:, 0]) > 0.99
     np.testing.assert_allclose(probs["by-list"].sum(axis=1), 1.0, atol=2e-3)
     np.testing.assert_allclose(np.sort(probs["by-list"], axis=1), np.sort(probs["per-query"], axis=1), atol=2e-3)
+
+
+def test_flat_search_is_indexflatl2s_without_copying_the_keys(small):
+    """`flat` searches the loaded keys where they are (a 3M-key datastore is 6.8 GB of float32 keys: IndexFlatL2
+    would hold a second copy) and answers exactly as IndexFlatL2, padding included."""
+    keys = load_keys(small)
+    flat = build_index(keys, "flat")
+    reference = faiss.IndexFlatL2(keys.shape[1])
+    reference.add(keys)
+    assert np.shares_memory(flat.keys, keys)
+    for k in (9, len(keys) + 5):
+        d_ref, i_ref = reference.search(keys[:300], k)
+        d_flat, i_flat = flat.search(keys[:300], k)
+        np.testing.assert_array_equal(i_flat, i_ref)
+        np.testing.assert_array_equal(d_flat, d_ref)

@@ -117,7 +117,7 @@ def knn_lm_scores(
     """Base and kNN target log-probs for every scored position of `text` (natural log, float64 [n_scored]).
 
     Returns {"tokens_scored", "base_logprobs", "knn_logprobs", "k", "temperature", "datastore_positions",
-    "seconds": {"base", "search"}}; the base runs in PyTorch (fp32), the search is exact (IndexFlatL2).
+    "seconds": {"base", "search"}}; the base runs in PyTorch (fp32), the search is exact (faiss.knn over the keys).
     """
     import faiss
 

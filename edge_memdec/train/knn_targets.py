@@ -33,6 +33,20 @@ PQ_BYTES = 64
 IVF_TRAIN_MAX = 1_000_000
 
 
+class FlatKeys:
+    """Exact search over the caller's keys float32 [n, dim] without copying them: faiss.knn, the very search
+    IndexFlatL2 runs (same distances and ids), which would first copy every key into itself."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = np.ascontiguousarray(keys, dtype=np.float32)
+        self.ntotal, self.d = self.keys.shape
+        self.nprobe = 0
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distances float32 [n, k] (squared L2, nearest first) and ids int64 [n, k]; -1 past the n keys."""
+        return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), self.keys, k)
+
+
 def build_index(
     keys: np.ndarray,
     kind: str,
@@ -43,12 +57,12 @@ def build_index(
     pq_bytes: int = PQ_BYTES,
     device: str = "cpu",
 ):
-    """A faiss index over `keys` (float32 [n, dim]): exact `flat`; `ivfflat` (`lists` inverted lists holding
-    the keys themselves, so distances are exact within the lists searched; 0 = about 2 sqrt(n) lists trained
-    on 64 keys each); `ivfpq` (`lists` lists, 0 = up to 4096 with >= 39 training keys each; `pq_bytes`-byte
-    codes of 8-bit sub-quantizers); `torch`, exact search as matrix products on `device`; or `auto` (on CUDA:
-    faiss's GPU flat index if this faiss has one, else `torch`; elsewhere flat up to `threshold` keys, else
-    ivfpq). `index_description` says which was built."""
+    """A faiss index over `keys` (float32 [n, dim]): exact `flat` (`FlatKeys`: the keys searched in place);
+    `ivfflat` (`lists` inverted lists holding the keys themselves, so distances are exact within the lists
+    searched; 0 = about 2 sqrt(n) lists trained on 64 keys each); `ivfpq` (`lists` lists, 0 = up to 4096 with
+    >= 39 training keys each; `pq_bytes`-byte codes of 8-bit sub-quantizers); `torch`, exact search as matrix
+    products on `device`; or `auto` (on CUDA: faiss's GPU flat index if this faiss has one, else `torch`;
+    elsewhere flat up to `threshold` keys, else ivfpq). `index_description` says which was built."""
     n, dim = keys.shape
     on_gpu = str(device).startswith("cuda")
     if kind == "auto" and on_gpu:
@@ -66,8 +80,8 @@ def build_index(
 
         return TorchFlatIndex(keys, torch.device(device))
     if kind == "flat":
-        index = faiss.IndexFlatL2(dim)
-    elif kind == "ivfflat":
+        return FlatKeys(keys)
+    if kind == "ivfflat":
         centroids = lists or int(min(IVF_CENTROIDS, max(1, 2 * np.sqrt(n))))
         if not 1 <= centroids <= n:
             raise UserError(f"--ivf-lists must be between 1 and the {n} datastore keys, got {lists}")
@@ -100,16 +114,16 @@ def index_description(index) -> str:
         return f"ivfpq: {index.nlist} lists, {index.pq.M}-byte codes, nprobe {index.nprobe}"
     if isinstance(index, faiss.IndexIVFFlat):
         return f"ivfflat: {index.nlist} lists, nprobe {index.nprobe}"
-    if not isinstance(index, faiss.Index):
+    if not isinstance(index, (FlatKeys, faiss.Index)):
         return f"torch exact on {index.device}"
-    return "flat" if isinstance(index, faiss.IndexFlat) else type(index).__name__
+    return "flat" if isinstance(index, (FlatKeys, faiss.IndexFlat)) else type(index).__name__
 
 
 def exact_agreement(index, keys: np.ndarray, k: int, sample: int = 500, seed: int = 0) -> dict | None:
     """How an approximate index's neighbours compare with exact search on `sample` datastore keys: the share
     of queries whose nearest other key is the same, and the mean share of the exact k neighbours found
     (recall@k). None for an exact index."""
-    if isinstance(index, faiss.IndexFlat) or not isinstance(index, faiss.Index):
+    if isinstance(index, (FlatKeys, faiss.IndexFlat)) or not isinstance(index, faiss.Index):
         return None  # exact search
     n = len(keys)
     queries = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
