@@ -126,15 +126,16 @@ def test_recipe_knn_row_takes_lambda_from_validation_and_perplexitys_keys():
 
 
 def test_torch_search_equals_faiss_flat():
-    """The GPU fallback search (matrix products + top-k, here on the CPU, keys in several chunks) finds the same
-    neighbours as faiss's exact index, at the same squared-L2 distances."""
+    """The GPU fallback search (matrix products + top-k, here on the CPU, keys and queries in several chunks)
+    finds the same neighbours as faiss's exact index, at the same squared-L2 distances."""
     rng = np.random.default_rng(4)
     keys = rng.normal(size=(1000, 24)).astype(np.float32)
     queries = rng.normal(size=(50, 24)).astype(np.float32)
     exact_d, exact_i = build_index(keys, "flat").search(queries, 16)
     ours = build_index(keys, "torch", device="cpu")
-    ours.key_chunk = 300
+    ours.key_chunk, ours.query_chunk = 300, 16
     d, i = ours.search(queries, 16)
+    assert d.shape == (50, 16)
     np.testing.assert_array_equal(i, exact_i)
     np.testing.assert_allclose(d, exact_d, rtol=1e-4, atol=1e-3)
 
