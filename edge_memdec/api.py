@@ -46,7 +46,7 @@ class MemoryDecoderLM:
         memdec: str | Path | Sequence[str | Path] | None = None,
         lam: Lambdas = None,
         memdec_gpu_layers: int | None = None,
-        overlap: bool = False,
+        overlap: bool | str = "auto",
         skip_blas_probe: bool = False,
         shared_trunk: bool = True,
         base_special_tokens: bool = BASE_SPECIAL_TOKENS,

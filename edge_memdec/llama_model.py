@@ -445,17 +445,31 @@ class LlamaModel:
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
         llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads_batch or n_threads)
 
+    @property
+    def n_threads(self) -> int:
+        """CPU threads of one-token steps."""
+        return llama_cpp.llama_n_threads(self._ctx)
+
+    @property
+    def n_threads_batch(self) -> int:
+        """CPU threads of prompt batches."""
+        return llama_cpp.llama_n_threads_batch(self._ctx)
+
     def use_threadpool(self, pool: CpuThreadPool) -> None:
         """Run this context on `pool` (kept alive by this model until it is closed)."""
         pool.attach(self._ctx)
         self._threadpool = pool
 
+    def leave_threadpool(self) -> None:
+        """Compute without the pool again (llama.cpp's own threads for each graph)."""
+        if getattr(self, "_threadpool", None) is not None:
+            self._threadpool.detach(self._ctx)
+            self._threadpool = None
+
     def close(self) -> None:
         """Free the context, batch and model (also done at garbage collection)."""
         if getattr(self, "_ctx", None):
-            if getattr(self, "_threadpool", None) is not None:
-                self._threadpool.detach(self._ctx)
-                self._threadpool = None
+            self.leave_threadpool()
             llama_cpp.llama_batch_free(self._batch)
             if self._embd_batch is not None:
                 llama_cpp.llama_batch_free(self._embd_batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,6 +23,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.gguf_file import read_gguf
 from edge_memdec.lambda_gate import FROM_GGUF, LambdaGate, resolve_gate
 from edge_memdec.llama_model import LlamaModel, ModelOptions, default_threads
+from edge_memdec.overlap import AUTO, OverlapChoice
 from edge_memdec.pair_check import check_pair, shared_blocks
 from edge_memdec.threadpool import CpuThreadPool
 from edge_memdec.trunk import HiddenCapture, TopDecoder
@@ -71,10 +73,11 @@ class ModelPair:
     (lambda_gate.py; by default the one a single decoder's GGUF recommends) each token's weight is lam times a
     factor set by the two models' entropies, computed by the decode step and the perplexity scorer.
 
-    By default each step runs the models one after the other with every thread (fastest on an idle 2-core
-    machine, bench/decode.py); with `overlap=True` single-token steps run the base and the decoders at once in
-    two threads, half the threads each (ctypes releases the GIL), which wins when other work competes for the
-    cores. Prompt batches always run one model after the other. `lock` serialises users of the pair: a
+    One-token steps run the models one after the other with every thread, or at once in two threads with half
+    the threads each (ctypes releases the GIL): `overlap` True / False fixes which, "auto" (the default) times
+    both on the pair's first steps and keeps the faster (edge_memdec/overlap.py; the same logits either way).
+    Prompt batches always run one model after the other, and batches of several sequences (`eval_seqs`)
+    overlap only with `overlap=True`. `lock` serialises users of the pair: a
     llama.cpp context is not safe to drive from two threads at once.
 
     When a single decoder's lower blocks are the base's own (a decoder trained with `--frozen-blocks`, exported
@@ -93,7 +96,7 @@ class ModelPair:
         lam: Lambdas = None,
         options: ModelOptions | None = None,
         memdec_gpu_layers: int | None = None,
-        overlap: bool = False,
+        overlap: bool | str = AUTO,
         skip_blas_probe: bool = False,
         shared_trunk: bool = True,
         base_special_tokens: bool = BASE_SPECIAL_TOKENS,
@@ -128,11 +131,9 @@ class ModelPair:
                 options.n_parallel,
             )
         threads = options.n_threads or default_threads()
-        self.overlap = overlap and bool(memdec_infos) and threads > 1 and not self.shared
-        step_threads = max(1, threads // 2) if self.overlap else threads
-        base_opts = replace(
-            options, n_threads=step_threads, n_threads_batch=options.n_threads_batch or threads
-        )
+        self.overlap = OverlapChoice(overlap, bool(memdec_infos) and threads > 1 and not self.shared)
+        self._threads, self._overlapped = threads, False
+        base_opts = replace(options, n_threads=threads, n_threads_batch=options.n_threads_batch or threads)
         capture = None
         if self.shared:
             capture = HiddenCapture(self.shared, int(base_info.get(f"{base_info.arch}.embedding_length")))
@@ -157,14 +158,16 @@ class ModelPair:
         self.base_special_tokens = base_special_tokens  # lambda 0 on control/EOS tokens unless a request says
         self.n_shared = min(model.n_vocab for model in self.models)  # ids every model has: the mixed ones
         self.lock = threading.RLock()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if self.overlap else None
+        may_overlap = self.overlap.chosen is not False
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="memdec") if may_overlap else None
         # Sequential steps share one persistent ggml pool (two polling pools would fight over the cores).
         self._threadpool = None
-        if options.cpu_threadpool and not self.overlap:
+        if options.cpu_threadpool and self.overlap.chosen is not True:
             self._threadpool = CpuThreadPool.create(max(threads, base_opts.n_threads_batch))
         if self._threadpool is not None:
             for model in self.models:
                 model.use_threadpool(self._threadpool)
+        self._run_overlapped(bool(self.overlap.chosen))
         warm.join()
 
     @property
@@ -241,16 +244,41 @@ class ModelPair:
             return self.base.eval(tokens, logits)
         if self._capture is not None:
             self._capture.clear()  # rows of a failed earlier call must not feed this one
-        if self._worker is not None and len(tokens) == 1:
+        if self._worker is None or len(tokens) != 1:
+            n = self.base.eval(tokens, logits)  # prompt batches: always one model after the other
+            self._eval_memdecs(tokens, logits)
+            return n
+        overlapped, timed = self.overlap.next_step()
+        self._run_overlapped(overlapped)
+        t0 = time.perf_counter()
+        if overlapped:
             pending = self._worker.submit(self._eval_memdecs, tokens, logits)
             try:
                 n = self.base.eval(tokens, logits)
             finally:
                 pending.result()
-            return n
-        n = self.base.eval(tokens, logits)
-        self._eval_memdecs(tokens, logits)
+        else:
+            n = self.base.eval(tokens, logits)
+            self._eval_memdecs(tokens, logits)
+        if timed:
+            self.overlap.record(overlapped, time.perf_counter() - t0)
         return n
+
+    def _run_overlapped(self, overlapped: bool) -> None:
+        """Set the one-token thread counts for steps run at once (the base `threads - threads // 2`, each decoder
+        `threads // 2`, no shared pool: two models must not compute on one) or in turns (every thread, the pool)."""
+        if overlapped == self._overlapped:
+            return
+        half = max(1, self._threads // 2)
+        for i, model in enumerate(self.models):
+            n = (self._threads - half if i == 0 else half) if overlapped else self._threads
+            model.set_threads(n, model.n_threads_batch)
+            if self._threadpool is not None:
+                if overlapped:
+                    model.leave_threadpool()
+                else:
+                    model.use_threadpool(self._threadpool)
+        self._overlapped = overlapped
 
     def _eval_memdecs(self, tokens: Sequence[int], logits: Sequence[bool] | None) -> None:
         for memdec in self.memdecs:
@@ -261,7 +289,10 @@ class ModelPair:
         entry's batch index for the models' `logits_at` (see LlamaModel.eval_seqs)."""
         if not self.memdecs:
             return self.base.eval_seqs(seqs, tokens, logits)
-        if self._worker is not None and all(len(t) == 1 for t in tokens):
+        # batches of sequences overlap only when asked to (a one-sequence measurement says little about them)
+        overlapped = self.overlap.setting is True and self._worker is not None and all(len(t) == 1 for t in tokens)
+        self._run_overlapped(overlapped)
+        if overlapped:
             pending = self._worker.submit(self._eval_memdecs_seqs, seqs, tokens, logits)
             try:
                 last = self.base.eval_seqs(seqs, tokens, logits)

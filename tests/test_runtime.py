@@ -192,6 +192,39 @@ def test_the_pair_shares_one_thread_pool_and_it_changes_no_logit(smollm2_gguf, t
         np.testing.assert_array_equal(pooled_row, plain_row)
 
 
+def test_overlap_auto_times_both_ways_keeps_the_faster_and_changes_no_logit(smollm2_gguf, tiny_memdec_gguf):
+    """One-token steps in turns, overlapped, or "auto" (both timed on the first steps, the faster kept): every
+    step's logits of both models are bit-identical whichever way ran it, and auto's choice is its faster median."""
+    from statistics import median
+
+    from edge_memdec.overlap import TIMED, WARM
+
+    steps = [11, 42, 7, 300, 5, 901, 64, 2, 13, 77, 8, 150, 21, 33, 4, 99, 18]  # > WARM + 2 * TIMED + 1
+    assert len(steps) > WARM + 2 * TIMED + 1
+    rows = {}
+    for setting in (False, True, "auto"):
+        with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=128, n_threads=2, overlap=setting) as model:
+            pair, seen = model.pair, []
+            pair.eval(model.tokenize(PROMPT))
+            for token in steps:
+                pair.eval([token])
+                seen.append([m.last_logits().copy() for m in pair.models])
+            rows[setting] = seen
+            choice = pair.overlap
+            if setting == "auto":
+                assert len(choice.times[False]) == len(choice.times[True]) == TIMED
+                assert choice.chosen == (median(choice.times[True]) < median(choice.times[False]))
+            else:
+                assert choice.chosen is setting and not any(choice.times.values())
+            assert [m.n_threads for m in pair.models] == ([1, 1] if choice.chosen else [2, 2])
+    for a, b, c in zip(rows[False], rows[True], rows["auto"], strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)
+    with pytest.raises(UserError, match="overlap takes"):
+        MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=128, overlap="sometimes")
+
+
 def test_default_pair_is_the_shipped_decoder_on_smollm2():
     """`MemoryDecoderLM.default()` opens what the CLI runs with no arguments."""
     from edge_memdec.gguf_file import read_gguf

@@ -1,0 +1,67 @@
+"""How a pair runs its one-token steps: the models one after the other with every thread each (sequential), or
+at once in two threads with half the threads each (overlapped), chosen by timing both on the pair's own steps.
+
+Which wins depends on the models and the machine. A small model gains little from a second thread (each
+operation ends at a barrier of all threads), so two small models side by side beat two turns on both cores;
+a large base alone on one thread is almost twice as slow as on two, so beside it the turns win. Measured with
+`bench/decode.py` at 2 threads on an AVX2 machine: SmolLM2-135M + the shipped decoder 17.76 ms a token in turns,
+14.17 ms overlapped. Both ways give the same logits (ggml splits each product by rows, not by thread count; the
+tests compare the tokens), so choosing between them changes only the speed.
+
+`auto` (the default) times `TIMED` steps each way after `WARM` untimed ones, skipping the first step after the
+switch (the idle OpenMP workers of the turns still spin then), and keeps the faster by median for the pair's
+life: `WARM + 2 * TIMED + 1` steps, ~0.4 s spent once where overlapping loses beside a 1.7B base.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from edge_memdec.errors import UserError
+
+AUTO = "auto"
+WARM = 2  # untimed first steps (the caches and OpenMP's workers starting)
+TIMED = 6  # timed steps each way
+
+
+class OverlapChoice:
+    """Sequential or overlapped for each one-token step: `setting` True / False fixes it (where the pair can
+    overlap at all: `eligible`), "auto" measures both on the first steps and keeps the faster."""
+
+    def __init__(self, setting: bool | str, eligible: bool) -> None:
+        if setting not in (True, False, AUTO):
+            raise UserError(f"overlap takes True, False or {AUTO!r}, got {setting!r}")
+        self.setting, self.eligible = setting, eligible
+        self.chosen: bool | None = None if setting == AUTO and eligible else bool(setting) and eligible
+        self.times: dict[bool, list[float]] = {False: [], True: []}  # seconds per timed step, by way
+        self._steps = 0
+
+    @property
+    def measuring(self) -> bool:
+        return self.chosen is None
+
+    def next_step(self) -> tuple[bool, bool]:
+        """(overlapped, timed) for the next one-token step."""
+        if self.chosen is not None:
+            return self.chosen, False
+        i = self._steps
+        self._steps += 1
+        if i < WARM + TIMED:
+            return False, i >= WARM
+        return True, i > WARM + TIMED
+
+    def record(self, overlapped: bool, seconds: float) -> None:
+        """A timed step's wall time; once both ways have `TIMED`, the faster median is chosen."""
+        self.times[overlapped].append(seconds)
+        if len(self.times[True]) >= TIMED:
+            self.chosen = statistics.median(self.times[True]) < statistics.median(self.times[False])
+
+    def describe(self) -> str:
+        """The choice for a log line: "overlapped (13.9 vs 17.1 ms a token)", "sequential", "measuring"."""
+        if self.chosen is None:
+            return "measuring"
+        way = "overlapped" if self.chosen else "sequential"
+        if not self.times[True]:
+            return way
+        seq, ovl = (statistics.median(self.times[w]) * 1e3 for w in (False, True))
+        return f"{way} ({ovl:.1f} ms overlapped vs {seq:.1f} ms in turns a token)"
