@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("train",)),
     (
         "runtime",
-        ("api", "pair", "trunk", "llama_model", "threadpool", "llama_log", "decode", "batch", "trace", "detok",
+        ("api", "pair", "overlap", "trunk", "llama_model", "threadpool", "llama_log", "decode", "batch", "trace", "detok",
          "chat_format", "perplexity", "perplexity_job", "compare", "plot", "knn_baseline", "kernels", "gate_fit"),
     ),  # fmt: skip
     ("conversion", ("convert",)),
