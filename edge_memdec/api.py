@@ -27,7 +27,8 @@ class MemoryDecoderLM:
     `memdec.lambda`) gives p = sum_i lam_i p_i + (1 - sum_i lam_i) p_base; the lambdas must sum to at most 1,
     and a request's `lam` takes the same forms. Keyword arguments go to `ModelOptions` (n_ctx, n_threads,
     n_gpu_layers, flash_attn, f32_kv, lora: GGUF LoRA adapters on the base, ...), plus `memdec_gpu_layers`,
-    `overlap`, `skip_blas_probe` (see `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no
+    `overlap` ("auto": each one-token step runs the models in turns or side by side, whichever the pair's first
+    steps timed faster; True / False fix it; the logits are the same), `skip_blas_probe` (see `edge_memdec.kernels.warmup`; for a process that imports scipy.linalg in no
     other thread), `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
     the base's hidden state) and `base_special_tokens` (lambda 0 on the control and end-of-generation tokens,
     which a decoder trained on plain text never saw; a request's `base_special_tokens` overrides it) and
