@@ -131,7 +131,10 @@ class ModelPair:
                 options.n_parallel,
             )
         threads = options.n_threads or default_threads()
-        self.overlap = OverlapChoice(overlap, bool(memdec_infos) and threads > 1 and not self.shared)
+        # auto tries overlapping only on the CPU (two contexts driving one GPU at once: not measured, not risked)
+        offloaded = options.n_gpu_layers != 0 or (memdec_gpu_layers or 0) != 0
+        can_overlap = bool(memdec_infos) and threads > 1 and not self.shared and (overlap is True or not offloaded)
+        self.overlap = OverlapChoice(overlap, can_overlap)
         self._threads, self._overlapped = threads, False
         base_opts = replace(options, n_threads=threads, n_threads_batch=options.n_threads_batch or threads)
         capture = None
