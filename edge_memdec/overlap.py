@@ -5,8 +5,8 @@ Which wins depends on the models and the machine. A small model gains little fro
 operation ends at a barrier of all threads), so two small models side by side beat two turns on both cores;
 a large base alone on one thread is almost twice as slow as on two, so beside it the turns win. Measured with
 `bench/decode.py` at 2 threads on an AVX2 machine: SmolLM2-135M + the shipped decoder 17.76 ms a token in turns,
-14.17 ms overlapped. Both ways give the same logits (ggml splits each product by rows, not by thread count; the
-tests compare the tokens), so choosing between them changes only the speed.
+14.17 ms overlapped. Both ways give the same logits (ggml splits each product by rows, not by thread count; a
+test compares every logit), so choosing between them changes only the speed.
 
 `auto` (the default) times `TIMED` steps each way after `WARM` untimed ones, skipping the first step after the
 switch (the idle OpenMP workers of the turns still spin then), and keeps the faster by median for the pair's
@@ -31,14 +31,10 @@ class OverlapChoice:
     def __init__(self, setting: bool | str, eligible: bool) -> None:
         if setting not in (True, False, AUTO):
             raise UserError(f"overlap takes True, False or {AUTO!r}, got {setting!r}")
-        self.setting, self.eligible = setting, eligible
+        self.setting = setting
         self.chosen: bool | None = None if setting == AUTO and eligible else bool(setting) and eligible
         self.times: dict[bool, list[float]] = {False: [], True: []}  # seconds per timed step, by way
         self._steps = 0
-
-    @property
-    def measuring(self) -> bool:
-        return self.chosen is None
 
     def next_step(self) -> tuple[bool, bool]:
         """(overlapped, timed) for the next one-token step."""
@@ -56,12 +52,3 @@ class OverlapChoice:
         if len(self.times[True]) >= TIMED:
             self.chosen = statistics.median(self.times[True]) < statistics.median(self.times[False])
 
-    def describe(self) -> str:
-        """The choice for a log line: "overlapped (13.9 vs 17.1 ms a token)", "sequential", "measuring"."""
-        if self.chosen is None:
-            return "measuring"
-        way = "overlapped" if self.chosen else "sequential"
-        if not self.times[True]:
-            return way
-        seq, ovl = (statistics.median(self.times[w]) * 1e3 for w in (False, True))
-        return f"{way} ({ovl:.1f} ms overlapped vs {seq:.1f} ms in turns a token)"
