@@ -232,13 +232,43 @@ def read_manifest(ds_dir: Path) -> dict:
     return manifest
 
 
+class KeyShards:
+    """A finished datastore's keys, read from their float16 shard files only when asked, so a search over
+    millions of them never holds them all in memory: `keys[a:b]` (a slice) and `keys[ids]` (int positions, any
+    order) give float32 [m, dim] (faiss wants float32), reading each shard they touch once; `len(keys)` and
+    `keys.shape` are the whole array's."""
+
+    def __init__(self, ds_dir: Path):
+        manifest = read_manifest(ds_dir)
+        shards = sorted(manifest["shards"], key=lambda s: s["start"])
+        self.shape = (manifest["n_positions"], manifest["dim"])
+        self._starts = np.array([s["start"] for s in shards], dtype=np.int64)
+        self._files = [Path(ds_dir) / f"keys-{s['index']:05d}.npy" for s in shards]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: slice | np.ndarray) -> np.ndarray:
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step != 1:
+                raise ValueError("KeyShards reads slices with step 1 only")
+            ids = np.arange(start, max(start, stop), dtype=np.int64)
+        else:
+            ids = np.asarray(item, dtype=np.int64)
+            if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= len(self))):
+                raise IndexError(f"key positions must be a 1-d array within [0, {len(self)})")
+        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            out[rows] = np.load(self._files[shard])[ids[rows] - self._starts[shard]]
+        return out
+
+
 def load_keys(ds_dir: Path) -> np.ndarray:
     """All keys of a finished datastore as one float32 array [n_positions, dim] (faiss wants float32)."""
-    manifest = read_manifest(ds_dir)
-    keys = np.empty((manifest["n_positions"], manifest["dim"]), dtype=np.float32)
-    for shard in manifest["shards"]:
-        keys[shard["start"] : shard["stop"]] = np.load(Path(ds_dir) / f"keys-{shard['index']:05d}.npy")
-    return keys
+    return KeyShards(ds_dir)[:]
 
 
 def load_hidden(ds_dir: Path, block: int) -> np.ndarray:

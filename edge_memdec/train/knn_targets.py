@@ -24,31 +24,46 @@ from tqdm import tqdm
 from edge_memdec.defaults import KNN_CHUNK, KNN_K, KNN_TEMPERATURE
 from edge_memdec.errors import UserError
 from edge_memdec.files import output_folder, write_error, write_json_atomic
-from edge_memdec.train.datastore import load_keys, load_values, read_manifest
+from edge_memdec.train.datastore import KeyShards, load_values, read_manifest
 from edge_memdec.train.ivf_search import search
 
 MANIFEST = "targets.json"
 IVF_CENTROIDS = 4096
 PQ_BYTES = 64
 IVF_TRAIN_MAX = 1_000_000
+KEY_BLOCK = 65_536  # keys read and searched (or added to an index) at a time: 151 MB float32 at dim 576
+
+Keys = np.ndarray | KeyShards  # float32 [n, dim] in memory, or read from the datastore's shards block by block
 
 
 class FlatKeys:
-    """Exact search over the caller's keys float32 [n, dim] without copying them: faiss.knn, the very search
-    IndexFlatL2 runs (same distances and ids), which would first copy every key into itself."""
+    """Exact search over the caller's keys without copying them: faiss.knn, the very search IndexFlatL2 runs
+    (same distances and ids), which would first copy every key into itself. Keys read from the datastore's
+    shards (`KeyShards`) are searched `block` at a time, each block's nearest merged into a running top-k, so
+    memory holds one block of them, not all."""
 
-    def __init__(self, keys: np.ndarray):
-        self.keys = np.ascontiguousarray(keys, dtype=np.float32)
+    def __init__(self, keys: Keys, block: int = KEY_BLOCK):
+        self.keys = keys if isinstance(keys, KeyShards) else np.ascontiguousarray(keys, dtype=np.float32)
         self.ntotal, self.d = self.keys.shape
         self.nprobe = 0
+        self.block = block
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Distances float32 [n, k] (squared L2, nearest first) and ids int64 [n, k]; -1 past the n keys."""
-        return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), self.keys, k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if isinstance(self.keys, np.ndarray):
+            return faiss.knn(queries, self.keys, k)
+        heap = faiss.ResultHeap(len(queries), k)
+        for start in range(0, self.ntotal, self.block):
+            keys = self.keys[start : start + self.block]
+            distances, ids = faiss.knn(queries, keys, min(k, len(keys)))
+            heap.add_result(distances, ids + start)
+        heap.finalize()
+        return heap.D, heap.I
 
 
 def build_index(
-    keys: np.ndarray,
+    keys: Keys,
     kind: str,
     nprobe: int = 32,
     threshold: int = 2_000_000,
@@ -57,7 +72,8 @@ def build_index(
     pq_bytes: int = PQ_BYTES,
     device: str = "cpu",
 ):
-    """A faiss index over `keys` (float32 [n, dim]): exact `flat` (`FlatKeys`: the keys searched in place);
+    """A faiss index over `keys` (float32 [n, dim], or `KeyShards`): exact `flat` (`FlatKeys`: the keys searched
+    where they are);
     `ivfflat` (`lists` inverted lists holding the keys themselves, so distances are exact within the lists
     searched; 0 = about 2 sqrt(n) lists trained on 64 keys each); `ivfpq` (`lists` lists, 0 = up to 4096 with
     >= 39 training keys each; `pq_bytes`-byte codes of 8-bit sub-quantizers); `torch`, exact search as matrix
@@ -68,7 +84,7 @@ def build_index(
     if kind == "auto" and on_gpu:
         if hasattr(faiss, "StandardGpuResources"):
             index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), dim)
-            index.add(keys)
+            _add(index, keys)
             return index
         kind = "torch"
     if kind == "auto":
@@ -78,7 +94,7 @@ def build_index(
 
         from edge_memdec.train.torch_index import TorchFlatIndex
 
-        return TorchFlatIndex(keys, torch.device(device))
+        return TorchFlatIndex(keys[:], torch.device(device))
     if kind == "flat":
         return FlatKeys(keys)
     if kind == "ivfflat":
@@ -104,8 +120,15 @@ def build_index(
         index.nprobe = nprobe
     else:
         raise UserError(f"unknown index {kind!r}; use flat, ivfflat, ivfpq, torch or auto")
-    index.add(keys)
+    _add(index, keys)
     return index
+
+
+def _add(index, keys: Keys) -> None:
+    """Add every key to `index` (ids 0..n-1, in order) a block at a time: the index holds its own copy (or codes),
+    so the keys never need to be in memory all at once."""
+    for start in range(0, len(keys), KEY_BLOCK):
+        index.add(keys[start : start + KEY_BLOCK])
 
 
 def index_description(index) -> str:
@@ -119,7 +142,7 @@ def index_description(index) -> str:
     return "flat" if isinstance(index, (FlatKeys, faiss.IndexFlat)) else type(index).__name__
 
 
-def exact_agreement(index, keys: np.ndarray, k: int, sample: int = 500, seed: int = 0) -> dict | None:
+def exact_agreement(index, keys: Keys, k: int, sample: int = 500, seed: int = 0) -> dict | None:
     """How an approximate index's neighbours compare with exact search on `sample` datastore keys: the share
     of queries whose nearest other key is the same, and the mean share of the exact k neighbours found
     (recall@k). None for an exact index."""
@@ -128,7 +151,7 @@ def exact_agreement(index, keys: np.ndarray, k: int, sample: int = 500, seed: in
     n = len(keys)
     queries = np.sort(np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False))
     kk = min(k, n - 1)
-    _, truth = faiss.knn(keys[queries], keys, kk + 1)
+    _, truth = FlatKeys(keys).search(keys[queries], kk + 1)
     _, found = index.search(keys[queries], kk + 1)
     truth = drop_self(np.zeros(truth.shape, np.float32), truth, queries, kk)[1]
     found = drop_self(np.zeros(found.shape, np.float32), found, queries, kk)[1]
@@ -324,9 +347,10 @@ def make_searcher(
     lists: int = 0,
     pq_bytes: int = PQ_BYTES,
     device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray, object]:
-    """The datastore's keys (float32 [n, dim]), values (int32 [n]) and an index over the keys."""
-    keys, values = load_keys(ds_dir), load_values(ds_dir)
+) -> tuple[KeyShards, np.ndarray, object]:
+    """The datastore's keys (`KeyShards`: read from disk as searched), values (int32 [n]) and an index over
+    the keys."""
+    keys, values = KeyShards(ds_dir), load_values(ds_dir)
     index = build_index(keys, index_kind, nprobe, threshold, lists=lists, pq_bytes=pq_bytes, device=device)
     return keys, values, index
 
