@@ -17,7 +17,9 @@ from safetensors.numpy import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from edge_memdec.cli import app  # noqa: E402
+from edge_memdec.errors import UserError  # noqa: E402
 from edge_memdec.train.carry import CarriedForward, run_blocks  # noqa: E402
+from edge_memdec.train.datastore import datastore_hidden  # noqa: E402
 from edge_memdec.windows import sliding_windows  # noqa: E402
 
 N_CTX, STRIDE, FROZEN = 64, 32, 2
@@ -135,6 +137,14 @@ def test_stored_hidden_states_and_upper_blocks_equal_the_base(store, model):
     with torch.no_grad():
         top = run_blocks(model, ref_hidden[FROZEN], FROZEN)
     torch.testing.assert_close(top, final, atol=1e-5, rtol=1e-5)
+    # training reads windows of them from the shards: any window, across shard ends, as the files hold them
+    whole = np.concatenate([np.load(ds / f"hidden-{FROZEN:03d}-{s['index']:05d}.npy") for s in manifest["shards"]])
+    rows = datastore_hidden(ds, FROZEN)
+    assert rows.shape == whole.shape and len(manifest["shards"]) > 2
+    for start in (0, manifest["shards"][1]["start"] - 5, len(whole) - N_CTX):
+        np.testing.assert_array_equal(rows[start : start + N_CTX], whole[start : start + N_CTX].astype(np.float32))
+    with pytest.raises(UserError, match="stores no hidden states entering block 1"):
+        datastore_hidden(ds, 1)
 
 
 def test_bf16_datastore_is_recorded_close_to_fp32_and_resumes_only_as_bf16(store, deep_base):

@@ -20,7 +20,7 @@ faiss = pytest.importorskip("faiss")
 
 from conftest import licence_folder, licence_text  # noqa: E402
 
-from edge_memdec.train.datastore import KeyShards, load_keys, trim_to_finished  # noqa: E402
+from edge_memdec.train.datastore import datastore_keys, load_keys, trim_to_finished  # noqa: E402
 from edge_memdec.train.knn_targets import (  # noqa: E402
     FlatKeys,
     build_index,
@@ -295,12 +295,12 @@ def test_flat_search_is_indexflatl2s_without_copying_the_keys(small):
 
 
 def test_keys_read_from_their_shards_search_as_the_loaded_keys(small):
-    """`KeyShards` reads keys from the shard files as asked (slices and positions across shard boundaries, in
+    """`ShardRows` reads keys from the shard files as asked (slices and positions across shard boundaries, in
     any order), and every search over them (exact a block at a time, IVF filled a block at a time, the
     approximate index's agreement sample) answers as over the loaded array: a 3M-key datastore's 6.8 GB of
     float32 keys are then never all in memory."""
     loaded = load_keys(small)
-    keys = KeyShards(small)
+    keys = datastore_keys(small)
     assert keys.shape == loaded.shape and len(keys) == len(loaded)
     for piece in (slice(0, 5), slice(100, 1_900), slice(len(loaded) - 3, None), slice(7, 7)):
         np.testing.assert_array_equal(keys[piece], loaded[piece])

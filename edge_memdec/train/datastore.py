@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -162,7 +162,7 @@ def write_shard(
             bar.update(len(keys[-1]))
     for b in hidden_blocks:
         write_npy_atomic(out_dir / hidden_file(b, shard["index"]), np.concatenate(hidden[b]))
-    write_npy_atomic(out_dir / f"keys-{shard['index']:05d}.npy", np.concatenate(keys))
+    write_npy_atomic(out_dir / key_file(shard["index"]), np.concatenate(keys))
 
 
 def build_datastore(
@@ -214,6 +214,11 @@ def build_datastore(
     return manifest
 
 
+def key_file(shard: int) -> str:
+    """File name of one shard's keys, float16 [positions in shard, dim]."""
+    return f"keys-{shard:05d}.npy"
+
+
 def hidden_file(block: int, shard: int) -> str:
     """File name of one shard's residual stream entering `block`, float16 [positions in shard, dim]."""
     return f"hidden-{block:03d}-{shard:05d}.npy"
@@ -232,18 +237,18 @@ def read_manifest(ds_dir: Path) -> dict:
     return manifest
 
 
-class KeyShards:
-    """A finished datastore's keys, read from their float16 shard files only when asked, so a search over
-    millions of them never holds them all in memory: `keys[a:b]` (a slice) and `keys[ids]` (int positions, any
-    order) give float32 [m, dim] (faiss wants float32), reading each shard they touch once; `len(keys)` and
-    `keys.shape` are the whole array's."""
+class ShardRows:
+    """Rows of one float16 array of a finished datastore kept a file per shard (its keys, or a block's hidden
+    states), read only when asked, so millions of them are never all in memory: `rows[a:b]` (a slice) and
+    `rows[ids]` (int positions, any order) give float32 [m, dim] (faiss wants float32), each shard file they
+    touch memory-mapped for the copy and closed again; `len(rows)` and `rows.shape` are the whole array's."""
 
-    def __init__(self, ds_dir: Path):
+    def __init__(self, ds_dir: Path, file_name: Callable[[int], str]):
         manifest = read_manifest(ds_dir)
         shards = sorted(manifest["shards"], key=lambda s: s["start"])
         self.shape = (manifest["n_positions"], manifest["dim"])
         self._starts = np.array([s["start"] for s in shards], dtype=np.int64)
-        self._files = [Path(ds_dir) / f"keys-{s['index']:05d}.npy" for s in shards]
+        self._files = [Path(ds_dir) / file_name(s["index"]) for s in shards]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -252,38 +257,47 @@ class KeyShards:
         if isinstance(item, slice):
             start, stop, step = item.indices(len(self))
             if step != 1:
-                raise ValueError("KeyShards reads slices with step 1 only")
+                raise ValueError("ShardRows reads slices with step 1 only")
             ids = np.arange(start, max(start, stop), dtype=np.int64)
         else:
             ids = np.asarray(item, dtype=np.int64)
             if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= len(self))):
-                raise IndexError(f"key positions must be a 1-d array within [0, {len(self)})")
+                raise IndexError(f"row positions must be a 1-d array within [0, {len(self)})")
         out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
         shard_of = np.searchsorted(self._starts, ids, side="right") - 1
         for shard in np.unique(shard_of):
             rows = np.flatnonzero(shard_of == shard)
-            out[rows] = np.load(self._files[shard])[ids[rows] - self._starts[shard]]
+            local = ids[rows] - self._starts[shard]
+            stored = np.load(self._files[shard], mmap_mode="r")
+            if rows[-1] - rows[0] + 1 == len(rows) and (np.diff(local) == 1).all():  # a run: one block copy
+                out[rows[0] : rows[-1] + 1] = stored[local[0] : local[-1] + 1]
+            else:
+                out[rows] = stored[local]
+            del stored  # unmapped: its pages leave this process
         return out
+
+
+def datastore_keys(ds_dir: Path) -> ShardRows:
+    """The keys of a finished datastore, [n_positions, dim], read from their shards as asked."""
+    return ShardRows(ds_dir, key_file)
 
 
 def load_keys(ds_dir: Path) -> np.ndarray:
     """All keys of a finished datastore as one float32 array [n_positions, dim] (faiss wants float32)."""
-    return KeyShards(ds_dir)[:]
+    return datastore_keys(ds_dir)[:]
 
 
-def load_hidden(ds_dir: Path, block: int) -> np.ndarray:
-    """The residual stream entering `block` at every position, float16 [n_positions, dim] (in memory)."""
-    manifest = read_manifest(ds_dir)
-    if block not in manifest.get("hidden_blocks", []):
-        stored = ", ".join(map(str, manifest.get("hidden_blocks", []))) or "none"
+def datastore_hidden(ds_dir: Path, block: int) -> ShardRows:
+    """The residual stream entering `block` at every position, [n_positions, dim], read from its shards as asked
+    (windows of training); UserError when the datastore does not store that block's."""
+    stored = read_manifest(ds_dir).get("hidden_blocks", [])
+    if block not in stored:
         raise UserError(
-            f"the datastore in {ds_dir} stores no hidden states entering block {block} (stored: {stored}); "
-            f"rebuild it with --hidden-blocks {block} or train with --frozen-blocks 0"
+            f"the datastore in {ds_dir} stores no hidden states entering block {block} (stored: "
+            f"{', '.join(map(str, stored)) or 'none'}); rebuild it with --hidden-blocks {block} or train with "
+            "--frozen-blocks 0"
         )
-    hidden = np.empty((manifest["n_positions"], manifest["dim"]), dtype=np.float16)
-    for shard in manifest["shards"]:
-        hidden[shard["start"] : shard["stop"]] = np.load(Path(ds_dir) / hidden_file(block, shard["index"]))
-    return hidden
+    return ShardRows(ds_dir, lambda shard: hidden_file(block, shard))
 
 
 def load_values(ds_dir: Path) -> np.ndarray:
@@ -315,7 +329,7 @@ def trim_to_finished(ds_dir: Path) -> dict:
     tokens = np.load(ds_dir / "tokens.npy")[: stop + 1]
     write_npy_atomic(ds_dir / "tokens.npy", tokens)
     for shard in manifest["shards"][len(kept) :]:
-        (ds_dir / f"keys-{shard['index']:05d}.npy").unlink(missing_ok=True)
+        (ds_dir / key_file(shard["index"])).unlink(missing_ok=True)
         for block in manifest.get("hidden_blocks", []):
             (ds_dir / hidden_file(block, shard["index"])).unlink(missing_ok=True)
     manifest.update(

@@ -19,7 +19,7 @@ from edge_memdec.errors import UserError
 from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train import ivf_search
 from edge_memdec.train.base import Base, load_base
-from edge_memdec.train.datastore import KeyShards, load_values, read_manifest
+from edge_memdec.train.datastore import datastore_keys, load_values, read_manifest
 from edge_memdec.train.knn_targets import build_index
 from edge_memdec.train.logprobs import window_logprobs
 
@@ -135,7 +135,7 @@ def knn_lm_scores(
     t0 = time.perf_counter()
     keys, base_lp = base_keys_and_logprobs(base, tokens, n_ctx, stride)
     t1 = time.perf_counter()
-    index = build_index(KeyShards(datastore_dir), "flat")  # searched a block of keys at a time
+    index = build_index(datastore_keys(datastore_dir), "flat")  # searched a block of keys at a time
     knn_lp = knn_target_logprobs(
         index, load_values(datastore_dir), keys, tokens[1:], min(k, manifest["n_positions"]), temperature
     )

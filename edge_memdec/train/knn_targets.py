@@ -24,7 +24,7 @@ from tqdm import tqdm
 from edge_memdec.defaults import KNN_CHUNK, KNN_K, KNN_TEMPERATURE
 from edge_memdec.errors import UserError
 from edge_memdec.files import output_folder, write_error, write_json_atomic
-from edge_memdec.train.datastore import KeyShards, load_values, read_manifest
+from edge_memdec.train.datastore import ShardRows, datastore_keys, load_values, read_manifest
 from edge_memdec.train.ivf_search import search
 
 MANIFEST = "targets.json"
@@ -33,17 +33,17 @@ PQ_BYTES = 64
 IVF_TRAIN_MAX = 1_000_000
 KEY_BLOCK = 65_536  # keys read and searched (or added to an index) at a time: 151 MB float32 at dim 576
 
-Keys = np.ndarray | KeyShards  # float32 [n, dim] in memory, or read from the datastore's shards block by block
+Keys = np.ndarray | ShardRows  # float32 [n, dim] in memory, or read from the datastore's shards block by block
 
 
 class FlatKeys:
     """Exact search over the caller's keys without copying them: faiss.knn, the very search IndexFlatL2 runs
     (same distances and ids), which would first copy every key into itself. Keys read from the datastore's
-    shards (`KeyShards`) are searched `block` at a time, each block's nearest merged into a running top-k, so
+    shards (`ShardRows`) are searched `block` at a time, each block's nearest merged into a running top-k, so
     memory holds one block of them, not all."""
 
     def __init__(self, keys: Keys, block: int = KEY_BLOCK):
-        self.keys = keys if isinstance(keys, KeyShards) else np.ascontiguousarray(keys, dtype=np.float32)
+        self.keys = keys if isinstance(keys, ShardRows) else np.ascontiguousarray(keys, dtype=np.float32)
         self.ntotal, self.d = self.keys.shape
         self.nprobe = 0
         self.block = block
@@ -72,7 +72,7 @@ def build_index(
     pq_bytes: int = PQ_BYTES,
     device: str = "cpu",
 ):
-    """A faiss index over `keys` (float32 [n, dim], or `KeyShards`): exact `flat` (`FlatKeys`: the keys searched
+    """A faiss index over `keys` (float32 [n, dim], or `ShardRows`): exact `flat` (`FlatKeys`: the keys searched
     where they are);
     `ivfflat` (`lists` inverted lists holding the keys themselves, so distances are exact within the lists
     searched; 0 = about 2 sqrt(n) lists trained on 64 keys each); `ivfpq` (`lists` lists, 0 = up to 4096 with
@@ -347,10 +347,10 @@ def make_searcher(
     lists: int = 0,
     pq_bytes: int = PQ_BYTES,
     device: str = "cpu",
-) -> tuple[KeyShards, np.ndarray, object]:
-    """The datastore's keys (`KeyShards`: read from disk as searched), values (int32 [n]) and an index over
+) -> tuple[ShardRows, np.ndarray, object]:
+    """The datastore's keys (`ShardRows`: read from disk as searched), values (int32 [n]) and an index over
     the keys."""
-    keys, values = KeyShards(ds_dir), load_values(ds_dir)
+    keys, values = datastore_keys(ds_dir), load_values(ds_dir)
     index = build_index(keys, index_kind, nprobe, threshold, lists=lists, pq_bytes=pq_bytes, device=device)
     return keys, values, index
 

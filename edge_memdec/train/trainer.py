@@ -18,7 +18,7 @@ from edge_memdec.files import atomic_dir
 from edge_memdec.scoring import mixed_ppl
 from edge_memdec.train.base import Base, load_base
 from edge_memdec.train.carry import run_blocks
-from edge_memdec.train.datastore import load_hidden, read_manifest
+from edge_memdec.train.datastore import ShardRows, datastore_hidden, read_manifest
 from edge_memdec.train.device import autocast, resolve_device, resolve_precision
 from edge_memdec.train.knn_targets import load_targets
 from edge_memdec.train.logprobs import cached_target_logprobs, target_logprobs
@@ -88,9 +88,10 @@ def holds_base_below(model: torch.nn.Module, base: Base, cfg: TrainConfig) -> bo
     return True
 
 
-def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir: Path) -> np.ndarray | None:
+def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir: Path) -> ShardRows | None:
     """Freeze what `cfg` keeps at the base's weights and untie the head if asked; returns the stored residual
-    stream entering the first trained block (float16 [n_positions, dim]) when lower blocks are frozen."""
+    stream entering the first trained block ([n_positions, dim], read from the datastore's shards a window at a
+    time) when lower blocks are frozen."""
     if cfg.head not in ("tied", "untied"):
         raise UserError(f"--head must be tied or untied, got {cfg.head!r}")
     if cfg.head == "untied" and model.config.tie_word_embeddings:  # an untied checkpoint keeps its trained head
@@ -114,7 +115,7 @@ def prepare_frozen(model: torch.nn.Module, base: Base, cfg: TrainConfig, ds_dir:
     model.model.embed_tokens.requires_grad_(False)  # it feeds the frozen blocks (and is the head when tied)
     for layer in model.model.layers[: cfg.frozen_blocks]:
         layer.requires_grad_(False)
-    return load_hidden(ds_dir, cfg.frozen_blocks)
+    return datastore_hidden(ds_dir, cfg.frozen_blocks)
 
 
 def adapt_every_block(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -129,13 +130,13 @@ def adapt_every_block(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Modu
     return with_lora(model, cfg.lora_rank, 2.0 * cfg.lora_rank, 0.0, LORA_TARGETS)
 
 
-def window_states(model, tokens: np.ndarray, hidden: np.ndarray | None, w: Window, frozen: int, device):
+def window_states(model, tokens: np.ndarray, hidden: ShardRows | None, w: Window, frozen: int, device):
     """The decoder's final hidden states over window `w`, [w.end - w.begin, dim]: a full forward from token ids,
     or, with `frozen` lower blocks, the stored residual stream entering block `frozen` through the upper ones."""
     if hidden is None:
         ids = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64)).to(device)[None]
         return model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
-    x = torch.from_numpy(hidden[w.begin : w.end].astype(np.float32)).to(device)[None]
+    x = torch.from_numpy(hidden[w.begin : w.end]).to(device)[None]  # float32, read from the shards
     return run_blocks(model, x, frozen)
 
 
@@ -181,7 +182,7 @@ class Validator:
 def window_backward(
     model: torch.nn.Module,
     tokens: np.ndarray,
-    hidden: np.ndarray | None,
+    hidden: ShardRows | None,
     targets: tuple[np.ndarray, np.ndarray],
     w: Window,
     a: int,
@@ -219,7 +220,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[dict, np.ndarray, tuple[np.nda
     return ds, tokens, (knn_ids, knn_probs), tmeta
 
 
-def build_decoder(cfg: TrainConfig, base: Base) -> tuple[torch.nn.Module, np.ndarray | None]:
+def build_decoder(cfg: TrainConfig, base: Base) -> tuple[torch.nn.Module, ShardRows | None]:
     """The decoder to train, made from `base` as `cfg` says (seeded), with its frozen part; and the stored
     residual stream its first trained block reads (float16 [n_positions, dim]) when lower blocks are frozen."""
     torch.manual_seed(cfg.seed)
