@@ -72,7 +72,8 @@ def convert_command(
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output GGUF file.")],
     outtype: Annotated[
-        str, typer.Option("--outtype", help="f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k.")
+        str,
+        typer.Option("--outtype", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q4_k_m, q5_k_m, q6_k or iq4_nl."),
     ] = "f16",
     tokenizer_from: Annotated[
         Optional[Path],

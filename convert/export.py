@@ -46,7 +46,7 @@ def convert_checkpoint(
     """Write `checkpoint` (a LlamaForCausalLM, Qwen2ForCausalLM or GPT2LMHeadModel folder) as a GGUF at `out`;
     return the file llama.cpp opens (`out`, or the first part of a split).
 
-    outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k.
+    outtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0 | q4_k_m | q5_k_m | q6_k | iq4_nl.
     tokenizer_from: a base GGUF whose `tokenizer.*` keys are copied verbatim (a memory decoder then pairs with
     that base by construction); without it the tokenizer comes from the checkpoint's tokenizer.json.
     memdec: memory-decoder facts stored as `memdec.*` keys ("lambda", "domain", "base_model", "train": {...});

@@ -119,6 +119,7 @@ def test_f32_export_matches_pytorch_logits(arch, request, legal_text):
         ("q4_1", 0.4, 0.8),
         ("q4_0", 0.4, 0.8),
         ("q4_k_m", 0.6, 0.9),
+        ("iq4_nl", 0.4, 0.8),
     ],
 )
 def test_quantized_export_loads_and_stays_close(
