@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("faiss")
 
+from conftest import licence_folder, licence_text  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -156,6 +157,22 @@ def test_train_export_pair_perplexity(stores, tiny_llama_ckpt, tiny_llama_gguf, 
     with MemoryDecoderLM(tiny_llama_gguf, gguf) as lm:
         report = lm.perplexity(legal_text[:2000], n_ctx=64, stride=32, lambdas=[0.3])
     assert math.isfinite(report["memdec"]["ppl"]) and math.isfinite(report["mixed"][0]["ppl"])
+
+
+def test_runs_of_any_seed_validate_on_the_same_documents(stores, tiny_llama_ckpt, tmp_path):
+    """--seed orders the training windows; the validation sample stays the one the recipe's report scores."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for f in sorted(licence_folder().glob("*.LICENSE"))[:500:5]:
+        (docs / f"{f.stem}.txt").write_text(licence_text(f), encoding="utf-8")
+    invoke("corpus", "split", str(docs), "--out", str(tmp_path / "split"))  # 5 validation documents
+    valid = ["--max-steps", "1", "--valid-corpus", str(tmp_path / "split"), "--valid-tokens", "100"]
+    runs = [tmp_path / f"seed-{seed}" for seed in (0, 3)]
+    for run, seed in zip(runs, (0, 3), strict=True):
+        invoke(*train_args(stores, run, tiny_llama_ckpt, *valid, "--seed", str(seed)))
+    tokens = [np.load(run / "valid-base-logprobs.npz")["tokens"] for run in runs]
+    assert len(tokens[0]) == 100 and np.array_equal(tokens[0], tokens[1])
+    assert not np.array_equal(weights(runs[0])["model.norm.weight"], weights(runs[1])["model.norm.weight"])
 
 
 def test_train_export_recommends_the_gate_asked_for(stores, tiny_llama_ckpt, tiny_llama_gguf, tmp_path):

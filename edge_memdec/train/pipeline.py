@@ -153,7 +153,7 @@ def train_command(opts: TrainOptions) -> dict:
     check_export_options(opts)
     gate = None if opts.lambda_gate == GATE_FIT else LambdaGate.parse(opts.lambda_gate)  # checked before training
     base_path = Path(opts.model or read_manifest(opts.datastore)["base"])
-    valid = validation_tokens(opts.valid_corpus, base_path, opts.valid_tokens, opts.seed)
+    valid = validation_tokens(opts.valid_corpus, base_path, opts.valid_tokens)
     summary = train(train_config(opts, base_path, valid), resume=opts.resume)
     if distributed()[0] == 0:
         v = summary["validation"]
@@ -414,7 +414,7 @@ def finetune_command(opts: FinetuneOptions) -> dict:
     valid_corpus = opts.valid_corpus
     if valid_corpus is None and facts.get("corpus") and is_split_folder(facts["corpus"]):
         valid_corpus = Path(facts["corpus"])  # the validation split of the corpus the tokens came from
-    valid = validation_tokens(valid_corpus, base, opts.valid_tokens, opts.seed)
+    valid = validation_tokens(valid_corpus, base, opts.valid_tokens)
     summary = finetune(finetune_config(opts, base), tokens, valid, opts.resume, facts)
     if distributed()[0] == 0:
         print(finetune_line(summary, opts.full))

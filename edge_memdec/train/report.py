@@ -23,10 +23,10 @@ from edge_memdec.plot import lambda_plot
 from edge_memdec.scoring import knn_lm_report, mixed_ppl
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.knn_lm import knn_lm_scores
-from edge_memdec.train.stream import choose_documents
+from edge_memdec.train.stream import VALIDATION_SEED, choose_documents
 
 
-def split_text(tokenizer, split_dir: Path, split: str, max_tokens: int, seed: int = 0) -> str:
+def split_text(tokenizer, split_dir: Path, split: str, max_tokens: int, seed: int = VALIDATION_SEED) -> str:
     """A seeded sample of whole documents of `split`, cut to about `max_tokens` tokens (the same documents the
     trainer validates on, for the validation split)."""
     return sample_text(tokenizer, split_documents_of(split_dir, split), max_tokens, seed)

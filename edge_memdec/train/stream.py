@@ -10,6 +10,8 @@ from tokenizers import Tokenizer
 
 from edge_memdec.corpus import Document, join_documents, split_documents_of
 
+VALIDATION_SEED = 0  # one validation sample for every run and report, whatever --seed orders the training data
+
 
 def choose_documents(
     tokenizer: Tokenizer, docs: list[Document], max_tokens: int | None, seed: int = 0
@@ -39,11 +41,10 @@ def token_stream(
     return tokens if max_tokens is None else tokens[:max_tokens]
 
 
-def validation_tokens(
-    corpus: Path | None, tokenizer: Tokenizer | Path, max_tokens: int, seed: int
-) -> np.ndarray | None:
+def validation_tokens(corpus: Path | None, tokenizer: Tokenizer | Path, max_tokens: int) -> np.ndarray | None:
     """The token stream a run validates on (int32 [<= max_tokens]): whole documents of `corpus`'s validation
-    split, a seeded sample, tokenized by `tokenizer` (or by the base at that path, loaded only when needed).
+    split, the VALIDATION_SEED sample (so runs of any --seed, and the recipe's report, validate on the same
+    documents), tokenized by `tokenizer` (or by the base at that path, loaded only when needed).
     None without a corpus, and on every torchrun rank but 0 (rank 0 alone validates)."""
     from edge_memdec.train.steps import distributed
 
@@ -53,4 +54,4 @@ def validation_tokens(
         from edge_memdec.train.base import load_tokenizer
 
         tokenizer = load_tokenizer(Path(tokenizer))
-    return token_stream(tokenizer, split_documents_of(corpus, "validation"), max_tokens, seed)
+    return token_stream(tokenizer, split_documents_of(corpus, "validation"), max_tokens, VALIDATION_SEED)

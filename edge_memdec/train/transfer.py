@@ -349,7 +349,7 @@ def transfer_command(opts: TransferOptions) -> dict:
 
     plan = plan_transfer(opts)
     rank, world = distributed()
-    valid = validation_tokens(opts.valid_corpus, plan.new_tok, opts.valid_tokens, opts.seed)
+    valid = validation_tokens(opts.valid_corpus, plan.new_tok, opts.valid_tokens)
     n_vocab, special, base_hidden = new_base_vocab(plan.base, plan.new_tok)
     check_datastore(plan.datastore, plan.base, plan.new_tok, n_vocab)
     if opts.new_rows == "base" and base_hidden != plan.source.config.get("hidden_size"):
