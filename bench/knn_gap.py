@@ -1,0 +1,116 @@
+"""Where kNN-LM beats the memory decoder: the test sample's positions split by whether the datastore holds them.
+
+A scored position "occurs in the datastore" when its last N tokens (the target and the N - 1 before it) appear,
+in that order, somewhere in the datastore's token stream: there kNN-LM can copy the next token from a stored
+neighbour, while the decoder must have learnt it. The text is the recipe's report's test sample (the first
+`--tokens` of the test split's seeded documents, as `recipes/legal_ship.py` scores it); kNN-LM's log-probs come
+from the report's cache in the datastore folder (computed, exact search, when absent); the pair (base GGUF +
+memory decoder GGUF, llama.cpp) is scored here over the same 1024/512 windows. Quality only, never speed.
+
+    python bench/knn_gap.py --datastore WORK/datastore-whole --split WORK/split --memdec DECODER.gguf \\
+        [--tokens 40000] [-n 16] [--knn-lambda 0.8] [--threads 2] [--json F]
+
+Needs the train extra (the sample and kNN-LM use the base's tokenizer and PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge_memdec import MemoryDecoderLM
+from edge_memdec.defaults import PAPER_N_CTX
+from edge_memdec.gate_fit import position_scores
+from edge_memdec.train.base import load_tokenizer
+from edge_memdec.train.report import cached_knn_scores, split_text
+
+HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: n-gram hashes are polynomials in it, modulo 2^64
+
+
+def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """uint64 [len(tokens) - n + 1]: a hash of each run of n tokens (entry i: tokens[i : i + n])."""
+    tokens = tokens.astype(np.uint64)
+    out = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            out = out * HASH_MULTIPLIER + tokens[j : j + len(out)] + np.uint64(1)
+    return out
+
+
+def occurs_in(test: np.ndarray, store: np.ndarray, n: int) -> np.ndarray:
+    """bool [len(test) - 1]: whether target test[t + 1] and the n - 1 tokens before it occur in `store`
+    (positions with fewer than n - 1 tokens before them: False)."""
+    known = np.unique(ngram_hashes(store, n))
+    ends = ngram_hashes(test, n)  # entry i ends at test[i + n - 1], the target of scored position i + n - 2
+    hit = known[np.minimum(np.searchsorted(known, ends), len(known) - 1)] == ends
+    out = np.zeros(len(test) - 1, dtype=bool)
+    out[n - 2 :] = hit
+    return out
+
+
+def ppl(logprobs: np.ndarray) -> float:
+    """exp of the mean negative log-prob (natural log); nan for no positions."""
+    return float(np.exp(-logprobs.mean())) if len(logprobs) else float("nan")
+
+
+def mix(lam: np.ndarray | float, mem: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """log(lam p_mem + (1 - lam) p_base) from the two log-probs, per position."""
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log(lam) + mem, np.log1p(-lam) + base)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datastore", type=Path, required=True)
+    parser.add_argument("--split", type=Path, required=True)
+    parser.add_argument("--memdec", type=Path, required=True, help="the memory decoder GGUF (first file of a split)")
+    parser.add_argument("--tokens", type=int, default=40_000, help="test tokens (the report's sample)")
+    parser.add_argument("-n", type=int, default=16, help="tokens that must match, the target included")
+    parser.add_argument("--knn-lambda", type=float, default=0.8, help="kNN-LM's lambda (the report's choice)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    manifest = json.loads((args.datastore / "datastore.json").read_text())
+    base = Path(manifest["base"])
+    params = json.loads((args.datastore / "targets" / "targets.json").read_text())["params"]
+    text = split_text(load_tokenizer(base), args.split, "test", args.tokens)
+    knn = cached_knn_scores(base, args.datastore, text, int(params["k"]), float(params["temperature"]))
+    with MemoryDecoderLM(base, args.memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=args.threads) as lm:
+        scores = position_scores(lm.pair, text)  # NLL base, NLL decoder, entropy base, entropy decoder
+        lam, gate = lm.lam, lm.pair.gate
+        tokens = np.asarray(lm.pair.base.tokenize(text, add_bos=None, special=False), dtype=np.int64)
+    if not len(scores) == len(knn["knn_logprobs"]) == len(tokens) - 1:
+        raise SystemExit("the pair and kNN-LM scored different positions; is the datastore's base the pair's?")
+    lam_t = np.full(len(scores), lam)
+    if gate is not None:
+        lam_t = lam / (1.0 + np.exp(-(gate.slope * (scores[:, 2] - scores[:, 3]) + gate.offset)))
+    columns = {
+        "base": -scores[:, 0],
+        "decoder alone": -scores[:, 1],
+        "base + decoder (its settings)": mix(lam_t, -scores[:, 1], -scores[:, 0]),
+        f"kNN-LM ({args.knn_lambda})": mix(args.knn_lambda, knn["knn_logprobs"], knn["base_logprobs"]),
+    }
+    seen = occurs_in(tokens, np.load(args.datastore / "tokens.npy"), args.n)
+    buckets = {"all": np.ones_like(seen), f"{args.n}-gram in the datastore": seen, "not in it": ~seen}
+    rows = []
+    for name, where in buckets.items():
+        row = {"positions": name, "count": int(where.sum())}
+        row |= {col: ppl(lp[where]) for col, lp in columns.items()}
+        row["NLL share"] = {col: float(-lp[where].sum() / -lp.sum()) for col, lp in columns.items()}
+        rows.append(row)
+    settings = f"lambda {lam:g}" + (f", gate {gate.text()}" if gate else ", fixed")
+    print(f"{args.memdec.name} at {settings}; {len(tokens)} test tokens; PPL per bucket")
+    print(f"| positions | count | {' | '.join(columns)} |")
+    print("|---|---|" + "---|" * len(columns))
+    for row in rows:
+        print(f"| {row['positions']} | {row['count']} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": settings, "n": args.n, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
