@@ -2,8 +2,8 @@
 
 The gguf package encodes f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 and q4_0 directly; K-quants (q4_k_m, q5_k_m, q6_k) and
 iq4_nl need llama.cpp's own quantizer with its per-tensor type mix, so those are made from an f32 GGUF written first.
-iq4_nl (4.5 bits a weight on a non-uniform grid, blocks of 32) suits models whose rows are not a multiple of 256
-(SmolLM2's 576): there llama.cpp stores q4_k_m's Q4_K matrices as Q5_0 and its Q6_K ones as Q8_0.
+iq4_nl (4.5 bits a weight on a non-uniform grid, blocks of 32) keeps 4-bit matrices whose rows are not a multiple of
+256 (SmolLM2's 576), where llama.cpp stores q4_k_m's Q4_K matrices as Q5_0 and its Q6_K ones as Q8_0.
 1-D tensors (norms, biases, rope factors) and GPT-2's position embedding stay f32, as llama.cpp's own quantizer
 keeps them.
 """
