@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_memdec import MemoryDecoderLM
 from edge_memdec.defaults import PAPER_N_CTX
-from edge_memdec.gate_fit import position_scores
+from edge_memdec.gate_fit import gated_lambdas, mixed_logprobs, position_scores
 from edge_memdec.train.base import load_tokenizer
 from edge_memdec.train.report import cached_knn_scores, split_text
 
@@ -56,12 +56,6 @@ def ppl(logprobs: np.ndarray) -> float:
     return float(np.exp(-logprobs.mean())) if len(logprobs) else float("nan")
 
 
-def mix(lam: np.ndarray | float, mem: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """log(lam p_mem + (1 - lam) p_base) from the two log-probs, per position."""
-    with np.errstate(divide="ignore"):
-        return np.logaddexp(np.log(lam) + mem, np.log1p(-lam) + base)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datastore", type=Path, required=True)
@@ -85,14 +79,12 @@ def main() -> None:
         tokens = np.asarray(lm.pair.base.tokenize(text, add_bos=None, special=False), dtype=np.int64)
     if not len(scores) == len(knn["knn_logprobs"]) == len(tokens) - 1:
         raise SystemExit("the pair and kNN-LM scored different positions; is the datastore's base the pair's?")
-    lam_t = np.full(len(scores), lam)
-    if gate is not None:
-        lam_t = lam / (1.0 + np.exp(-(gate.slope * (scores[:, 2] - scores[:, 3]) + gate.offset)))
+    lam_t = gated_lambdas(scores, lam, gate)
     columns = {
         "base": -scores[:, 0],
         "decoder alone": -scores[:, 1],
-        "base + decoder (its settings)": mix(lam_t, -scores[:, 1], -scores[:, 0]),
-        f"kNN-LM ({args.knn_lambda})": mix(args.knn_lambda, knn["knn_logprobs"], knn["base_logprobs"]),
+        "base + decoder (its settings)": mixed_logprobs(lam_t, -scores[:, 1], -scores[:, 0]),
+        f"kNN-LM ({args.knn_lambda})": mixed_logprobs(args.knn_lambda, knn["knn_logprobs"], knn["base_logprobs"]),
     }
     seen = occurs_in(tokens, np.load(args.datastore / "tokens.npy"), args.n)
     buckets = {"all": np.ones_like(seen), f"{args.n}-gram in the datastore": seen, "not in it": ~seen}

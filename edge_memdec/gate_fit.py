@@ -50,14 +50,24 @@ def general_halves(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def gated_lambdas(scores: np.ndarray, lam: float, gate: LambdaGate | None) -> np.ndarray:
+    """float64 [positions]: each position's lambda over position_scores rows, lam times the gate's factor (or
+    lam everywhere without a gate)."""
+    if gate is None:
+        return np.full(len(scores), float(lam))
+    return lam / (1.0 + np.exp(-(gate.slope * (scores[:, 2] - scores[:, 3]) + gate.offset)))
+
+
+def mixed_logprobs(lam: np.ndarray | float, mem: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """log(lam p_mem + (1 - lam) p_base) per position, from the two models' log-probs of the target (nats)."""
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log(lam) + mem, np.log1p(-lam) + base)
+
+
 def gated_ppl(scores: np.ndarray, lam: float, gate: LambdaGate | None) -> float:
     """PPL of the mixture at `lam` (each position's lam times the gate's factor, or fixed) over position_scores
     rows; lam 0 is the base's PPL."""
-    lam_t = np.full(len(scores), float(lam))
-    if gate is not None:
-        lam_t = lam / (1.0 + np.exp(-(gate.slope * (scores[:, 2] - scores[:, 3]) + gate.offset)))
-    with np.errstate(divide="ignore"):
-        mixed = np.logaddexp(np.log1p(-lam_t) - scores[:, 0], np.log(lam_t) - scores[:, 1])
+    mixed = mixed_logprobs(gated_lambdas(scores, lam, gate), -scores[:, 1], -scores[:, 0])
     return float(np.exp(-mixed.mean()))
 
 

@@ -124,6 +124,21 @@ def test_gated_perplexity_equals_an_independent_computation(gated_lm, smollm2_gg
     assert mixed[0.0] == pytest.approx(report["base"]["ppl"], rel=1e-9)  # lambda 0: the base whatever the gate
 
 
+def test_gate_fits_arithmetic_on_position_scores_is_the_pairs_perplexity(gated_lm, legal_text):
+    """gate_fit scores a gate from per-position rows (NLLs and entropies) instead of running the pair again: its
+    PPL at a gate, fixed and at lambda 0 must be what the pair's own perplexity pass reports on the same windows."""
+    from edge_memdec.gate_fit import gated_ppl, position_scores
+
+    text = legal_text[:3000]
+    scores = position_scores(gated_lm.pair, text)  # the pair's 256-token context: 256/128 windows
+    report = gated_lm.perplexity(text, n_ctx=256, stride=128, lambdas=[0.0, 0.6])
+    assert report["tokens_scored"] == len(scores)
+    mixed = {row["lambda"]: row["ppl"] for row in report["mixed"]}
+    assert gated_ppl(scores, 0.6, LambdaGate(0.8, 5.0)) == pytest.approx(mixed[0.6], rel=1e-4)
+    assert gated_ppl(scores, 0.0, None) == pytest.approx(report["base"]["ppl"], rel=1e-4)
+    assert gated_ppl(scores, 1.0, None) == pytest.approx(report["memdec"]["ppl"], rel=1e-4)
+
+
 def test_a_gate_of_one_half_halves_lambda(gated_lm, smollm2_gguf, tiny_memdec_gguf, legal_text):
     """slope 0, offset 0: every token's factor is 1/2, so the gated 0.6 is the fixed 0.3 exactly."""
     with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, lambda_gate="0,0", n_ctx=256, n_threads=2) as half:
