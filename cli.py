@@ -100,7 +100,9 @@ def convert_command(
     split_max_size: SplitOpt = None,
     lambda_gate: Annotated[
         Optional[str],
-        typer.Option("--lambda-gate", help="Recommended entropy gate on lambda, SLOPE,OFFSET (memdec.lambda_gate)."),
+        typer.Option(
+            "--lambda-gate", help="Recommended entropy gate on lambda, SLOPE,OFFSET[,BASE_SLOPE] (memdec.lambda_gate)."
+        ),
     ] = None,
 ) -> None:
     """Convert a Hugging Face llama / qwen2 / GPT-2 checkpoint (e.g. a trained memory decoder) to a GGUF file."""
@@ -201,7 +203,8 @@ GateOpt = Annotated[
     typer.Option(
         "--lambda-gate",
         help="Per-token lambda: SLOPE,OFFSET gives lambda * sigmoid(SLOPE * (H_base - H_mem) + OFFSET) (entropies in "
-        "nats), off a fixed lambda; gguf: the decoder's recommended gate (memdec.lambda_gate), else off.",
+        "nats), SLOPE,OFFSET,BASE_SLOPE lambda * sigmoid(BASE_SLOPE * H_base - SLOPE * H_mem + OFFSET); off a fixed "
+        "lambda; gguf: the decoder's recommended gate (memdec.lambda_gate), else off.",
     ),
 ]
 FlashAttnOpt = Annotated[
@@ -753,7 +756,7 @@ def train_memdec(
         typer.Option(
             "--lambda-gate",
             help="The entropy gate --export recommends: fit (chosen on --valid-corpus's validation text and general "
-            "news, kept only if it beats a fixed lambda; needs a GGUF base), off, or SLOPE,OFFSET",
+            "news, kept only if it beats a fixed lambda; needs a GGUF base), off, or SLOPE,OFFSET[,BASE_SLOPE]",
         ),
     ] = "fit",
 ) -> None:

@@ -2,7 +2,7 @@
 base alone and by the pair, scored for the facts a good answer names and for layout (characters per line).
 
     python bench/chat_eval.py [--memdec FILE] [--lam 0.3 --lam 0.6] [--json out.json] [-n 160] [--threads 2]
-                              [--special mix|base|both] [--lambda-gate gguf|off|SLOPE,OFFSET]
+                              [--special mix|base|both] [--lambda-gate gguf|off|SLOPE,OFFSET[,BASE_SLOPE]]
 
 A fact is a group of alternatives (lower-case substrings); an answer names it when any alternative occurs.
 `vs base`: the mean per-question change of the legal facts score against the base's own answers, +/- its
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write every answer and score here")
     parser.add_argument("--lambda-gate", default="gguf",
-                        help="entropy gate on lambda: SLOPE,OFFSET, off, or gguf (the decoder's own)")  # fmt: skip
+                        help="entropy gate on lambda: SLOPE,OFFSET[,BASE_SLOPE], off, or gguf (the decoder's own)")  # fmt: skip
     parser.add_argument("--special", choices=("mix", "base", "both"), default="mix",
                         help="control/EOS tokens: mixed as any token, or the base's alone (lambda 0)")  # fmt: skip
     args = parser.parse_args()

@@ -32,7 +32,7 @@ class MemoryDecoderLM:
     other thread), `shared_trunk` (a decoder holding the base's own lower blocks runs only its upper ones, on
     the base's hidden state) and `base_special_tokens` (lambda 0 on the control and end-of-generation tokens,
     which a decoder trained on plain text never saw; a request's `base_special_tokens` overrides it) and
-    `lambda_gate` (a `LambdaGate`, its "SLOPE,OFFSET" text, None or "off" for the fixed lambda; by default the
+    `lambda_gate` (a `LambdaGate`, its "SLOPE,OFFSET[,BASE_SLOPE]" text, None or "off" for the fixed lambda; by default the
     gate the decoder's GGUF recommends: see `edge_memdec.lambda_gate`). Safe to
     share between threads: calls are served one at a time. Fastest from one thread: llama.cpp's OpenMP build
     keeps a team of workers for each thread that decodes, and when the teams hold more threads than the

@@ -47,7 +47,7 @@ class ChatSession:
         self.cancel = threading.Event()
         self.lam: Lambdas = self.sampling.pop("lam", None)  # None: the pair's own lambdas
         self.memdec_on = True
-        self.gate: str | None = None  # /gate: "SLOPE,OFFSET" or "off" for the next answers; None: the pair's
+        self.gate: str | None = None  # /gate: "SLOPE,OFFSET[,BASE_SLOPE]" or "off" for the next answers; None: the pair's
 
     def reset(self) -> None:
         self.turns.clear()
@@ -166,7 +166,7 @@ class ChatSession:
         return None
 
     def _memdec_command(self, name: str, arg: str) -> None:
-        """/lambda X, /memdec on|off and /gate SLOPE,OFFSET|off."""
+        """/lambda X, /memdec on|off and /gate SLOPE,OFFSET[,BASE_SLOPE]|off."""
         if self.lm.pair.memdec is None:
             raise UserError(f"{name} needs a memory decoder; this chat runs the base model alone")
         if name == "/gate":
@@ -194,7 +194,7 @@ class ChatSession:
 COMMANDS = {
     "/lambda": ("/lambda X", "the memory decoder's weight (0 to 1) from the next answer on; X,Y,.. for several"),
     "/memdec": ("/memdec on|off", "mix the memory decoder in, or answer with the base alone"),
-    "/gate": ("/gate S,O|off", "the entropy gate on lambda (slope,offset), or a fixed lambda"),
+    "/gate": ("/gate S,O[,B]|off", "the entropy gate on lambda (slope,offset[,base slope]), or a fixed lambda"),
     "/explain": ("/explain on|off", "show how the memory decoder moved each token"),
     "/system": ("/system TEXT", "set the system message (no text: remove it)"),
     "/reset": ("/reset", "forget the conversation"),

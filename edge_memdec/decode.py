@@ -47,7 +47,7 @@ class SamplingParams:
     # lambda 0 on the control and end-of-generation tokens (the chat template's markers, EOS): they keep the
     # base's probability, since a memory decoder trained on plain domain text never saw them; None = the pair's
     base_special_tokens: bool | None = None
-    # the entropy gate on lambda for this request: "SLOPE,OFFSET", "off" (a fixed lambda); None = the pair's
+    # the entropy gate on lambda for this request: "SLOPE,OFFSET[,BASE_SLOPE]", "off" (a fixed lambda); None = the pair's
     lambda_gate: str | None = None
 
     def check(self, n_vocab: int) -> None:
@@ -191,7 +191,7 @@ class Generation:
         if gate is not None and lam > 0.0 and mem_row is not None:
             from edge_memdec.kernels import gated_lambda
 
-            lam = gated_lambda(base_row, mem_row, lam, gate.slope, gate.offset)
+            lam = gated_lambda(base_row, mem_row, lam, gate.slope, gate.offset, gate.base_weight)
         n_seen = self._n_seen
         token = sample_token(
             base_row,

@@ -20,9 +20,12 @@ from edge_memdec.perplexity import window_rows
 from edge_memdec.windows import paper_windows
 
 GENERAL_BUDGET = 1.20  # general-text PPL / the base's, at most, for a recommended gate
-SLOPES = (0.5, 1.0, 2.0)  # 1/nats
-OFFSETS = (-3.0, -2.0, -1.0, 0.0, 1.0)
-GATES = tuple(LambdaGate(slope, offset) for slope, offset in itertools.product(SLOPES, OFFSETS))
+SLOPES = (0.5, 1.0, 1.5, 2.0, 3.0)  # on the decoder's entropy, 1/nats
+BASE_SLOPES = (0.0, 0.25, 0.5, 1.0, 2.0)  # on the base's entropy, 1/nats (equal to SLOPES: the entropy-gap gate)
+OFFSETS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0)
+GATES = tuple(
+    LambdaGate(slope, offset, base) for slope, offset, base in itertools.product(SLOPES, OFFSETS, BASE_SLOPES)
+)
 
 
 def position_scores(pair: ModelPair, text: str) -> np.ndarray:
@@ -55,7 +58,7 @@ def gated_lambdas(scores: np.ndarray, lam: float, gate: LambdaGate | None) -> np
     lam everywhere without a gate)."""
     if gate is None:
         return np.full(len(scores), float(lam))
-    return lam / (1.0 + np.exp(-(gate.slope * (scores[:, 2] - scores[:, 3]) + gate.offset)))
+    return lam / (1.0 + np.exp(-(gate.base_weight * scores[:, 2] - gate.slope * scores[:, 3] + gate.offset)))
 
 
 def mixed_logprobs(lam: np.ndarray | float, mem: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ Every request field is either honoured, ignored because it changes no token (it 
 user, store, metadata, ...), accepted only at the value that turns it off (n=1, no tools), or
 refused with a 400 that names it; unknown fields are refused too. llama-server's own sampling fields
 (top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos) and our `lambda` (a number, or with several memory
-decoders {"decoder name": lambda}), `lambda_gate` ("SLOPE,OFFSET" or "off") and `base_special_tokens` are honoured. Omitted sampling
+decoders {"decoder name": lambda}), `lambda_gate` ("SLOPE,OFFSET[,BASE_SLOPE]" or "off") and `base_special_tokens` are honoured. Omitted sampling
 fields take llama.cpp's defaults (`SamplingParams`), not OpenAI's.
 
 `logprobs` (chat: true plus `top_logprobs` 0..20; completions: the number of alternatives 0..20) reports the

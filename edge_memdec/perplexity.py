@@ -127,7 +127,7 @@ def job_key(
         "flash_attn": pair.base.options.flash_attn,
         "n_ubatch": pair.base.n_ubatch,
         **({"lora": [[lora.path.name, lora.n_bytes, scale] for lora, scale in pair.base.loras]} if pair.base.loras else {}),
-        **({"lambda_gate": [pair.gate.slope, pair.gate.offset]} if pair.gate else {}),
+        **({"lambda_gate": pair.gate.text()} if pair.gate else {}),
     }
 
 
@@ -283,7 +283,7 @@ def _score_window(
             if gate is not None:
                 from edge_memdec.kernels import gate_factors
 
-                factors = gate_factors(base_rows, mem_rows[0], gate.slope, gate.offset, pair.n_shared)
+                factors = gate_factors(base_rows, mem_rows[0], gate.slope, gate.offset, pair.n_shared, gate.base_weight)
             nll_mix = mixture_nll(nll_base, nll_mems, weights, factors)
             for c, acc in enumerate(acc_mix):
                 acc.add(nll_mix[:, c])

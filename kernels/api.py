@@ -223,19 +223,26 @@ def base_only_bias(base_logits: np.ndarray, mem_logits: np.ndarray, lam: float, 
     return out
 
 
-def gated_lambda(base_logits: np.ndarray, mem_logits: np.ndarray, lam: float, slope: float, offset: float) -> float:
-    """lam * sigmoid(slope * (H_base - H_mem) + offset): the entropy-gated weight of one token (see
-    edge_memdec.lambda_gate); H in nats over the n = min(len(base), len(mem)) shared ids of the float32 rows."""
+def gated_lambda(
+    base_logits: np.ndarray, mem_logits: np.ndarray, lam: float, slope: float, offset: float,
+    base_slope: float | None = None,
+) -> float:
+    """lam * sigmoid(base_slope * H_base - slope * H_mem + offset) (base_slope None: slope): the entropy-gated
+    weight of one token (see edge_memdec.lambda_gate); H in nats over the n = min(len(base), len(mem)) shared
+    ids of the float32 rows."""
     base, mem = _row(base_logits, "base_logits"), _row(mem_logits, "mem_logits")
-    lam = _lambda(lam)
-    return float(gated_lambda_core(base, mem, min(base.shape[0], mem.shape[0]), lam, float(slope), float(offset)))
+    lam, n = _lambda(lam), min(base.shape[0], mem.shape[0])
+    base_slope = slope if base_slope is None else base_slope
+    return float(gated_lambda_core(base, mem, n, lam, float(base_slope), float(slope), float(offset)))
 
 
 def gate_factors(
-    base_logits: np.ndarray, mem_logits: np.ndarray, slope: float, offset: float, n_ids: int | None = None
+    base_logits: np.ndarray, mem_logits: np.ndarray, slope: float, offset: float, n_ids: int | None = None,
+    base_slope: float | None = None,
 ) -> np.ndarray:
-    """sigmoid(slope * (H_base - H_mem) + offset) per row (float64 [rows]) of base_logits [rows, vb] and
-    mem_logits [rows, vm] (float32), entropies over the first n = min(vb, vm, n_ids) ids; lambda_t / lambda."""
+    """sigmoid(base_slope * H_base - slope * H_mem + offset) (base_slope None: slope) per row (float64 [rows]) of
+    base_logits [rows, vb] and mem_logits [rows, vm] (float32), entropies over the first n = min(vb, vm, n_ids)
+    ids; lambda_t / lambda."""
     base = np.ascontiguousarray(base_logits, dtype=np.float32)
     mem = np.ascontiguousarray(mem_logits, dtype=np.float32)
     if base.ndim != 2 or mem.ndim != 2 or base.shape[0] != mem.shape[0]:
@@ -243,7 +250,8 @@ def gate_factors(
     n = min(base.shape[1], mem.shape[1], base.shape[1] if n_ids is None else int(n_ids))
     out = np.empty(base.shape[0])
     if base.shape[0] and n:
-        gate_factors_core(base, mem, n, float(slope), float(offset), out)
+        base_slope = slope if base_slope is None else base_slope
+        gate_factors_core(base, mem, n, float(base_slope), float(slope), float(offset), out)
     return out
 
 

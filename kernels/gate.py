@@ -36,27 +36,27 @@ def row_entropy(row, n):
 
 
 @jit(fastmath=ELEMENTWISE)
-def gate_factor(h_base, h_mem, slope, offset):
-    """sigmoid(slope * (h_base - h_mem) + offset) in float64."""
-    z = slope * (h_base - h_mem) + offset
+def gate_factor(h_base, h_mem, base_slope, slope, offset):
+    """sigmoid(base_slope * h_base - slope * h_mem + offset) in float64."""
+    z = base_slope * h_base - slope * h_mem + offset
     if z < -700.0:
         return 0.0
     return 1.0 / (1.0 + np.exp(-z))
 
 
 @jit(fastmath=ELEMENTWISE)
-def gated_lambda_core(base, mem, n, lam, slope, offset):
+def gated_lambda_core(base, mem, n, lam, base_slope, slope, offset):
     """lam * gate_factor of the two rows' entropies over their first n ids."""
     if lam == 0.0:
         return 0.0
-    return lam * gate_factor(row_entropy(base, n), row_entropy(mem, n), slope, offset)
+    return lam * gate_factor(row_entropy(base, n), row_entropy(mem, n), base_slope, slope, offset)
 
 
 @jit(parallel=True, fastmath=ELEMENTWISE)
-def gate_factors_core(base, mem, n, slope, offset, out):
+def gate_factors_core(base, mem, n, base_slope, slope, offset, out):
     """out[r] = gate_factor of rows base[r] and mem[r] (float64 [rows])."""
     for r in prange(base.shape[0]):
-        out[r] = gate_factor(row_entropy(base[r], n), row_entropy(mem[r], n), slope, offset)
+        out[r] = gate_factor(row_entropy(base[r], n), row_entropy(mem[r], n), base_slope, slope, offset)
 
 
 @jit(parallel=True, fastmath=ELEMENTWISE)

@@ -4,7 +4,7 @@ the recipe's report does, print the quality/size frontier, and with `--ship OUTT
 parts when over 95 MB) into edge_memdec/models/ beside a record of exactly how it was made.
 
     python recipes/legal_ship.py WORK [--run run] [--outtypes q8_0,q5_0,q4_0] [--test-tokens 10000] [--ship q8_0]
-                                      [--then "COMMAND that continued the run"] [--lambda-gate SLOPE,OFFSET] [--lambda LAM]
+                                      [--then "COMMAND that continued the run"] [--lambda-gate SLOPE,OFFSET[,BASE_SLOPE]] [--lambda LAM]
                                       [--datastore NAME]
 
 kNN-LM retrieves from the datastore the run trained on (`--datastore NAME` picks another folder under WORK).
@@ -303,7 +303,7 @@ def main() -> None:
         "--then", action="append", default=[], help="a command run after those (e.g. the continued training run)"
     )
     parser.add_argument(
-        "--lambda-gate", default=None, help="the entropy gate the exports recommend, SLOPE,OFFSET (bench/lambda_gate.py)"
+        "--lambda-gate", default=None, help="the entropy gate the exports recommend, SLOPE,OFFSET[,BASE_SLOPE] (bench/lambda_gate.py)"
     )
     parser.add_argument(
         "--lambda", dest="lam", type=float, default=None,

@@ -31,8 +31,9 @@ def entropy64(rows: np.ndarray) -> np.ndarray:
     return -(np.exp(logp) * logp).sum(axis=-1)
 
 
-def ref_factor(h_base, h_mem, slope: float, offset: float):
-    return 1.0 / (1.0 + np.exp(-(slope * (h_base - h_mem) + offset)))
+def ref_factor(h_base, h_mem, slope: float, offset: float, base_slope: float | None = None):
+    base_slope = slope if base_slope is None else base_slope
+    return 1.0 / (1.0 + np.exp(-(base_slope * h_base - slope * h_mem + offset)))
 
 
 @pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
@@ -41,13 +42,18 @@ def test_gated_lambda_is_lambda_times_the_sigmoid_of_the_entropy_gap(scale):
     base = (rng.standard_normal(5000) * scale).astype(np.float32)
     mem = (rng.standard_normal(4990) * scale * 0.7).astype(np.float32)  # fewer ids: the shared ones count
     h_base, h_mem = entropy64(base[:4990]), entropy64(mem)
-    for slope, offset in ((1.0, 0.0), (2.5, -1.0), (0.0, 0.3)):
-        want = 0.8 * ref_factor(h_base, h_mem, slope, offset)
-        assert gated_lambda(base, mem, 0.8, slope, offset) == pytest.approx(want, rel=2e-4)  # H: float32 exps
+    for slope, offset, base_slope in ((1.0, 0.0, None), (2.5, -1.0, None), (0.0, 0.3, None), (1.5, 1.0, 0.25),
+                                      (1.0, 2.0, 0.0)):  # fmt: skip
+        want = 0.8 * ref_factor(h_base, h_mem, slope, offset, base_slope)
+        got = gated_lambda(base, mem, 0.8, slope, offset, base_slope)
+        assert got == pytest.approx(want, rel=2e-4)  # H: float32 exps
     rows_b, rows_m = np.stack([base[:4990], mem]), np.stack([mem, base[:4990]])
     assert row_entropies(rows_b) == pytest.approx(entropy64(rows_b), rel=1e-5, abs=1e-6)
     factors = gate_factors(rows_b, rows_m, 1.0, 0.5)
     assert factors == pytest.approx(ref_factor(np.array([h_base, h_mem]), np.array([h_mem, h_base]), 1.0, 0.5), rel=2e-4)
+    factors = gate_factors(rows_b, rows_m, 1.5, 1.0, base_slope=0.25)
+    want = ref_factor(np.array([h_base, h_mem]), np.array([h_mem, h_base]), 1.5, 1.0, 0.25)
+    assert factors == pytest.approx(want, rel=2e-4)
 
 
 def test_gate_ends_are_exact():
@@ -63,6 +69,15 @@ def test_gate_text_parsing():
     assert LambdaGate.parse(" 2 , -1.5 ") == LambdaGate(2.0, -1.5)
     assert LambdaGate.parse("off") is None
     assert LambdaGate(1.5, -2.0).text() == "1.5,-2"
+    assert LambdaGate.parse("1.5,1,0.25") == LambdaGate(1.5, 1.0, 0.25)
+    assert LambdaGate.parse("1.5,1,0.25").text() == "1.5,1,0.25"
+    assert LambdaGate.parse("1,0,1") == LambdaGate(1.0, 0.0)  # equal slopes: the entropy-gap gate, one spelling
+    assert LambdaGate.parse("1,0,1").text() == "1,0"
+    assert LambdaGate(2.0, 0.0, 0.0).base_weight == 0.0 and LambdaGate(2.0, 0.0).base_weight == 2.0
+    gate = LambdaGate(1.5, 1.0, 0.25)
+    facts = {f"lambda_gate.{k}": v for k, v in gate.metadata()["lambda_gate"].items()}
+    assert LambdaGate.of_metadata(facts) == gate
+    assert "base_slope" not in LambdaGate(1.0, 0.0).metadata()["lambda_gate"]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +91,14 @@ def gated_lm(smollm2_gguf, tiny_memdec_gguf):
     model.close()
 
 
-def test_greedy_gated_generation_is_argmax_of_an_independent_gated_mixture(gated_lm, smollm2_gguf, tiny_memdec_gguf):
+@pytest.mark.parametrize("gate", [None, "0.6,5,0.3"])  # None: the pair's 0.8,5; then a base slope of its own
+def test_greedy_gated_generation_is_argmax_of_an_independent_gated_mixture(
+    gated_lm, smollm2_gguf, tiny_memdec_gguf, gate
+):
     tokens = gated_lm.tokenize(PROMPT)
-    generation = gated_lm.start(tokens, max_tokens=6, temperature=0.0, explain=1)
+    request = {} if gate is None else {"lambda_gate": gate}
+    generation = gated_lm.start(tokens, max_tokens=6, temperature=0.0, explain=1, **request)
+    slope, offset, base_slope = (0.8, 5.0, None) if gate is None else (0.6, 5.0, 0.3)
     generation.run()
     assert len(generation.tokens) == 6
     base = Llama(str(smollm2_gguf), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
@@ -87,7 +107,7 @@ def test_greedy_gated_generation_is_argmax_of_an_independent_gated_mixture(gated
     for token in generation.tokens:
         row_base, row_mem = next_token_rows(base, mem, context)
         lb, lm = log_softmax64(row_base), log_softmax64(row_mem)
-        lam = 0.6 * ref_factor(entropy64(row_base), entropy64(row_mem), 0.8, 5.0)
+        lam = 0.6 * ref_factor(entropy64(row_base), entropy64(row_mem), slope, offset, base_slope)
         lams.append(lam)
         assert token == int(np.argmax(np.logaddexp(np.log1p(-lam) + lb, np.log(lam) + lm)))
         context.append(token)
@@ -124,17 +144,21 @@ def test_gated_perplexity_equals_an_independent_computation(gated_lm, smollm2_gg
     assert mixed[0.0] == pytest.approx(report["base"]["ppl"], rel=1e-9)  # lambda 0: the base whatever the gate
 
 
-def test_gate_fits_arithmetic_on_position_scores_is_the_pairs_perplexity(gated_lm, legal_text):
+def test_gate_fits_arithmetic_on_position_scores_is_the_pairs_perplexity(smollm2_gguf, tiny_memdec_gguf, legal_text):
     """gate_fit scores a gate from per-position rows (NLLs and entropies) instead of running the pair again: its
-    PPL at a gate, fixed and at lambda 0 must be what the pair's own perplexity pass reports on the same windows."""
+    PPL at a gate (one with a base slope of its own), fixed and at lambda 0 must be what the pair's own perplexity
+    pass reports on the same windows."""
     from edge_memdec.gate_fit import gated_ppl, position_scores
 
     text = legal_text[:3000]
-    scores = position_scores(gated_lm.pair, text)  # the pair's 256-token context: 256/128 windows
-    report = gated_lm.perplexity(text, n_ctx=256, stride=128, lambdas=[0.0, 0.6])
-    assert report["tokens_scored"] == len(scores)
+    with MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, lam=0.6, lambda_gate="0.6,5,0.3", n_ctx=256, n_threads=2,
+                         flash_attn=False) as lm:  # fmt: skip
+        scores = position_scores(lm.pair, text)  # the pair's 256-token context: 256/128 windows
+        report = lm.perplexity(text, n_ctx=256, stride=128, lambdas=[0.0, 0.6])
+    assert report["tokens_scored"] == len(scores) and report["lambda_gate"] == "0.6,5,0.3"
     mixed = {row["lambda"]: row["ppl"] for row in report["mixed"]}
-    assert gated_ppl(scores, 0.6, LambdaGate(0.8, 5.0)) == pytest.approx(mixed[0.6], rel=1e-4)
+    assert gated_ppl(scores, 0.6, LambdaGate(0.6, 5.0, 0.3)) == pytest.approx(mixed[0.6], rel=1e-4)
+    assert gated_ppl(scores, 0.6, LambdaGate(0.6, 5.0)) != pytest.approx(mixed[0.6], rel=1e-3)  # the base slope counts
     assert gated_ppl(scores, 0.0, None) == pytest.approx(report["base"]["ppl"], rel=1e-4)
     assert gated_ppl(scores, 1.0, None) == pytest.approx(report["memdec"]["ppl"], rel=1e-4)
 
@@ -176,7 +200,8 @@ def test_a_converted_decoder_recommends_its_gate_and_the_cli_can_turn_it_off(
 @pytest.mark.parametrize(
     "gate, needle",
     [("1", "the lambda gate takes SLOPE,OFFSET"), ("a,b", "the lambda gate takes SLOPE,OFFSET"),
-     ("1,inf", "must be a finite number")],
+     ("1,2,3,4", "the lambda gate takes SLOPE,OFFSET"), ("1,inf", "must be a finite number"),
+     ("1,0,nan", "base slope must be a finite number")],
 )  # fmt: skip
 def test_bad_gates_are_one_line_errors(gate, needle):
     proc = cli("chat", "-p", "hi", "-n", "1", "--lambda-gate", gate)

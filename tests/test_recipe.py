@@ -15,6 +15,7 @@ pytest.importorskip("faiss")
 
 from conftest import licence_folder, licence_text  # noqa: E402
 
+from edge_memdec.gate_fit import GATES  # noqa: E402
 from edge_memdec.gguf_file import read_gguf  # noqa: E402
 from edge_memdec.lambda_gate import LambdaGate  # noqa: E402
 
@@ -71,7 +72,7 @@ def test_recipe_on_a_folder_keeps_its_outputs_under_work(mydocs, tiny_llama_gguf
     assert set(report["stages"]) >= {"split", "datastore", "knn_targets", "train", "gate", "report"}
     # the gate stage scored the fixed lambda and every candidate gate; the GGUF recommends the winner (or none)
     gate = report["stages"]["gate"]
-    assert len(gate["candidates"]) == 16 and gate["candidates"][0]["gate"] is None
+    assert len(gate["candidates"]) == len(GATES) + 1 and gate["candidates"][0]["gate"] is None
     assert all(row["valid"] > 0 and row["general"] > 0 for row in gate["candidates"])
     recommended = LambdaGate.of_metadata(read_gguf(gguf).memdec)
     assert gate["gate"] == (recommended.text() if recommended else None) == report["lambda_gate"]

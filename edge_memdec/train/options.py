@@ -69,7 +69,7 @@ class TrainOptions(RunOptions):
     head: str  # tied or untied
     lora_rank: int  # >0: train a LoRA of this rank on every block instead of the weights themselves
     device: str  # auto, cpu, cuda or mps
-    lambda_gate: str  # the entropy gate `export` recommends: fit (chosen after training), off, or "SLOPE,OFFSET"
+    lambda_gate: str  # the entropy gate `export` recommends: fit (chosen after training), off, or "SLOPE,OFFSET[,BASE_SLOPE]"
     precision: str  # auto, fp32 or bf16 (autocast)
     valid_every: int  # also validate every N steps (0: at epoch ends only)
 
