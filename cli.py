@@ -510,6 +510,9 @@ BatchWindowsOpt = Annotated[int, typer.Option(help="Windows per step (all ranks)
 TrainCtxOpt = Annotated[int, typer.Option(help="Training window length")]
 TrainStrideOpt = Annotated[int, typer.Option(help="Training window stride")]
 ValidEveryOpt = Annotated[int, typer.Option(help="Also validate every N steps (the best validation's model is kept)")]
+WarmupOpt = Annotated[
+    int, typer.Option(help="Raise the learning rate linearly to its peak over the first N steps, then decay it")
+]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps")]
 PrecisionOpt = Annotated[
@@ -716,6 +719,7 @@ def train_memdec(
     epochs: Annotated[int, typer.Option(help="Passes over the datastore text")] = 1,
     max_steps: MaxStepsOpt = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (linear decay to 0)")] = train_defaults.MEMDEC_LR,
+    warmup_steps: WarmupOpt = 0,
     beta: Annotated[
         float, typer.Option(help="Weight of KL(p_kNN || p_mem); 1-beta on CE")
     ] = train_defaults.MEMDEC_BETA,
@@ -796,6 +800,7 @@ def lora_train(
     lr: Annotated[
         Optional[float], typer.Option(help="Peak learning rate, linear decay to 0 (default 2e-4, --full 2e-5)")
     ] = None,
+    warmup_steps: WarmupOpt = 0,
     batch_windows: BatchWindowsOpt = train_defaults.BATCH_WINDOWS,
     n_ctx: TrainCtxOpt = defaults.PAPER_N_CTX,
     stride: TrainStrideOpt = defaults.PAPER_STRIDE,

@@ -133,7 +133,7 @@ def test_full_fine_tune_exports_a_model_llama_cpp_runs(dapt, tiny_llama_gguf):
 
 
 def test_lora_resume_after_sigkill_equals_uninterrupted(stores, tiny_llama_gguf, tmp_path):
-    steps = ["--epochs", "4", "--max-steps", "40", "--checkpoint-every", "1"]
+    steps = ["--epochs", "4", "--max-steps", "40", "--checkpoint-every", "1", "--warmup-steps", "5"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*CLI, *lora_args(stores["ds"], straight, tiny_llama_gguf, *steps)], check=True)
     child = subprocess.Popen([*CLI, *lora_args(stores["ds"], killed, tiny_llama_gguf, *steps)])

@@ -198,8 +198,26 @@ def test_train_export_recommends_the_gate_asked_for(stores, tiny_llama_ckpt, tin
     assert not bad.exists()
 
 
+def test_warmup_raises_the_learning_rate_then_decays_it(stores, tiny_llama_ckpt, tmp_path):
+    """--warmup-steps N: the lr after each step climbs lr/N, 2lr/N, ... to the peak, then falls linearly to 0 at the
+    last step; without it the decay starts at once; a negative count is one sentence before any work."""
+    from edge_memdec.errors import UserError
+
+    runs = {w: tmp_path / f"warmup-{w}" for w in (0, 3)}
+    for w, run in runs.items():
+        invoke(*train_args(stores, run, tiny_llama_ckpt, "--max-steps", "6", "--lr", "1e-3", "--warmup-steps", str(w)))
+    lrs = {w: [r["lr"] for r in json.loads((run / "train.json").read_text())["history"]] for w, run in runs.items()}
+    # the lr recorded after step s is the one step s+1 uses
+    np.testing.assert_allclose(lrs[3], [2e-3 / 3, 1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3, 0.0], atol=1e-12)
+    np.testing.assert_allclose(lrs[0], [1e-3 * (6 - s) / 6 for s in range(1, 7)], atol=1e-12)
+    bad = tmp_path / "bad"
+    result = CliRunner().invoke(app, train_args(stores, bad, tiny_llama_ckpt, "--warmup-steps", "-1"))
+    assert isinstance(result.exception, UserError) and "--warmup-steps" in str(result.exception)
+    assert not bad.exists()
+
+
 def test_resume_after_sigkill_equals_uninterrupted(stores, tiny_llama_ckpt, tmp_path):
-    steps = ["--epochs", "50", "--max-steps", "60", "--checkpoint-every", "1"]
+    steps = ["--epochs", "50", "--max-steps", "60", "--checkpoint-every", "1", "--warmup-steps", "7"]
     straight = tmp_path / "straight"
     subprocess.run([*CLI, *train_args(stores, straight, tiny_llama_ckpt, *steps)], check=True)
     killed = tmp_path / "killed"

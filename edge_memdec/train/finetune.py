@@ -56,6 +56,7 @@ class FinetuneConfig:
     epochs: int = 1
     max_steps: int | None = None
     lr: float = DEFAULT_LR["lora"]
+    warmup_steps: int = 0  # steps of linear warmup to lr before the linear decay
     batch_windows: int = BATCH_WINDOWS  # windows per optimizer step (over all ranks)
     n_ctx: int = PAPER_N_CTX
     stride: int = PAPER_STRIDE
@@ -90,6 +91,8 @@ class FinetuneConfig:
     def fingerprint(self, tokens: np.ndarray) -> dict:
         """The settings and training tokens that must not change across a resume."""
         skip = {"out", "threads", "device", "precision", "checkpoint_every", "valid_every"}
+        if not self.warmup_steps:
+            skip.add("warmup_steps")  # runs from before warmup existed resume as they were
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
         settings["targets"] = list(self.targets)
         return {**settings, "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}

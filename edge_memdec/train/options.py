@@ -61,6 +61,7 @@ class TrainOptions(RunOptions):
     epochs: int  # passes over the datastore text
     max_steps: int | None  # stop after this many optimizer steps
     lr: float  # peak learning rate (linear decay to 0)
+    warmup_steps: int  # steps of linear warmup to lr before the decay
     beta: float  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
     batch_windows: int  # windows per step (all ranks)
     n_ctx: int  # training window length, tokens
@@ -106,6 +107,7 @@ class FinetuneOptions:
     epochs: int  # passes over the training tokens
     max_steps: int | None  # stop after this many optimizer steps
     lr: float | None  # peak learning rate (None: the kind's default), linear decay to 0
+    warmup_steps: int  # steps of linear warmup to lr before the decay
     batch_windows: int  # windows per step (all ranks)
     n_ctx: int  # training window length, tokens
     stride: int  # training window stride, tokens

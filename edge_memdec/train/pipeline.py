@@ -29,6 +29,12 @@ def check_threads(threads: int) -> None:
         raise UserError(f"--threads must be at least 1, got {threads}")
 
 
+def check_warmup(warmup_steps: int) -> None:
+    """--warmup-steps: 0 (none) or more."""
+    if warmup_steps < 0:
+        raise UserError(f"--warmup-steps must be 0 or more, got {warmup_steps}")
+
+
 def open_base(model: Path | None, threads: int, device: str = "cpu") -> Base:
     """The base in fp32 PyTorch (the default is the SmolLM2 GGUF) on `device`, with `threads` torch threads."""
     from edge_memdec.train.device import resolve_device
@@ -115,6 +121,7 @@ def train_config(opts: TrainOptions, base: Path, valid: np.ndarray | None) -> Tr
     """`train`'s options as the trainer's config, with the base resolved and the validation tokens read."""
     from edge_memdec.train.trainer import TrainConfig
 
+    check_warmup(opts.warmup_steps)
     return TrainConfig(
         datastore=Path(opts.datastore),
         out=Path(opts.out),
@@ -125,6 +132,7 @@ def train_config(opts: TrainOptions, base: Path, valid: np.ndarray | None) -> Tr
         epochs=opts.epochs,
         max_steps=opts.max_steps,
         lr=opts.lr,
+        warmup_steps=opts.warmup_steps,
         beta=opts.beta,
         batch_windows=opts.batch_windows,
         n_ctx=opts.n_ctx,
@@ -359,6 +367,7 @@ def finetune_config(opts: FinetuneOptions, base: Path) -> FinetuneConfig:
     """`lora train`'s options as the fine-tuning config, with the base resolved and the kind's default lr."""
     from edge_memdec.train.finetune import DEFAULT_LR, FinetuneConfig
 
+    check_warmup(opts.warmup_steps)
     return FinetuneConfig(
         base=base,
         out=Path(opts.out),
@@ -370,6 +379,7 @@ def finetune_config(opts: FinetuneOptions, base: Path) -> FinetuneConfig:
         epochs=opts.epochs,
         max_steps=opts.max_steps,
         lr=opts.lr if opts.lr is not None else DEFAULT_LR["full" if opts.full else "lora"],
+        warmup_steps=opts.warmup_steps,
         batch_windows=opts.batch_windows,
         n_ctx=opts.n_ctx,
         stride=opts.stride,

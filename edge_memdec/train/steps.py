@@ -59,6 +59,7 @@ class RunSettings(Protocol):
     max_steps: int | None  # stop (and end the linear schedule) after this many steps
     seed: int  # seed of the data order
     lr: float  # peak learning rate
+    warmup_steps: int  # steps of linear warmup to `lr` before the linear decay
     checkpoint_every: int  # steps between checkpoints
     valid_every: int  # steps between validations besides each epoch's end (0: epoch ends only)
 
@@ -259,10 +260,21 @@ def validate_and_keep(
     return v
 
 
-def start_optimizer(params: list, lr: float, total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW without weight decay from the peak `lr`, decayed linearly to 0 over `total` steps."""
+def lr_factor(step: int, total: int, warmup: int = 0) -> float:
+    """The share of the peak learning rate at optimizer step `step` (0-based) of `total`: rising linearly over the
+    first `warmup` steps (1/warmup, 2/warmup, ..., 1), then falling linearly to 0 at `total` (without warmup:
+    1 - step/total)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / (total - warmup)) if total > warmup else 1.0
+
+
+def start_optimizer(
+    params: list, lr: float, total: int, warmup: int = 0
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW without weight decay, its learning rate `lr * lr_factor(step, total, warmup)`."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return optimizer, LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+    return optimizer, LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
 
 
 def every_rank_timing(timing: dict, device: torch.device) -> list[dict]:
@@ -299,7 +311,7 @@ def optimise(
     params = [p for p in model.parameters() if p.requires_grad]
     total, per_epoch = plan.total, plan.per_epoch
     checkpoint_every, valid_every = settings.checkpoint_every, settings.valid_every
-    optimizer, schedule = start_optimizer(params, settings.lr, total)
+    optimizer, schedule = start_optimizer(params, settings.lr, total, settings.warmup_steps)
     ckpt_path = Path(out) / CHECKPOINT
     done = Progress()
     # This process's own time split (not checkpointed: it describes the run since this process started).

@@ -52,6 +52,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop (and end the linear schedule) after this many optimizer steps
     lr: float = MEMDEC_LR
+    warmup_steps: int = 0  # steps of linear warmup to lr before the linear decay
     beta: float = MEMDEC_BETA  # weight of KL(p_kNN || p_mem); 1 - beta on cross-entropy
     batch_windows: int = BATCH_WINDOWS  # windows per optimizer step (over all ranks)
     n_ctx: int = PAPER_N_CTX
@@ -73,6 +74,8 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         """The settings that must not change across a resume."""
         skip = {"valid_tokens", "checkpoint_every", "threads", "out", "device", "precision", "valid_every"}
+        if not self.warmup_steps:
+            skip.add("warmup_steps")  # runs from before warmup existed resume as they were
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k not in skip}
 
 
