@@ -6,10 +6,11 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from edge_memdec.defaults import (
     BASE_SPECIAL_TOKENS,
@@ -27,6 +28,8 @@ from edge_memdec.overlap import AUTO, OverlapChoice
 from edge_memdec.pair_check import check_pair, shared_blocks
 from edge_memdec.threadpool import CpuThreadPool
 from edge_memdec.trunk import HiddenCapture, TopDecoder
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +79,9 @@ class ModelPair:
     One-token steps run the models one after the other with every thread, or at once in two threads with half
     the threads each (ctypes releases the GIL): `overlap` True / False fixes which, "auto" (the default) times
     both on the pair's first steps and keeps the faster (edge_memdec/overlap.py; the same logits either way).
-    Prompt batches always run one model after the other, and batches of several sequences (`eval_seqs`)
-    overlap only with `overlap=True`. `lock` serialises users of the pair: a
+    Prompt batches always run one model after the other; an `eval_seqs` call of one sequence and one token is
+    such a step too (the batched server with one client), and batches of several sequences overlap only with
+    `overlap=True`. `lock` serialises users of the pair: a
     llama.cpp context is not safe to drive from two threads at once.
 
     When a single decoder's lower blocks are the base's own (a decoder trained with `--frozen-blocks`, exported
@@ -251,21 +255,26 @@ class ModelPair:
             n = self.base.eval(tokens, logits)  # prompt batches: always one model after the other
             self._eval_memdecs(tokens, logits)
             return n
+        return self._one_token_step(lambda: self.base.eval(tokens, logits), self._eval_memdecs, tokens, logits)
+
+    def _one_token_step(self, run_base: Callable[[], T], run_memdecs: Callable[..., None], *args: Any) -> T:
+        """One one-token step: `run_base()` and `run_memdecs(*args)` in turns or at once, as the overlap choice
+        says (timed while "auto" is still measuring); returns what `run_base` returned."""
         overlapped, timed = self.overlap.next_step()
         self._run_overlapped(overlapped)
         t0 = time.perf_counter()
         if overlapped:
-            pending = self._worker.submit(self._eval_memdecs, tokens, logits)
+            pending = self._worker.submit(run_memdecs, *args)
             try:
-                n = self.base.eval(tokens, logits)
+                out = run_base()
             finally:
                 pending.result()
         else:
-            n = self.base.eval(tokens, logits)
-            self._eval_memdecs(tokens, logits)
+            out = run_base()
+            run_memdecs(*args)
         if timed:
             self.overlap.record(overlapped, time.perf_counter() - t0)
-        return n
+        return out
 
     def _run_overlapped(self, overlapped: bool) -> None:
         """Set the one-token thread counts for steps run at once (the base `threads - threads // 2`, each decoder
@@ -292,6 +301,10 @@ class ModelPair:
         entry's batch index for the models' `logits_at` (see LlamaModel.eval_seqs)."""
         if not self.memdecs:
             return self.base.eval_seqs(seqs, tokens, logits)
+        if self._worker is not None and len(seqs) == 1 and len(tokens[0]) == 1:  # one row: as `eval`'s steps
+            return self._one_token_step(
+                lambda: self.base.eval_seqs(seqs, tokens, logits), self._eval_memdecs_seqs, seqs, tokens, logits
+            )
         # batches of sequences overlap only when asked to (a one-sequence measurement says little about them)
         overlapped = self.overlap.setting is True and self._worker is not None and all(len(t) == 1 for t in tokens)
         self._run_overlapped(overlapped)

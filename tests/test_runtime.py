@@ -225,6 +225,37 @@ def test_overlap_auto_times_both_ways_keeps_the_faster_and_changes_no_logit(smol
         MemoryDecoderLM(smollm2_gguf, tiny_memdec_gguf, n_ctx=128, overlap="sometimes")
 
 
+def test_one_sequence_steps_of_a_batched_pair_take_the_overlap_choice(smollm2_gguf, tiny_memdec_gguf):
+    """A pair with parallel sequences (the batched server) decoding one sequence one token at a time: "auto"
+    times both ways on those steps and keeps the faster, as the sequential loop does, and every logit equals
+    the turns' ones; a step of two sequences is not timed."""
+    from edge_memdec.overlap import TIMED, WARM
+
+    steps = [11, 42, 7, 300, 5, 901, 64, 2, 13, 77, 8, 150, 21, 33, 4, 99, 18]
+    rows = {}
+    for setting in (False, "auto"):
+        with MemoryDecoderLM(
+            smollm2_gguf, tiny_memdec_gguf, n_ctx=128, n_threads=2, n_parallel=2, overlap=setting
+        ) as model:
+            pair, seen = model.pair, []
+            pair.eval_seqs([0], [model.tokenize(PROMPT)], [False])
+            for token in steps:
+                (i,) = pair.eval_seqs([0], [[token]], [True])
+                seen.append([m.logits_at(i).copy() for m in pair.models])
+            timed = {way: len(t) for way, t in pair.overlap.times.items()}
+            pair.eval_seqs([0, 1], [[5], [6, 7]], [True, True])
+            assert {way: len(t) for way, t in pair.overlap.times.items()} == timed
+            rows[setting] = seen
+            if setting == "auto":
+                assert len(steps) > WARM + 2 * TIMED + 1
+                assert timed == {False: TIMED, True: TIMED} and pair.overlap.chosen is not None
+            else:
+                assert pair.overlap.chosen is False and timed == {False: 0, True: 0}
+    for a, b in zip(rows[False], rows["auto"], strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 def test_default_pair_is_the_shipped_decoder_on_smollm2():
     """`MemoryDecoderLM.default()` opens what the CLI runs with no arguments."""
     from edge_memdec.gguf_file import read_gguf
