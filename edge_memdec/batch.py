@@ -2,7 +2,9 @@
 per model per step for all the decoding sequences.
 
 Each running generation owns one sequence (a slot) of the pair's contexts: its own KV stream of `n_ctx`
-cells. A step evaluates the last sampled token of every decoding sequence in one call, then the next piece
+cells. A step evaluates the last sampled token of every decoding sequence in one call (or in one call each,
+where that measured faster for that many sequences: on some CPUs llama.cpp computes 2-4 rows barely faster than
+one, and a one-sequence step can run the two models side by side, overlap.py), then the next piece
 of each waiting prompt (arrival order, at most n_batch prompt tokens a step, so a long prompt never stalls the
 others for more than a piece), each piece in a call of its own: llama.cpp would split it from the decodes
 into a micro-batch of its own anyway (per-sequence streams), and alone its rows get the kernels the
@@ -20,10 +22,12 @@ longest shared prefix, as llama-server picks one, else the lowest id) keeps the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from edge_memdec.decode import Generation
 from edge_memdec.errors import UserError
+from edge_memdec.overlap import AUTO, TimedChoice
 from edge_memdec.pair import ModelPair
 
 N_NEW = 2  # prompt tokens evaluated at least, as from an empty cache: no one-row piece (see the module's text)
@@ -55,13 +59,20 @@ class BatchDecoder:
     elsewhere, e.g. a Python API call on the same pair, waits until the batch is empty, and the other way
     round)."""
 
-    def __init__(self, pair: ModelPair) -> None:
+    def __init__(self, pair: ModelPair, split: bool | str = AUTO) -> None:
+        """`split`: whether a step decodes its sequences in one call each (True) or all in one call (False);
+        "auto" times both ways for each number of decoding sequences and keeps the faster (the same tokens
+        either way: a sequence's numbers do not depend on what else is in the call)."""
         if pair.n_batch < pair.n_parallel:
             raise UserError(
                 f"a batch of {pair.n_batch} tokens cannot hold {pair.n_parallel} parallel sequences; raise the "
                 "batch size or lower --parallel"
             )
+        if split not in (True, False, AUTO):
+            raise ValueError(f"split takes True, False or {AUTO!r}, got {split!r}")
         self.pair = pair
+        self.split = split
+        self.split_choices: dict[int, TimedChoice] = {}  # by the number of decoding sequences (auto)
         self._slots: dict[int, _Slot] = {}  # by sequence id, in the order the generations came
 
     @property
@@ -95,8 +106,9 @@ class BatchDecoder:
         return seq
 
     def step(self) -> list[Output]:
-        """One token for every decoding sequence (one llama_decode per model for all of them), and the next
-        piece of each waiting prompt (one llama_decode each, at most n_batch prompt tokens in all)."""
+        """One token for every decoding sequence (one llama_decode per model for all of them, or one each: see
+        `split`), and the next piece of each waiting prompt (one llama_decode each, at most n_batch prompt tokens
+        in all)."""
         outputs = [
             self._close(slot, slot.generation.finish("cancelled"))  # nothing more evaluated for a client gone
             for slot in list(self._slots.values())
@@ -104,11 +116,30 @@ class BatchDecoder:
         ]
         # ascending ids: llama.cpp puts consecutive sequences of one call into one micro-batch
         decoding = sorted((s for s in self._slots.values() if not s.prompting), key=lambda s: s.seq)
-        calls = [[(slot, slot.pending, True) for slot in decoding]] if decoding else []
-        calls += [[piece] for piece in self._prompt_pieces()]
-        for entries in calls:
-            outputs += self._evaluate(entries)
+        pieces = self._prompt_pieces()
+        if decoding:
+            split, choice = self._split(len(decoding))
+            entries = [(slot, slot.pending, True) for slot in decoding]
+            t0 = time.perf_counter()
+            for call in [[entry] for entry in entries] if split else [entries]:
+                outputs += self._evaluate(call)
+            if choice is not None:
+                choice.record(split, time.perf_counter() - t0)
+        for piece in pieces:
+            outputs += self._evaluate([piece])
         return outputs
+
+    def _split(self, n: int) -> tuple[bool, TimedChoice | None]:
+        """Whether this step decodes its `n` sequences in a call each, and the choice to time it for (None:
+        untimed). While the pair still times its one-sequence steps (overlapped or in turns) the calls are split
+        untimed, so that choice settles first."""
+        if n == 1 or self.split != AUTO:
+            return n > 1 and self.split is True, None
+        if self.pair.overlap.chosen is None:
+            return True, None
+        choice = self.split_choices.setdefault(n, TimedChoice())
+        split, timed = choice.next_step()
+        return split, choice if timed else None
 
     def _prompt_pieces(self) -> list[tuple[_Slot, list[int], bool]]:
         """(slot, tokens, last piece) of the waiting prompts, in arrival order, while n_batch tokens last.

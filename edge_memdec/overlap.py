@@ -24,20 +24,19 @@ WARM = 2  # untimed first steps (the caches and OpenMP's workers starting)
 TIMED = 6  # timed steps each way
 
 
-class OverlapChoice:
-    """Sequential or overlapped for each one-token step: `setting` True / False fixes it (where the pair can
-    overlap at all: `eligible`), "auto" measures both on the first steps and keeps the faster."""
+class TimedChoice:
+    """Two ways of doing the same work (False / True), tried on its first steps and the faster kept: `WARM`
+    untimed steps the False way, `TIMED` timed ones, one untimed step the True way (the switch), then `TIMED`
+    timed ones; once both have their `TIMED` times the way with the lower median wins for good. `chosen` fixes
+    the way from the start (None: measure)."""
 
-    def __init__(self, setting: bool | str, eligible: bool) -> None:
-        if setting not in (True, False, AUTO):
-            raise UserError(f"overlap takes True, False or {AUTO!r}, got {setting!r}")
-        self.setting = setting
-        self.chosen: bool | None = None if setting == AUTO and eligible else bool(setting) and eligible
+    def __init__(self, chosen: bool | None = None) -> None:
+        self.chosen = chosen
         self.times: dict[bool, list[float]] = {False: [], True: []}  # seconds per timed step, by way
         self._steps = 0
 
     def next_step(self) -> tuple[bool, bool]:
-        """(overlapped, timed) for the next one-token step."""
+        """(the way, timed) for the next step."""
         if self.chosen is not None:
             return self.chosen, False
         i = self._steps
@@ -46,9 +45,19 @@ class OverlapChoice:
             return False, i >= WARM
         return True, i > WARM + TIMED
 
-    def record(self, overlapped: bool, seconds: float) -> None:
-        """A timed step's wall time; once both ways have `TIMED`, the faster median is chosen."""
-        self.times[overlapped].append(seconds)
+    def record(self, way: bool, seconds: float) -> None:
+        """A timed step's wall time (or any cost of it that is comparable between the ways)."""
+        self.times[way].append(seconds)
         if len(self.times[True]) >= TIMED:
             self.chosen = statistics.median(self.times[True]) < statistics.median(self.times[False])
 
+
+class OverlapChoice(TimedChoice):
+    """Sequential (False) or overlapped (True) for each one-token step: `setting` True / False fixes it (where the
+    pair can overlap at all: `eligible`), "auto" measures both on the first steps and keeps the faster."""
+
+    def __init__(self, setting: bool | str, eligible: bool) -> None:
+        if setting not in (True, False, AUTO):
+            raise UserError(f"overlap takes True, False or {AUTO!r}, got {setting!r}")
+        self.setting = setting
+        super().__init__(None if setting == AUTO and eligible else bool(setting) and eligible)

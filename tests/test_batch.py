@@ -147,6 +147,39 @@ def test_concurrent_batched_answers_equal_the_sequential_ones(batched, lm, legal
     batched.lm.pair.lock.release()
 
 
+@pytest.mark.parametrize("split", [False, True, "auto"])
+def test_a_step_in_one_call_or_a_call_per_sequence_gives_the_same_answers(smollm2_gguf, q8_memdec, lm, split):
+    """The batched driver decodes its sequences in one call, in a call each, or (auto) whichever it timed faster
+    for that many sequences, after the pair's one-sequence overlap choice has settled: every greedy answer is
+    the sequential one. Two threads, so the pair may overlap its one-sequence calls."""
+    from edge_memdec.batch import BatchDecoder
+    from edge_memdec.overlap import TIMED, WARM
+
+    prompts, lams = ["The licensee shall", "Permission is hereby granted", "THE SOFTWARE IS"], [0.3, 0.9, 0.0]
+    sampling = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    wanted = []
+    for prompt, lam in zip(prompts, lams, strict=True):
+        lm.pair.rewind(0)
+        wanted.append(lm.generate(prompt, lam=lam, **sampling))
+    with MemoryDecoderLM(smollm2_gguf, q8_memdec, n_ctx=128, n_threads=2, n_parallel=3) as model:
+        batch = BatchDecoder(model.pair, split=split)
+        generations = [model.start(model.tokenize(p), lam=lam, **sampling) for p, lam in zip(prompts, lams, strict=True)]
+        for generation in generations:
+            batch.add(generation)
+        while batch.active:
+            batch.step()
+        assert [g.text for g in generations] == wanted
+        if split == "auto":
+            assert model.pair.overlap.chosen is not None
+            choice = batch.split_choices[3]
+            assert {way: len(t) for way, t in choice.times.items()} == {False: TIMED, True: TIMED}
+            assert choice.chosen is not None and WARM + 2 * TIMED + 1 < 32
+        else:
+            assert not batch.split_choices
+    with pytest.raises(ValueError, match="split takes"):
+        BatchDecoder(lm.pair, split="sometimes")
+
+
 def test_ended_and_cancelled_sequences_free_their_cells_for_the_next(smollm2_gguf, q8_memdec, lm, legal_text,
                                                                      caplog):
     """Two sequences of 256 cells serve six requests of over 128 tokens (the first two cancelled mid-answer by
