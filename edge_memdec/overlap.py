@@ -11,6 +11,8 @@ test compares every logit), so choosing between them changes only the speed.
 `auto` (the default) times `TIMED` steps each way after `WARM` untimed ones, skipping the first step after the
 switch (the idle OpenMP workers of the turns still spin then), and keeps the faster by median for the pair's
 life: `WARM + 2 * TIMED + 1` steps, ~0.4 s spent once where overlapping loses beside a 1.7B base.
+`TimedChoice` is that measurement for any two ways of the same work; the batched server also uses it to choose,
+for each number of sequences, between one call for all of them and a call each (batch.py).
 """
 
 from __future__ import annotations
