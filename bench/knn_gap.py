@@ -1,14 +1,17 @@
 """Where kNN-LM beats the memory decoder: the test sample's positions split by whether the datastore holds them.
 
 A scored position "occurs in the datastore" when its last N tokens (the target and the N - 1 before it) appear,
-in that order, somewhere in the datastore's token stream: there kNN-LM can copy the next token from a stored
+in that order, somewhere in the datastore's token stream (the rows below split those by how often they appear): there kNN-LM can copy the next token from a stored
 neighbour, while the decoder must have learnt it. The text is the recipe's report's test sample (the first
 `--tokens` of the test split's seeded documents, as `recipes/legal_ship.py` scores it); kNN-LM's log-probs come
 from the report's cache in the datastore folder (computed, exact search, when absent); the pair (base GGUF +
 memory decoder GGUF, llama.cpp) is scored here over the same 1024/512 windows. Quality only, never speed.
 
     python bench/knn_gap.py --datastore WORK/datastore-whole --split WORK/split --memdec DECODER.gguf \\
-        [--tokens 40000] [-n 16] [--knn-lambda 0.8] [--threads 2] [--json F]
+        [--tokens 40000] [--part test|validation] [-n 16] [--knn-lambda 0.8] [--threads 2] [--json F]
+
+`--part validation --tokens 10001` is the validation sample a run of `--valid-tokens 10000` validates on (its
+kNN-LM scores cached by the ship step's report).
 
 Needs the train extra (the sample and kNN-LM use the base's tokenizer and PyTorch).
 """
@@ -40,14 +43,14 @@ def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def occurs_in(test: np.ndarray, store: np.ndarray, n: int) -> np.ndarray:
-    """bool [len(test) - 1]: whether target test[t + 1] and the n - 1 tokens before it occur in `store`
-    (positions with fewer than n - 1 tokens before them: False)."""
-    known = np.unique(ngram_hashes(store, n))
+def occurrences_in(test: np.ndarray, store: np.ndarray, n: int) -> np.ndarray:
+    """int64 [len(test) - 1]: how often target test[t + 1] and the n - 1 tokens before it occur in `store`
+    (positions with fewer than n - 1 tokens before them: 0)."""
+    known, counts = np.unique(ngram_hashes(store, n), return_counts=True)
     ends = ngram_hashes(test, n)  # entry i ends at test[i + n - 1], the target of scored position i + n - 2
-    hit = known[np.minimum(np.searchsorted(known, ends), len(known) - 1)] == ends
-    out = np.zeros(len(test) - 1, dtype=bool)
-    out[n - 2 :] = hit
+    at = np.minimum(np.searchsorted(known, ends), len(known) - 1)
+    out = np.zeros(len(test) - 1, dtype=np.int64)
+    out[n - 2 :] = np.where(known[at] == ends, counts[at], 0)
     return out
 
 
@@ -61,7 +64,8 @@ def main() -> None:
     parser.add_argument("--datastore", type=Path, required=True)
     parser.add_argument("--split", type=Path, required=True)
     parser.add_argument("--memdec", type=Path, required=True, help="the memory decoder GGUF (first file of a split)")
-    parser.add_argument("--tokens", type=int, default=40_000, help="test tokens (the report's sample)")
+    parser.add_argument("--tokens", type=int, default=40_000, help="tokens of the sample (the report's: 40,000 test)")
+    parser.add_argument("--part", choices=("test", "validation"), default="test", help="the split's part sampled")
     parser.add_argument("-n", type=int, default=16, help="tokens that must match, the target included")
     parser.add_argument("--knn-lambda", type=float, default=0.8, help="kNN-LM's lambda (the report's choice)")
     parser.add_argument("--threads", type=int, default=2)
@@ -71,7 +75,7 @@ def main() -> None:
     manifest = json.loads((args.datastore / "datastore.json").read_text())
     base = Path(manifest["base"])
     params = json.loads((args.datastore / "targets" / "targets.json").read_text())["params"]
-    text = split_text(load_tokenizer(base), args.split, "test", args.tokens)
+    text = split_text(load_tokenizer(base), args.split, args.part, args.tokens)
     knn = cached_knn_scores(base, args.datastore, text, int(params["k"]), float(params["temperature"]))
     with MemoryDecoderLM(base, args.memdec, n_ctx=PAPER_N_CTX, n_batch=PAPER_N_CTX, n_threads=args.threads) as lm:
         scores = position_scores(lm.pair, text)  # NLL base, NLL decoder, entropy base, entropy decoder
@@ -86,8 +90,15 @@ def main() -> None:
         "base + decoder (its settings)": mixed_logprobs(lam_t, -scores[:, 1], -scores[:, 0]),
         f"kNN-LM ({args.knn_lambda})": mixed_logprobs(args.knn_lambda, knn["knn_logprobs"], knn["base_logprobs"]),
     }
-    seen = occurs_in(tokens, np.load(args.datastore / "tokens.npy"), args.n)
-    buckets = {"all": np.ones_like(seen), f"{args.n}-gram in the datastore": seen, "not in it": ~seen}
+    times = occurrences_in(tokens, np.load(args.datastore / "tokens.npy"), args.n)
+    buckets = {
+        "all": times >= 0,
+        f"{args.n}-gram in the datastore": times > 0,
+        "not in it": times == 0,
+        "in it once": times == 1,
+        "2-4 times": (times >= 2) & (times <= 4),
+        "5 times or more": times >= 5,
+    }
     rows = []
     for name, where in buckets.items():
         row = {"positions": name, "count": int(where.sum())}
@@ -95,7 +106,7 @@ def main() -> None:
         row["NLL share"] = {col: float(-lp[where].sum() / -lp.sum()) for col, lp in columns.items()}
         rows.append(row)
     settings = f"lambda {lam:g}" + (f", gate {gate.text()}" if gate else ", fixed")
-    print(f"{args.memdec.name} at {settings}; {len(tokens)} test tokens; PPL per bucket")
+    print(f"{args.memdec.name} at {settings}; {len(tokens)} {args.part} tokens; PPL per bucket")
     print(f"| positions | count | {' | '.join(columns)} |")
     print("|---|---|" + "---|" * len(columns))
     for row in rows:
