@@ -239,6 +239,9 @@ class MemdecServer(ThreadingHTTPServer):
     """The HTTP server: `serve_forever()` to run, `close()` (from another thread) to stop and release the port."""
 
     daemon_threads = True
+    # connections the kernel holds before the accept loop takes them (socketserver's default is 5: a burst of
+    # clients on a busy machine then had connections reset); room for every request the queue may hold
+    request_queue_size = 2 * MAX_QUEUED
 
     def __init__(
         self,

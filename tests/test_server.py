@@ -19,7 +19,7 @@ import pytest
 from conftest import serving
 
 from edge_memdec import MemoryDecoderLM
-from edge_memdec.server import MAX_BODY_BYTES, MemdecServer
+from edge_memdec.server import MAX_BODY_BYTES, MAX_QUEUED, MemdecServer
 
 CHAT = [{"role": "user", "content": "What does a software licence allow?"}]
 PROMPT = "The licensee shall"
@@ -122,6 +122,27 @@ def test_stop_strings_and_lambda_per_request(client, server, lm):
         answers[lam] = reply.choices[0].text
         assert answers[lam] == expected
     assert answers[0.0] != answers[1.0]
+
+
+def test_a_burst_of_connections_waits_for_the_accept_loop(lm):
+    """Clients that connect while the server is not accepting (busy, or not yet serving) wait in the kernel's
+    queue, MAX_QUEUED of them at least, instead of being refused or reset, and are then answered."""
+    server = MemdecServer(lm, port=0, max_tokens=4)
+    socks = []
+    try:
+        for _ in range(MAX_QUEUED):
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        for sock in socks:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for sock in socks:
+            sock.settimeout(60)
+            assert sock.recv(64).startswith(b"HTTP/1.")
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
 
 
 def test_32_concurrent_clients_all_answered_correctly(client, server, lm):
