@@ -1,8 +1,8 @@
 """Where kNN-LM beats the memory decoder: the test sample's positions split by whether the datastore holds them.
 
 A scored position "occurs in the datastore" when its last N tokens (the target and the N - 1 before it) appear,
-in that order, somewhere in the datastore's token stream (the rows below split those by how often they appear): there kNN-LM can copy the next token from a stored
-neighbour, while the decoder must have learnt it. The text is the recipe's report's test sample (the first
+in that order, somewhere in the datastore's token stream (further rows split those by how often they appear):
+there kNN-LM can copy the next token from a stored neighbour, while the decoder must have learnt it. The text is the recipe's report's test sample (the first
 `--tokens` of the test split's seeded documents, as `recipes/legal_ship.py` scores it); kNN-LM's log-probs come
 from the report's cache in the datastore folder (computed, exact search, when absent); the pair (base GGUF +
 memory decoder GGUF, llama.cpp) is scored here over the same 1024/512 windows. Quality only, never speed.
